@@ -143,7 +143,7 @@ def plot_prediction(adata, measured, pred, genes, metrics, path: Path, n_genes: 
         for row, (vals, what) in enumerate(((measured[:, g], "measured"), (pred[:, g], "predicted"))):
             ax = axes[row, col]
             ax.imshow(img)
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=size * 0.6, cmap="viridis", edgecolors="none")
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=size * 0.3, cmap="viridis", edgecolors="none")
             ax.set_title(f"{genes[g]} {what}" + (f" (r = {r[g]:.2f})" if row else ""), fontsize=10)
             ax.set_axis_off()
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="log1p(CP10k)")

@@ -33,21 +33,37 @@ def apply_gene_colors(layer, gene: str, colormap: str = "viridis") -> None:
 
 
 class GeneWidget(Container):
-    """Pick a spots layer and a gene; the spots are coloured by that gene's predicted value."""
+    """Pick a spots layer and a gene; the spots are coloured by that gene's predicted value.
+
+    The gene list follows the layer: it is refreshed when another layer is picked and when the
+    layer's features change (e.g. when a prediction lands in them).
+    """
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
         self._layer = create_widget(annotation="napari.layers.Points", label="spots")
-        self._gene = ComboBox(label="gene", choices=[])
+        self._gene = ComboBox(label="gene", choices=lambda _w: gene_columns(self._layer.value))
         self._cmap = ComboBox(label="colormap", choices=COLORMAPS, value="viridis")
         super().__init__(widgets=[self._layer, self._gene, self._cmap])
-        self._layer.changed.connect(self._refresh_genes)
+        self._watched = None
+        self._layer.changed.connect(self._watch_layer)
         self._gene.changed.connect(self._recolor)
         self._cmap.changed.connect(self._recolor)
-        self._refresh_genes()
+        self._watch_layer()
 
-    def _refresh_genes(self, *_):
-        self._gene.choices = gene_columns(self._layer.value)
+    def reset_choices(self, *_):
+        super().reset_choices()
+        self._watch_layer()
+
+    def _watch_layer(self, *_):
+        layer = self._layer.value
+        if layer is not self._watched:
+            if self._watched is not None:
+                self._watched.events.features.disconnect(self._gene.reset_choices)
+            if layer is not None:
+                layer.events.features.connect(self._gene.reset_choices)
+            self._watched = layer
+        self._gene.reset_choices()
 
     def _recolor(self, *_):
         layer, gene = self._layer.value, self._gene.value

@@ -88,7 +88,7 @@ def fit_patch_regressor(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         sched.step()
         val_pred = predict_patches(model, val_x, batch_size=batch_size * 2, device=device)
         val_pcc = float(np.nan_to_num(pearson_per_gene(val_pred, val_y)).mean())
