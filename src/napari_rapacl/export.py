@@ -1,0 +1,398 @@
+"""Export predictions as a scanpy/squidpy-ready AnnData (``.h5ad``).
+
+Layout (``docs/ecosystem.md`` section 3.1, the legacy Visium convention):
+
+* ``X``: predictions, float32 ``(n_spots, n_genes)``; ``var_names`` = genes; ``obs_names`` = barcodes.
+* ``obs``: ``spot_id``, ``radius`` (level-0 px), ``library_id`` and ``section`` (categorical),
+  ``in_tissue`` (1), and ``array_row``/``array_col`` when known.
+* ``obsm['spatial']``: float64 ``(x, y)`` = (column, row) in level-0 (full-resolution) pixels.
+* ``uns['spatial'][library_id]``: ``images`` (``hires`` ~2000 px, ``lowres`` ~600 px),
+  ``scalefactors`` (``tissue_hires_scalef``, ``tissue_lowres_scalef``, ``spot_diameter_fullres``
+  and ``microns_per_pixel`` when known) and ``metadata`` (``source_image_path``).
+* ``layers[name]``: measured values on the same scale as ``X`` (e.g. measured log1p(CP10k)).
+* ``uns['napari_rapacl']``: provenance (model, checkpoint hash, config, patch geometry,
+  normalisation, package version, creation time).
+
+Plot with ``scanpy.pl.spatial(adata, color=gene, library_id=lib, img_key="hires")`` or
+``squidpy.pl.spatial_scatter(adata, color=gene, library_id=lib, img_res_key="hires")``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from . import __version__
+from ._errors import CorruptFileError, DuplicateBarcodeError, RapaclInputError, UnsupportedFormatError
+from .preprocess import NORMALISATION
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from .io.slide import Slide
+    from .io.spots import Spots
+
+__all__ = [
+    "PROVENANCE_KEY",
+    "checkpoint_sha256",
+    "read_prediction_h5ad",
+    "sanitize_uns",
+    "to_anndata",
+    "write_h5ad",
+]
+
+#: Where provenance lives in ``adata.uns``.
+PROVENANCE_KEY = "napari_rapacl"
+
+HIRES_SIZE = 2000
+LOWRES_SIZE = 600
+
+
+# --------------------------------------------------------------------------------------------
+# uns sanitiser
+# --------------------------------------------------------------------------------------------
+def _sanitize_key(key: Any) -> str:
+    # h5py treats "/" as a group separator; anndata refuses it in keys
+    return str(key).replace("/", "_")
+
+
+def _sanitize_scalar(value: Any) -> Any:
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (int, float, str)):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return _sanitize_scalar(value.value)
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, complex):
+        return str(value)
+    return str(value)
+
+
+def _is_scalar_like(value: Any) -> bool:
+    return not isinstance(value, (Mapping, list, tuple, set, frozenset, np.ndarray))
+
+
+def sanitize_uns(value: Any) -> Any:
+    """Make a value writable into ``AnnData.uns`` (and readable back from ``.h5ad``/``.zarr``).
+
+    Rules: mappings become dicts with ``str`` keys (``/`` replaced by ``_``); ``None`` becomes
+    the string ``"None"``; ``Path`` becomes ``str``; numpy scalars become Python scalars; enums
+    their value; dates ISO strings; tuples, lists and sets of scalars become 1-D numpy arrays
+    (all-numeric -> numeric dtype, otherwise strings; sets are sorted); sequences holding
+    mappings or sequences become dicts keyed ``"0"``, ``"1"``, ...; numeric/bool/str numpy arrays
+    are kept, object arrays are converted to strings; anything else becomes ``str(value)``.
+    """
+    if isinstance(value, Mapping):
+        return {_sanitize_key(k): sanitize_uns(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf":
+            return value
+        if value.dtype.kind in "U":
+            return value
+        if value.dtype.kind == "S":
+            return value.astype(str)
+        return np.array([str(_sanitize_scalar(v)) for v in value.ravel()], dtype=str).reshape(value.shape)
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value, key=str)
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+        if all(_is_scalar_like(v) for v in items):
+            scal = [_sanitize_scalar(v) for v in items]
+            if not scal:
+                return np.zeros(0, dtype=np.float64)
+            if all(isinstance(v, bool) for v in scal):
+                return np.asarray(scal, dtype=bool)
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scal):
+                return np.asarray(scal)
+            return np.asarray([str(v) for v in scal], dtype=str)
+        return {str(i): sanitize_uns(v) for i, v in enumerate(items)}
+    return _sanitize_scalar(value)
+
+
+# --------------------------------------------------------------------------------------------
+# AnnData
+# --------------------------------------------------------------------------------------------
+def _resize_max(img: np.ndarray, max_size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if max(h, w) <= max_size:
+        return img
+    f = max_size / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(img).resize(size, resample=Image.Resampling.BOX), dtype=np.uint8)
+
+
+def _spot_arrays(spots: Spots) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    barcode = np.asarray(spots.barcode).astype(str)
+    x = np.asarray(spots.x, dtype=np.float64).ravel()
+    y = np.asarray(spots.y, dtype=np.float64).ravel()
+    radius = np.asarray(spots.radius, dtype=np.float64).ravel()
+    n = len(barcode)
+    if not (len(x) == len(y) == len(radius) == n):
+        raise RapaclInputError(
+            f"spots: barcode/x/y/radius lengths differ ({n}, {len(x)}, {len(y)}, {len(radius)})"
+        )
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise RapaclInputError("spots: coordinates contain NaN or infinite values")
+    uniq, counts = np.unique(barcode, return_counts=True)
+    if (counts > 1).any():
+        raise DuplicateBarcodeError(f"spots: duplicated barcode(s): {', '.join(uniq[counts > 1][:5])}")
+    return barcode, x, y, radius
+
+
+def to_anndata(
+    prediction: np.ndarray,
+    genes: Sequence[str],
+    spots: Spots,
+    *,
+    slide: Slide | None = None,
+    library_id: str = "sample",
+    measured: Mapping[str, np.ndarray] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> AnnData:
+    """Build a scanpy/squidpy-ready AnnData from spot predictions.
+
+    Parameters
+    ----------
+    prediction
+        ``(n_spots, n_genes)`` predicted values (e.g. log1p(CP10k)), finite; stored as float32 ``X``.
+    genes
+        Gene names, one per column, unique.
+    spots
+        The spots, in the row order of ``prediction`` (barcodes, level-0 px centres, radii).
+    slide
+        When given, ``hires`` (~2000 px) and ``lowres`` (~600 px) images and their scale factors
+        are stored, and its ``mpp`` is recorded.
+    library_id
+        Key in ``uns['spatial']`` and value of the ``library_id``/``section`` obs columns.
+    measured
+        Extra arrays of the prediction's shape, stored as ``layers[name]`` (e.g. measured
+        log1p(CP10k) of the same genes).
+    provenance
+        Stored (sanitised, see :func:`sanitize_uns`) in ``uns['napari_rapacl']``; suggested keys:
+        ``model``, ``checkpoint_sha256``, ``config`` (dict), ``patch_size``, ``patch_mpp``.
+        ``package_version``, ``created``, ``normalisation`` and ``mpp`` are filled in
+        unless given.
+
+    Returns
+    -------
+    anndata.AnnData
+
+    Raises
+    ------
+    RapaclInputError
+        Shapes that do not match, non-finite values, duplicated genes, a bad library id.
+    DuplicateBarcodeError
+        Two spots share a barcode.
+    """
+    import anndata as ad
+
+    pred = np.asarray(prediction)
+    if pred.ndim != 2:
+        raise RapaclInputError(f"prediction must be 2-D (spots, genes), got shape {pred.shape}")
+    if not np.issubdtype(pred.dtype, np.number):
+        raise RapaclInputError(f"prediction must be numeric, got dtype {pred.dtype}")
+    genes = [str(g) for g in genes]
+    barcode, x, y, radius = _spot_arrays(spots)
+    if pred.shape[0] != len(barcode):
+        raise RapaclInputError(f"prediction has {pred.shape[0]} rows but there are {len(barcode)} spots")
+    if pred.shape[1] != len(genes):
+        raise RapaclInputError(f"prediction has {pred.shape[1]} columns but {len(genes)} gene names")
+    if len(set(genes)) != len(genes):
+        names, counts = np.unique(np.asarray(genes), return_counts=True)
+        dup = [str(g) for g in names[counts > 1]]
+        raise RapaclInputError(f"gene names must be unique; listed twice: {', '.join(dup[:5])}")
+    if not np.all(np.isfinite(pred)):
+        n_bad = int((~np.isfinite(pred)).sum())
+        raise RapaclInputError(f"prediction contains {n_bad} NaN or infinite value(s)")
+    if not isinstance(library_id, str) or not library_id or "/" in library_id:
+        raise RapaclInputError(f"library_id must be a non-empty string without '/', got {library_id!r}")
+
+    X = np.ascontiguousarray(pred, dtype=np.float32)
+    obs = pd.DataFrame(index=pd.Index(barcode, name=None))
+    obs["spot_id"] = barcode
+    obs["radius"] = radius
+    obs["library_id"] = pd.Categorical([library_id] * len(barcode))
+    obs["section"] = pd.Categorical([library_id] * len(barcode))
+    obs["in_tissue"] = np.ones(len(barcode), dtype=np.int64)
+    for key in ("array_row", "array_col"):
+        val = getattr(spots, key, None)
+        if val is not None:
+            val = np.asarray(val)
+            if len(val) != len(barcode):
+                raise RapaclInputError(f"spots.{key} has {len(val)} values for {len(barcode)} spots")
+            obs[key] = val.astype(np.int64)
+    var = pd.DataFrame(index=pd.Index(genes, name=None))
+
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    adata.obsm["spatial"] = np.column_stack([x, y]).astype(np.float64)
+
+    for name, arr in (measured or {}).items():
+        arr = np.asarray(arr)
+        if not isinstance(name, str) or not name or "/" in name:
+            raise RapaclInputError(
+                f"measured layer names must be non-empty strings without '/', got {name!r}"
+            )
+        if arr.shape != X.shape:
+            raise RapaclInputError(f"measured layer {name!r} has shape {arr.shape}, expected {X.shape}")
+        if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
+            raise RapaclInputError(f"measured layer {name!r} must be numeric and finite")
+        adata.layers[name] = np.ascontiguousarray(arr, dtype=np.float32)
+
+    # --- uns['spatial'] -------------------------------------------------------------------
+    valid_r = radius[np.isfinite(radius) & (radius > 0)]
+    scalefactors: dict[str, float] = {}
+    if valid_r.size:
+        scalefactors["spot_diameter_fullres"] = float(2.0 * np.median(valid_r))
+    mpp = getattr(slide, "mpp", None) if slide is not None else None
+    if mpp is None:
+        mpp = getattr(spots, "mpp", None)
+    if mpp is not None:
+        scalefactors["microns_per_pixel"] = float(mpp)
+    images: dict[str, np.ndarray] = {}
+    metadata: dict[str, str] = {}
+    if slide is not None:
+        hires, hires_scale = slide.thumbnail(HIRES_SIZE)
+        hires = np.ascontiguousarray(np.asarray(hires)[..., :3], dtype=np.uint8)
+        lowres = _resize_max(hires, LOWRES_SIZE)
+        images["hires"] = hires
+        images["lowres"] = lowres
+        scalefactors["tissue_hires_scalef"] = float(hires_scale)
+        scalefactors["tissue_lowres_scalef"] = float(hires_scale) * lowres.shape[1] / hires.shape[1]
+        if getattr(slide, "path", None) is not None:
+            metadata["source_image_path"] = str(slide.path)
+    adata.uns["spatial"] = {
+        library_id: {"images": images, "scalefactors": scalefactors, "metadata": metadata}
+    }
+
+    # --- provenance ------------------------------------------------------------------------
+    prov: dict[str, Any] = {
+        "package": "napari-rapacl",
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "normalisation": NORMALISATION,
+        "library_id": library_id,
+        "n_spots": int(X.shape[0]),
+        "n_genes": int(X.shape[1]),
+    }
+    if mpp is not None:
+        prov["mpp"] = float(mpp)
+    if slide is not None:
+        prov["mpp_source"] = str(getattr(slide, "mpp_source", "unknown"))
+    if getattr(spots, "source", None) is not None:
+        prov["spots_source"] = str(spots.source)
+    prov.update(dict(provenance or {}))
+    adata.uns[PROVENANCE_KEY] = sanitize_uns(prov)
+    return adata
+
+
+# --------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------
+def write_h5ad(adata: AnnData, path: str | os.PathLike, *, compression: str | None = None) -> Path:
+    """Write ``adata`` to ``path`` atomically.
+
+    The file is written to a temporary file in the same folder and moved into place with
+    :func:`os.replace`; if writing fails, the temporary file is removed and ``path`` is left as
+    it was (absent, or the previous file).
+
+    Parameters
+    ----------
+    adata
+        The AnnData to write.
+    path
+        Target ``.h5ad`` file; its folder is created if needed.
+    compression
+        ``None`` (default), ``"gzip"`` or ``"lzf"``.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+    """
+    path = Path(path)
+    if compression not in (None, "gzip", "lzf"):
+        raise RapaclInputError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
+    if path.is_dir():
+        raise RapaclInputError(f"cannot write {path}: it is a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.h5ad")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        adata.write_h5ad(tmp, compression=compression)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def checkpoint_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks (constant memory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_prediction_h5ad(path: str | os.PathLike) -> AnnData:
+    """Read an ``.h5ad`` written by :func:`write_h5ad` and check the layout of :func:`to_anndata`.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    CorruptFileError
+        The file is not a readable h5ad.
+    UnsupportedFormatError
+        The file lacks ``obsm['spatial']``, ``uns['spatial']`` or ``uns['napari_rapacl']``.
+    """
+    import anndata as ad
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prediction file not found: {path}")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise a variety of errors on damaged files
+        raise CorruptFileError(f"cannot read {path} as h5ad: {exc}") from exc
+    problems = []
+    spatial = adata.obsm.get("spatial") if "spatial" in adata.obsm else None
+    if spatial is None or np.asarray(spatial).shape != (adata.n_obs, 2):
+        problems.append("obsm['spatial'] of shape (n_spots, 2)")
+    if not isinstance(adata.uns.get("spatial"), Mapping) or not adata.uns["spatial"]:
+        problems.append("uns['spatial'][library_id]")
+    if not isinstance(adata.uns.get(PROVENANCE_KEY), Mapping):
+        problems.append(f"uns['{PROVENANCE_KEY}'] (provenance)")
+    if problems:
+        raise UnsupportedFormatError(
+            f"{path} is not a napari-rapacl prediction file: missing {'; '.join(problems)}"
+        )
+    X = np.asarray(adata.X)
+    if X.size and not np.all(np.isfinite(X)):
+        raise CorruptFileError(f"{path}: X contains NaN or infinite values")
+    return adata
