@@ -18,8 +18,21 @@ def test_demo_command_writes_h5ad_png_and_checkpoint(data_dir, tmp_path):
 
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "napari_rapacl", "demo", "--out", str(out), "--epochs", "1", "--device", "cpu"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "napari_rapacl",
+            "demo",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("C2_prediction.h5ad", "C2_prediction.png", "stnet_her2st.pt", "stnet_her2st.yaml"):

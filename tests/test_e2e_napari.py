@@ -37,7 +37,9 @@ def tiny_checkpoint(tmp_path_factory, data_dir):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, genes=genes)
 
 
-def test_her2st_sample_predict_colour_export(make_napari_viewer, qtbot, tiny_checkpoint, artifacts_dir, tmp_path):
+def test_her2st_sample_predict_colour_export(
+    make_napari_viewer, qtbot, tiny_checkpoint, artifacts_dir, tmp_path
+):
     import anndata as ad
 
     from napari_rapacl._napari._widgets import GeneWidget, PredictWidget
@@ -88,7 +90,9 @@ def test_her2st_sample_predict_colour_export(make_napari_viewer, qtbot, tiny_che
     viewer.camera.center = (0, *np.mean(points.data * mpp, axis=0))
     viewer.camera.zoom = 0.08
     qtbot.wait(300)
-    shot = viewer.screenshot(str(artifacts_dir / "e2e_her2st_c2_predicted.png"), canvas_only=True, flash=False)
+    shot = viewer.screenshot(
+        str(artifacts_dir / "e2e_her2st_c2_predicted.png"), canvas_only=True, flash=False
+    )
     assert shot.std() > 10  # not a blank canvas
 
     out = tmp_path / "c2_prediction.h5ad"

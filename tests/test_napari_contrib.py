@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,7 +24,7 @@ def test_slide_reader_accepts_slides_and_declines_others(tmp_path, data_dir):
     assert _reader.get_slide_reader([str(jpg), str(jpg)]) is None
     [(data, kwargs, kind)] = _reader.get_slide_reader(str(jpg))(str(jpg))
     assert kind == "image" and kwargs["rgb"] and kwargs["multiscale"]
-    assert data[0].shape[-1] == 3 and all(a.shape[0] > b.shape[0] for a, b in zip(data, data[1:]))
+    assert data[0].shape[-1] == 3 and all(a.shape[0] > b.shape[0] for a, b in itertools.pairwise(data))
     assert kwargs["scale"] == (1.0, 1.0)  # a JPEG carries no pixel size: shown in pixels, not um
     assert kwargs["metadata"]["napari_rapacl"]["mpp"] is None
 
@@ -70,8 +72,14 @@ def test_writer_exports_predictions_and_refuses_a_layer_without_them(tmp_path, d
     genes = ["ERBB2", "GAPDH", "ACTB"]
     values = np.random.default_rng(1).normal(size=(len(sec.spots), 3)).astype(np.float32)
     data, kwargs, _ = spots_layer_data(
-        sec.spots, mpp=sec.slide.mpp, values=values, genes=genes, color_by="ERBB2",
-        library_id="C2", slide_path=str(sec.slide.path), provenance={"model": "test"},
+        sec.spots,
+        mpp=sec.slide.mpp,
+        values=values,
+        genes=genes,
+        color_by="ERBB2",
+        library_id="C2",
+        slide_path=str(sec.slide.path),
+        provenance={"model": "test"},
     )
     assert kwargs["face_color"] == "ERBB2"
     meta = {"name": "spots", **kwargs}

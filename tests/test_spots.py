@@ -148,7 +148,12 @@ def test_visium_folder(visium_dir: Path):
 def test_spaceranger_new_layout_in_tissue_and_join(tmp_path: Path, visium_dir: Path):
     old = pd.read_csv(visium_dir / "spatial" / "tissue_positions_list.csv", header=None)
     old.columns = [
-        "barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"
+        "barcode",
+        "in_tissue",
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
     ]
     old.loc[:9, "in_tissue"] = 0
     extra = old.iloc[:1].copy()
@@ -261,7 +266,7 @@ def test_spots_subset_and_dataframe(c2: Spots):
     idx = np.array([5, 0, 3])
     sub = c2.subset(idx)
     assert list(sub.barcode) == list(c2.barcode[idx])
-    assert (sub.counts.X != c2.counts.X[idx]).nnz == 0
+    assert (c2.counts.X[idx] != sub.counts.X).nnz == 0
     df = c2.to_dataframe()
     assert list(df.columns) == ["barcode", "x", "y", "radius", "array_row", "array_col"]
     assert list(df.index) == list(c2.barcode)

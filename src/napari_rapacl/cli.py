@@ -16,9 +16,11 @@ def _demo(args: argparse.Namespace) -> int:
         cfg.train_sections, cfg.val_section = tuple(others[:3]), others[3]
     result = run_demo(args.out, cfg)
     m = result.metrics
-    print(f"\nheld-out section {cfg.test_section}: mean PCC {m['pcc_m']:.3f}, median {m['pcc_s']:.3f}, "
-          f"Q1 {m['pcc_f']:.3f}, top-50 {m['pcc_top50']:.3f}, MSE {m['mse']:.3f} over {m['n_genes']} genes "
-          f"and {m['n_spots']} spots ({m['n_constant']} constant genes scored 0)")
+    print(
+        f"\nheld-out section {cfg.test_section}: mean PCC {m['pcc_m']:.3f}, median {m['pcc_s']:.3f}, "
+        f"Q1 {m['pcc_f']:.3f}, top-50 {m['pcc_top50']:.3f}, MSE {m['mse']:.3f} over {m['n_genes']} genes "
+        f"and {m['n_spots']} spots ({m['n_constant']} constant genes scored 0)"
+    )
     print(f"predictions (AnnData): {result.h5ad}")
     print(f"figure:                {result.figure}")
     print(f"checkpoint:            {result.checkpoint}")

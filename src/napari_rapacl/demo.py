@@ -86,16 +86,36 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     model = create_model(
         cfg.model, n_genes=len(genes), backbone=cfg.backbone, patch_size=cfg.patch_size, mpp=cfg.mpp
     )
-    log.info("training %s on %d spots (%s), validating on %s", cfg.model, len(train_x), cfg.train_sections,
-             cfg.val_section)
+    log.info(
+        "training %s on %d spots (%s), validating on %s",
+        cfg.model,
+        len(train_x),
+        cfg.train_sections,
+        cfg.val_section,
+    )
     fit = fit_patch_regressor(
-        model, train_x, train_y, val_x, val_y,
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device,
+        model,
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        device=device,
     )
     ckpt = save_checkpoint(
-        out / "stnet_her2st.pt", model, genes=genes,
-        training={"train": list(cfg.train_sections), "val": cfg.val_section, "best_epoch": fit.best_epoch,
-                  "best_val_pcc": fit.best_val_pcc, "history": fit.history},
+        out / "stnet_her2st.pt",
+        model,
+        genes=genes,
+        training={
+            "train": list(cfg.train_sections),
+            "val": cfg.val_section,
+            "best_epoch": fit.best_epoch,
+            "best_val_pcc": fit.best_val_pcc,
+            "history": fit.history,
+        },
     )
 
     from .datasets import her2st
@@ -109,17 +129,29 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     metrics = summarize(pred, measured, genes)
 
     adata = to_anndata(
-        pred, genes, test.spots, slide=test.slide, library_id=cfg.test_section,
+        pred,
+        genes,
+        test.spots,
+        slide=test.slide,
+        library_id=cfg.test_section,
         measured={"measured": measured},
         provenance={
-            "model": cfg.model, "checkpoint": str(ckpt), "checkpoint_sha256": checkpoint_sha256(ckpt),
-            "config": model.config.to_dict(), "demo": cfg.__dict__, "metrics": metrics,
+            "model": cfg.model,
+            "checkpoint": str(ckpt),
+            "checkpoint_sha256": checkpoint_sha256(ckpt),
+            "config": model.config.to_dict(),
+            "demo": cfg.__dict__,
+            "metrics": metrics,
         },
     )
     h5ad = write_h5ad(adata, out / f"{cfg.test_section}_prediction.h5ad")
-    figure = plot_prediction(adata, measured, pred, genes, metrics, out / f"{cfg.test_section}_prediction.png")
+    figure = plot_prediction(
+        adata, measured, pred, genes, metrics, out / f"{cfg.test_section}_prediction.png"
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return DemoResult(h5ad=h5ad, figure=figure, checkpoint=ckpt, metrics=metrics, seconds=time.perf_counter() - t0)
+    return DemoResult(
+        h5ad=h5ad, figure=figure, checkpoint=ckpt, metrics=metrics, seconds=time.perf_counter() - t0
+    )
 
 
 def plot_prediction(adata, measured, pred, genes, metrics, path: Path, n_genes: int = 3) -> Path:

@@ -33,7 +33,9 @@ def read_slide(path: str | list[str]):
 
 def _looks_like_spots(path: Path) -> bool:
     if path.is_dir():
-        return (path / "spatial").is_dir() or path.name == "spatial" or any(path.glob("tissue_positions*.csv"))
+        return (
+            (path / "spatial").is_dir() or path.name == "spatial" or any(path.glob("tissue_positions*.csv"))
+        )
     name = path.name.lower()
     if name.endswith((".h5ad", "_selection.tsv", ".tsv.gz")):
         return True

@@ -22,7 +22,9 @@ def gene_columns(layer) -> list[str]:
     genes = layer.metadata.get(META_KEY, {}).get("genes") or []
     if genes:
         return [g for g in genes if g in layer.features.columns]
-    return [c for c in layer.features.columns if c not in SPOT_COLUMNS and layer.features[c].dtype.kind == "f"]
+    return [
+        c for c in layer.features.columns if c not in SPOT_COLUMNS and layer.features[c].dtype.kind == "f"
+    ]
 
 
 def apply_gene_colors(layer, gene: str, colormap: str = "viridis") -> None:
@@ -84,7 +86,15 @@ class PredictWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")
         super().__init__(
-            widgets=[self._image, self._spots, self._checkpoint, self._device, self._run, self._cancel, self._status]
+            widgets=[
+                self._image,
+                self._spots,
+                self._checkpoint,
+                self._device,
+                self._run,
+                self._cancel,
+                self._status,
+            ]
         )
         self._worker = None
         self._run.changed.connect(self.start)

@@ -84,7 +84,9 @@ def slide_from_layer(layer) -> Slide:
     )
 
 
-def spots_features(spots: Spots, values: np.ndarray | None = None, genes: list[str] | None = None) -> pd.DataFrame:
+def spots_features(
+    spots: Spots, values: np.ndarray | None = None, genes: list[str] | None = None
+) -> pd.DataFrame:
     """The Points ``features`` table: barcode, radius and one column per predicted gene."""
     columns: dict[str, Any] = {
         "barcode": np.asarray(spots.barcode, dtype=str),

@@ -387,7 +387,7 @@ def _read_h5ad_counts(path: Path) -> ad.AnnData:
 
 
 def _counts_from_anndata(adata: ad.AnnData, path: Path) -> ad.AnnData:
-    matrix = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    matrix = adata.layers.get("counts", adata.X)
     if matrix is None:
         raise InvalidCountsError(f"{path}: the AnnData has no X and no layers['counts']")
     counts = _make_counts(matrix, adata.obs_names, adata.var_names, str(path))
@@ -420,9 +420,7 @@ def _read_counts(path: str | os.PathLike) -> ad.AnnData:
     )
 
 
-def _attach_counts(
-    spots: Spots, counts: ad.AnnData | None, counts_name: str
-) -> Spots:
+def _attach_counts(spots: Spots, counts: ad.AnnData | None, counts_name: str) -> Spots:
     if counts is None:
         return spots
     keep, joined = _join(spots.barcode, counts, _name(spots.source), counts_name)

@@ -25,4 +25,12 @@ register_model(
     mpp=4.0,
 )
 
-__all__ = ["ModelConfig", "STNetConfig", "create_model", "get_entry", "list_models", "make_config", "register_model"]
+__all__ = [
+    "ModelConfig",
+    "STNetConfig",
+    "create_model",
+    "get_entry",
+    "list_models",
+    "make_config",
+    "register_model",
+]

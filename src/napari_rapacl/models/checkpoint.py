@@ -46,7 +46,9 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(genes) != model.config.n_genes:
-        raise RapaclInputError(f"{len(genes)} gene names given for a model with n_genes={model.config.n_genes}")
+        raise RapaclInputError(
+            f"{len(genes)} gene names given for a model with n_genes={model.config.n_genes}"
+        )
     payload: dict[str, Any] = {
         "format": "napari-rapacl-checkpoint/1",
         "model": model.model_name,
