@@ -160,6 +160,8 @@ def plot_prediction(adata, measured, pred, genes, metrics, path: Path, n_genes: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Circle
 
     from .metrics import pearson_per_gene
 
@@ -169,16 +171,22 @@ def plot_prediction(adata, measured, pred, genes, metrics, path: Path, n_genes: 
     img = adata.uns["spatial"][lib]["images"]["hires"]
     sf = adata.uns["spatial"][lib]["scalefactors"]
     xy = adata.obsm["spatial"] * sf["tissue_hires_scalef"]
-    size = (sf["spot_diameter_fullres"] * sf["tissue_hires_scalef"] / 2) ** 2
+    radius = sf["spot_diameter_fullres"] * sf["tissue_hires_scalef"] / 2
+    lo, hi = xy.min(axis=0) - 4 * radius, xy.max(axis=0) + 4 * radius  # zoom on the spots
     fig, axes = plt.subplots(2, n_genes, figsize=(4.2 * n_genes, 8.4), squeeze=False)
     for col, g in enumerate(best):
         for row, (vals, what) in enumerate(((measured[:, g], "measured"), (pred[:, g], "predicted"))):
             ax = axes[row, col]
             ax.imshow(img)
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=size * 0.3, cmap="viridis", edgecolors="none")
+            # circles sized in image pixels: the true 100 um spot footprint on the slide
+            spots = PatchCollection([Circle(c, radius) for c in xy], cmap="viridis", edgecolors="none")
+            spots.set_array(vals)
+            ax.add_collection(spots)
             ax.set_title(f"{genes[g]} {what}" + (f" (r = {r[g]:.2f})" if row else ""), fontsize=10)
+            ax.set_xlim(lo[0], hi[0])
+            ax.set_ylim(hi[1], lo[1])
             ax.set_axis_off()
-            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="log1p(CP10k)")
+            fig.colorbar(spots, ax=ax, fraction=0.046, pad=0.02, label="log1p(CP10k)")
     fig.suptitle(
         f"{lib}: image-only baseline, held-out section. Mean PCC over {metrics['n_genes']} genes "
         f"{metrics['pcc_m']:.3f} (median {metrics['pcc_s']:.3f})",
