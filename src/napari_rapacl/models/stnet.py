@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone
+from .base import IMAGE_ONLY, mse_loss_dict
 from .stnet_config import STNetConfig
 
 
@@ -24,9 +25,18 @@ class STNet(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    required_inputs = ("image", "target")
+    predict_inputs = IMAGE_ONLY
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.encoder((images - self.mean) / self.std)
         return self.head(self.dropout(features))
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], epoch: int = 0) -> dict[str, torch.Tensor]:
+        return mse_loss_dict(self(batch["image"]), batch["target"])
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(batch["image"])
 
 
 def build(config: STNetConfig) -> STNet:
