@@ -6,6 +6,7 @@ Importing this package does not import torch; building a model does.
 from __future__ import annotations
 
 from .config import ModelConfig
+from .rapacl_config import RaPaCLConfig
 from .registry import create_model, get_entry, list_models, make_config, register_model
 from .stnet_config import STNetConfig
 
@@ -24,9 +25,34 @@ register_model(
     patch_size=32,
     mpp=4.0,
 )
+register_model(
+    "rapacl",
+    RaPaCLConfig,
+    "napari_rapacl.models.rapacl:build",
+    "RaPaCL-ST: timm image encoder + radiomics tabular transformer; Stage 1 contrastive pre-alignment, "
+    "Stage 2 fused gene head (needs per-spot radiomics).",
+)
+register_model(
+    "rapacl_tiny",
+    RaPaCLConfig,
+    "napari_rapacl.models.rapacl:build",
+    "Tiny RaPaCL-ST for tests (timm test_resnet, 32 px patches, width 32).",
+    backbone="test_resnet",
+    patch_size=32,
+    mpp=4.0,
+    embed_dim=32,
+    path_hidden=64,
+    rad_hidden=32,
+    rad_heads=4,
+    rad_ffn=64,
+    recon_hidden=64,
+    cls_hidden=32,
+    gene_hidden=32,
+)
 
 __all__ = [
     "ModelConfig",
+    "RaPaCLConfig",
     "STNetConfig",
     "create_model",
     "get_entry",
