@@ -1,0 +1,182 @@
+"""Leave-one-section-out accuracy on her2st C2-C6 with the 785 benchmark genes.
+
+For each held-out TEST section, the next section (cyclically) is the INNER VALIDATION section (epoch
+and hyper-parameter choice) and the remaining three are training sections. Every model is scored on
+the test section with ``napari_rapacl.metrics.summarize`` (per-gene Pearson r across the section's
+spots: PCC@F/S/M, MSE, MAE on log1p(CP10k)), beside Reg2ST's published mean PCC for that section.
+
+Models:
+* ``ridge``: the weight-free baseline: handcrafted colour / stain / texture / nucleus-proxy features
+  (``napari_rapacl.features``), z-scored on the training sections, ridge regression with its penalty
+  chosen on the validation section.
+* ``stnet``, ``nh2st``, ``pixnet``: trained with the training module from
+  ``training/configs/<model>_her2st.yaml`` (fold sections and ``--epochs`` etc. overridden).
+* ``rapacl``: Stage 1 then Stage 2 (``rapacl_stage1_her2st.yaml`` / ``rapacl_stage2_her2st.yaml``);
+  needs per-section radiomics tables (``--radiomics-dir``, written by ``napari_rapacl.radiomics``).
+
+    python benchmarks/her2st_accuracy.py --models ridge stnet --out benchmarks/results/her2st_accuracy.json
+
+Results: ``{model: {section: {pcc_m, pcc_s, pcc_f, mse, mae, ...}}}`` in the JSON file (merged with what
+is already there, so models can be run one at a time) and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_rapacl.datasets import HER2ST_PUBLISHED_REG2ST, HER2ST_SECTIONS
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("her2st_accuracy")
+
+
+def folds(sections: tuple[str, ...] = HER2ST_SECTIONS) -> list[dict[str, list[str]]]:
+    """Leave-one-section-out folds with the next section as inner validation."""
+    out = []
+    for i, test in enumerate(sections):
+        val = sections[(i + 1) % len(sections)]
+        out.append({"test": [test], "val": [val], "train": [s for s in sections if s not in (test, val)]})
+    return out
+
+
+def _section_arrays(name: str, genes: list[str], size: int, mpp: float):
+    from napari_rapacl.datasets import her2st
+    from napari_rapacl.features import patch_features
+    from napari_rapacl.preprocess import extract_patches, normalize_log1p_cp10k
+
+    sec = her2st(name)
+    patches = extract_patches(sec.slide, sec.spots.x, sec.spots.y, size=size, mpp=mpp)
+    return patch_features(patches), normalize_log1p_cp10k(sec.spots.counts, genes, missing="zero")
+
+
+def run_ridge(fold_list, genes, *, size: int = 112, mpp: float = 1.0) -> dict[str, dict]:
+    """The weight-free ridge baseline on every fold."""
+    from sklearn.linear_model import Ridge
+
+    from napari_rapacl.metrics import pearson_per_gene, summarize
+
+    data = {s: _section_arrays(s, genes, size, mpp) for f in fold_list for s in f["test"]}
+    for f in fold_list:
+        for s in f["train"] + f["val"]:
+            data.setdefault(s, _section_arrays(s, genes, size, mpp))
+    results = {}
+    for f in fold_list:
+        xtr = np.concatenate([data[s][0] for s in f["train"]])
+        ytr = np.concatenate([data[s][1] for s in f["train"]])
+        mean, std = xtr.mean(0), xtr.std(0) + 1e-8
+        (xva, yva), (xte, yte) = data[f["val"][0]], data[f["test"][0]]
+        best = None
+        for alpha in (1e-1, 1, 10, 100, 1e3, 1e4, 1e5):
+            model = Ridge(alpha=alpha).fit((xtr - mean) / std, ytr)
+            score = np.nan_to_num(pearson_per_gene(model.predict((xva - mean) / std), yva)).mean()
+            if best is None or score > best[0]:
+                best = (score, alpha, model)
+        pred = best[2].predict((xte - mean) / std)
+        results[f["test"][0]] = {**summarize(pred, yte, genes), "alpha": best[1], "val_pcc": float(best[0])}
+        log.info("ridge %s: pcc_m %.3f (alpha %g)", f["test"][0], results[f["test"][0]]["pcc_m"], best[1])
+    return results
+
+
+def _train(config: str, fold: dict, out_dir: Path, extra: list[str]) -> dict:
+    from training import load_config, train
+
+    overrides = [
+        f"data.train=[{','.join(fold['train'])}]",
+        f"data.val=[{','.join(fold['val'])}]",
+        f"data.test=[{','.join(fold['test'])}]",
+        f"run.out_dir={out_dir}",
+        *extra,
+    ]
+    result = train(load_config(REPO / "training" / "configs" / config, overrides))
+    return result
+
+
+def run_deep(model: str, fold_list, runs: Path, extra: list[str], radiomics_dir: Path | None) -> dict:
+    results = {}
+    for f in fold_list:
+        test = f["test"][0]
+        t0 = time.perf_counter()
+        if model == "rapacl":
+            if radiomics_dir is None:
+                raise SystemExit("rapacl needs --radiomics-dir with her2st_<section>.parquet tables")
+            tables = [f"data.radiomics_table={radiomics_dir}/her2st_{{section}}.parquet"]
+            stage1 = runs / f"rapacl_stage1_{test}"
+            _train("rapacl_stage1_her2st.yaml", f, stage1, tables + extra)
+            result = _train(
+                "rapacl_stage2_her2st.yaml", f, runs / f"rapacl_stage2_{test}",
+                tables + [f"model.init_checkpoint={stage1 / 'best.pt'}", *extra],
+            )  # fmt: skip
+        else:
+            result = _train(f"{model}_her2st.yaml", f, runs / f"{model}_{test}", extra)
+        metrics = json.loads((Path(result.out_dir) / "metrics.json").read_text())
+        section = metrics["test"][test]
+        results[test] = {k: v for k, v in section.items() if not isinstance(v, (list, dict))}
+        results[test]["best_epoch"] = result.best_epoch
+        results[test]["seconds"] = time.perf_counter() - t0
+        log.info("%s %s: pcc_m %.3f", model, test, results[test]["pcc_m"])
+    return results
+
+
+def table(results: dict) -> str:
+    secs = list(HER2ST_SECTIONS)
+    lines = [
+        "| model | " + " | ".join(secs) + " | mean |",
+        "|---|" + "---|" * (len(secs) + 1),
+        "| Reg2ST (published, 31 training sections) | "
+        + " | ".join(f"{HER2ST_PUBLISHED_REG2ST[s]:.3f}" for s in secs)
+        + f" | {np.mean([HER2ST_PUBLISHED_REG2ST[s] for s in secs]):.3f} |",
+    ]
+    for model, per in results.items():
+        vals = [per.get(s, {}).get("pcc_m") for s in secs]
+        shown = [f"{v:.3f}" if v is not None else "-" for v in vals]
+        done = [v for v in vals if v is not None]
+        mean = f"{np.mean(done):.3f}" if len(done) == len(secs) else "-"
+        lines.append(f"| {model} | " + " | ".join(shown) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["ridge", "stnet", "nh2st", "pixnet", "rapacl"])
+    parser.add_argument("--sections", nargs="+", default=list(HER2ST_SECTIONS), help="test sections to run")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "her2st_accuracy.json"))
+    parser.add_argument("--runs", default=str(REPO / "outputs" / "benchmark_runs"))
+    parser.add_argument("--radiomics-dir", default=None)
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides for every deep run, e.g. optim.epochs=20"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from napari_rapacl.datasets import her2st_genes
+
+    genes = her2st_genes()
+    fold_list = [f for f in folds() if f["test"][0] in args.sections]
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for model in args.models:
+        t0 = time.perf_counter()
+        if model == "ridge":
+            per = run_ridge(fold_list, genes)
+        else:
+            rad = Path(args.radiomics_dir) if args.radiomics_dir else None
+            per = run_deep(model, fold_list, Path(args.runs), list(args.overrides), rad)
+        results.setdefault(model, {}).update(per)
+        log.info("%s done in %.0f s", model, time.perf_counter() - t0)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
