@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import numpy as np
 from napari_rapacl.datasets import HER2ST_PUBLISHED_REG2ST, HER2ST_SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the training module lives at the repository's top level
 log = logging.getLogger("her2st_accuracy")
 
 
