@@ -161,3 +161,25 @@ def test_fit_learns_a_learnable_gene_and_inference_generator_reports_progress(tm
     r = pearson_per_gene(pred, targets[120:])
     assert r[0] > 0.5 and r[1] > 0.5, r  # position-coded genes are learned from colour
     assert abs(np.nan_to_num(r[2])) < 0.5  # noise is not
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n.endswith("_tiny") and n != "rapacl_tiny"])
+def test_spot_inference_runs_every_image_model_on_a_slide(tmp_path, name):
+    """The GUI/CLI path (``iter_predict_spots``) feeds each model what its ``predict`` needs."""
+    from napari_rapacl.inference import predict_spots
+
+    slide = _synthetic_slide(tmp_path)
+    model = create_model(name, n_genes=4)
+    x, y = np.array([200.0, 500.0, 800.0]), np.array([300.0, 500.0, 700.0])
+    pred = predict_spots(model, slide, x, y, radius=np.array([20.0, 30.0, 40.0]), device="cpu")
+    assert pred.shape == (3, 4) and np.isfinite(pred).all()
+    again = predict_spots(model, slide, x, y, radius=np.array([20.0, 30.0, 40.0]), device="cpu")
+    np.testing.assert_array_equal(pred, again)
+
+
+def test_spot_inference_refuses_models_that_need_more_than_the_slide(tmp_path):
+    from napari_rapacl.inference import predict_spots
+
+    slide = _synthetic_slide(tmp_path)
+    with pytest.raises(RapaclInputError, match="radiomics"):
+        predict_spots(create_model("rapacl_tiny", n_genes=2, stage=2), slide, [100.0], [100.0], device="cpu")

@@ -66,7 +66,9 @@ def _predict(args: argparse.Namespace) -> int:
         raise RapaclInputError(
             f"--model {args.model!r} but {args.checkpoint} holds a {ckpt['model']!r} model"
         )
-    pred = predict_spots(model, slide, spots.x, spots.y, device=args.device, batch_size=args.batch_size)
+    pred = predict_spots(
+        model, slide, spots.x, spots.y, radius=spots.radius, device=args.device, batch_size=args.batch_size
+    )
     adata = to_anndata(
         pred,
         list(ckpt["genes"]),

@@ -122,7 +122,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
 
     test = her2st(cfg.test_section)
     log.info("predicting %d spots of %s through the lazy slide", len(test.spots), cfg.test_section)
-    pred = predict_spots(model, test.slide, test.spots.x, test.spots.y, device=device)
+    pred = predict_spots(
+        model, test.slide, test.spots.x, test.spots.y, radius=test.spots.radius, device=device
+    )
     from .preprocess import normalize_log1p_cp10k
 
     measured = normalize_log1p_cp10k(test.spots.counts, genes, missing="zero")

@@ -51,30 +51,51 @@ def iter_predict_spots(
     x: np.ndarray,
     y: np.ndarray,
     *,
+    radius: np.ndarray | float | None = None,
     batch_size: int = 64,
     device: str = "auto",
 ) -> Generator[Progress, None, np.ndarray]:
     """Predict expression at spot centres ``(x, y)`` (level-0 px).
 
     Patches of ``model.config.patch_size`` px at ``model.config.mpp`` um/px are read through the lazy
-    slide batch by batch. Yields a :class:`Progress` after every batch; returns ``(n_spots, n_genes)``
-    float32 predictions (the generator's return value).
+    slide batch by batch and passed to ``model.predict``. Models that aggregate over the spot
+    (``"radius_px"`` in ``model.predict_inputs``, e.g. PixNet) need ``radius`` (level-0 px). Yields a
+    :class:`Progress` after every batch; returns ``(n_spots, n_genes)`` float32 predictions (the
+    generator's return value).
     """
     import torch
 
+    from ._errors import RapaclInputError
     from .preprocess import iter_patches
 
     device = resolve_device(device)
     model = model.to(device).eval()
     cfg = model.config
+    needs = set(getattr(model, "predict_inputs", ("image",)))
+    unsupported = needs - {"image", "radius_px"}
+    if unsupported:
+        raise RapaclInputError(
+            f"model {getattr(model, 'model_name', type(model).__name__)!r} needs {sorted(unsupported)} at "
+            "prediction time, which spot inference from the slide alone does not provide"
+        )
     n = len(x)
+    radius_px = None
+    if "radius_px" in needs:
+        if radius is None:
+            raise RapaclInputError("this model aggregates over each spot: pass radius= (level-0 px)")
+        # spot radius in the model's patch pixels
+        scale = slide.require_mpp("spot-size aware prediction") / cfg.mpp
+        radius_px = np.broadcast_to(np.asarray(radius, dtype=np.float32) * scale, (n,))
     out = np.empty((n, cfg.n_genes), dtype=np.float32)
     yield Progress("predict", 0, n)
     for start, stop, patches in iter_patches(
         slide, x, y, size=cfg.patch_size, mpp=cfg.mpp, batch_size=batch_size
     ):
+        batch = {"image": images_to_tensor(patches, device)}
+        if radius_px is not None:
+            batch["radius_px"] = torch.from_numpy(np.ascontiguousarray(radius_px[start:stop])).to(device)
         with torch.inference_mode():
-            out[start:stop] = model(images_to_tensor(patches, device)).float().cpu().numpy()
+            out[start:stop] = model.predict(batch).float().cpu().numpy()
         yield Progress("predict", stop, n)
     return out
 

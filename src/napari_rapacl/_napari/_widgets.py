@@ -120,7 +120,7 @@ class PredictWidget(Container):
             connect={"yielded": self._on_progress, "returned": self._on_done, "errored": self._on_error},
             start_thread=False,
         )
-        worker = gen_fn(model, slide, spots.x, spots.y, device=self._device.value)
+        worker = gen_fn(model, slide, spots.x, spots.y, radius=spots.radius, device=self._device.value)
         worker.finished.connect(self._on_finished)
         self._pending = (points, list(ckpt["genes"]), ckpt)
         self._worker = worker

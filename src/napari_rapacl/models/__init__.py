@@ -6,6 +6,8 @@ Importing this package does not import torch; building a model does.
 from __future__ import annotations
 
 from .config import ModelConfig
+from .nh2st_config import NH2STConfig
+from .pixnet_config import PixNetConfig
 from .rapacl_config import RaPaCLConfig
 from .registry import create_model, get_entry, list_models, make_config, register_model
 from .stnet_config import STNetConfig
@@ -48,6 +50,44 @@ register_model(
     recon_hidden=64,
     cls_hidden=32,
     gene_hidden=32,
+)
+register_model(
+    "nh2st",
+    NH2STConfig,
+    "napari_rapacl.models.nh2st:build",
+    "NH2ST: query + neighbour branches, multi-token cross-attention over the K nearest spots and "
+    "symmetric InfoNCE against an expression encoder at training; predicts from the image only.",
+)
+register_model(
+    "nh2st_tiny",
+    NH2STConfig,
+    "napari_rapacl.models.nh2st:build",
+    "Tiny NH2ST for tests (timm test_resnet, 32 px patches, K=3, width 32).",
+    backbone="test_resnet",
+    patch_size=32,
+    mpp=4.0,
+    embed_dim=32,
+    decoder_hidden=32,
+    k_neighbors=3,
+    heads=4,
+    graph_k=2,
+)
+register_model(
+    "pixnet",
+    PixNetConfig,
+    "napari_rapacl.models.pixnet:build",
+    "PixNet: ResNet pyramid -> U-Net decoder -> per-pixel count density; a spot is the log1p(CP10k) "
+    "of the counts summed over its disc (any radius at test time).",
+)
+register_model(
+    "pixnet_tiny",
+    PixNetConfig,
+    "napari_rapacl.models.pixnet:build",
+    "Tiny PixNet for tests (timm test_resnet, 32 px patches, width 32).",
+    backbone="test_resnet",
+    patch_size=32,
+    mpp=4.0,
+    hidden=32,
 )
 
 __all__ = [
