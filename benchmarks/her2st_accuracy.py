@@ -99,7 +99,22 @@ def _train(config: str, fold: dict, out_dir: Path, extra: list[str]) -> dict:
     return result
 
 
+def overrides_for(model: str, overrides: list[str]) -> list[str]:
+    """``key=value`` applies to every deep model, ``model:key=value`` to that model only."""
+    out = []
+    for item in overrides:
+        head = item.split("=", 1)[0]
+        if ":" in head:
+            target, rest = item.split(":", 1)
+            if target == model:
+                out.append(rest)
+        else:
+            out.append(item)
+    return out
+
+
 def run_deep(model: str, fold_list, runs: Path, extra: list[str], radiomics_dir: Path | None) -> dict:
+    extra = overrides_for(model, extra)
     results = {}
     for f in fold_list:
         test = f["test"][0]
@@ -153,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default=str(REPO / "outputs" / "benchmark_runs"))
     parser.add_argument("--radiomics-dir", default=None)
     parser.add_argument(
-        "overrides", nargs="*", help="key=value overrides for every deep run, e.g. optim.epochs=20"
+        "overrides",
+        nargs="*",
+        help="key=value overrides for every deep run (e.g. optim.epochs=20), or model:key=value for one "
+        "model (e.g. pixnet:model.config.hidden=128; rapacl: both stages)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -336,6 +336,25 @@ def test_segment_region_writes_a_zarr_store_atomically(border_image, tmp_path):
     np.testing.assert_array_equal(arr[:], labels.compute())
 
 
+def test_tiled_memory_stays_bounded():
+    """A 3072^2 region (27 MB RGB, 38 MB labels) is segmented holding far less than either."""
+    import tracemalloc
+
+    rgb, _ = seg.synthetic_he_nuclei((512, 512), mpp=MPP, n_nuclei=40, n_touching_pairs=5, seed=1)
+    big = da.tile(da.from_array(rgb, chunks=(512, 512, 3)), (6, 6, 1))  # lazy: computed per window
+    slide = Slide((big,), (1.0,), mpp=MPP)
+    seg.segment_region(slide, 0, 0, 512, 512, tile=256)  # warm-up: imports and lookup tables
+    tracemalloc.start()
+    try:
+        labels = seg.segment_region(slide, 0, 0, 3072, 3072, tile=256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    whole_arrays = 3072 * 3072 * (3 + 4)  # the region's RGB and its int32 labels
+    assert peak < 0.25 * whole_arrays, f"peak {peak / 1e6:.1f} MB"
+    assert labels.shape == (3072, 3072) and int(labels.max().compute()) >= 36 * 40
+
+
 def test_segment_region_at_level_1_and_region_offset(border_image):
     rgb, _ = border_image
     slide = _slide(rgb)
@@ -359,6 +378,8 @@ def test_region_outside_the_slide(border_image):
         seg.segment_region(slide, 100, 100, 100, 300)
     with pytest.raises(RapaclInputError, match="level"):
         seg.segment_region(slide, 0, 0, 100, 100, level=2)
+    with pytest.raises(TypeError, match="diameter"):
+        seg.segment_region(slide, 0, 0, 100, 100, diameter=8.0)  # the keyword is diameter_um
     clipped = seg.segment_region(slide, 900, -50, 1100, 200, clip=True, tile=256).compute()
     assert clipped.shape == (200, 124)
     np.testing.assert_array_equal(clipped > 0, seg.segment_nuclei(rgb[0:200, 900:1024], MPP) > 0)
@@ -411,7 +432,22 @@ def test_cellpose_missing_model_file_fails_fast(cellpose_env, tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="not_a_model"):
         seg.resolve_cellpose_model("not_a_model")
+    slide = _slide(np.full((256, 256, 3), 200, np.uint8))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):  # before any tile is read or written
+        seg.segment_region(
+            slide, 0, 0, 256, 256, method="cellpose", model="missing.pth", out=tmp_path / "o.zarr"
+        )
+    assert not (tmp_path / "o.zarr").exists()
     assert time.perf_counter() - t < 3
+
+
+def test_cellpose_damaged_model_file_is_named(cellpose_env, tmp_path):
+    pytest.importorskip("cellpose")
+    bad = tmp_path / "damaged.pth"
+    bad.write_bytes(b"not a model" * 100)
+    rgb, _ = seg.synthetic_he_nuclei((128, 128), mpp=MPP, n_nuclei=5, n_touching_pairs=0, seed=0)
+    with pytest.raises(RapaclInputError, match=r"damaged.pth is not a cellpose \d.x model file"):
+        seg.segment_nuclei(rgb, MPP, "cellpose", model=bad)
 
 
 def test_cellpose_named_model_offline_fails_fast_without_download(cellpose_env, monkeypatch):

@@ -351,6 +351,34 @@ def test_input_builders(tmp_path):
         nearest_neighbors(a.x, a.y, 7)
 
 
+def test_radiomics_columns_by_feature_set_name(tmp_path):
+    """``radiomics_columns: rapacl72`` takes the engine's 72 names in order (``n_nuclei`` is left out)."""
+    import pandas as pd
+    from training.config import DataConfig
+
+    from napari_rapacl.radiomics import rapacl72_names
+
+    names = list(rapacl72_names())
+    rng = np.random.default_rng(0)
+    a = _section("A", 6, seed=1)
+    frame = pd.DataFrame(rng.normal(size=(6, 72)), columns=names[::-1], index=list(a.barcodes))
+    frame["n_nuclei"] = rng.integers(0, 50, 6)
+    frame.to_parquet(tmp_path / "A.parquet")
+    table = {"A": str(tmp_path / "A.parquet")}
+    ctx = InputContext(
+        DataConfig(radiomics_table=table, radiomics_columns="rapacl72"), ModelConfig(), ["g"], [a]
+    )
+    (fa,) = build_inputs([a], ["radiomics"], ctx)
+    assert ctx.stats["radiomics"]["columns"] == names and fa["radiomics"].shape == (6, 72)
+    expected = frame[names].to_numpy()
+    np.testing.assert_allclose(fa["radiomics"], (expected - expected.mean(0)) / expected.std(0), atol=1e-5)
+    bad = InputContext(
+        DataConfig(radiomics_table=table, radiomics_columns="rapacl99"), ModelConfig(), ["g"], [a]
+    )
+    with pytest.raises(RapaclInputError, match="radiomics_columns='rapacl99'"):
+        build_inputs([a], ["radiomics"], bad)
+
+
 def test_dataset_augmentation_and_device_batches():
     a = _section("A", 6, seed=1)
     from training.config import DataConfig

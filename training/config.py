@@ -114,7 +114,9 @@ class DataConfig:
         index): a path template with ``{section}`` (``.parquet`` or ``.csv``) or a ``{section: path}``
         mapping.
     radiomics_columns
-        Feature columns to use, in this order (None: every numeric column but the label column).
+        Feature columns to use, in this order: a list of names, the name of a feature set of the
+        radiomics engine (``"rapacl72"``: RaPaCL-ST's 72 features), or None (every numeric column
+        but the label column; ``n_nuclei`` included).
     radiomics_signed_log
         Substrings of column names transformed with ``sign(x) * log1p(|x|)`` before z-scoring
         (methods.md recommends it for heavy-tailed ``Energy`` / ``NonUniformity`` features).
@@ -139,7 +141,7 @@ class DataConfig:
     n_neighbors: int | None = None
     neighbors_include_self: bool | None = None
     radiomics_table: str | dict[str, str] | None = None
-    radiomics_columns: list[str] | None = None
+    radiomics_columns: list[str] | str | None = None
     radiomics_signed_log: list[str] = field(default_factory=list)
     cell_label_table: str | dict[str, str] | None = None
     cell_label_column: str = "cell_label"

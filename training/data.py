@@ -459,7 +459,9 @@ def _radiomics(section: SectionData, ctx: InputContext) -> Field:
     d = ctx.data
     if "radiomics" not in ctx.stats:
         first = _section_table(ctx.train_sections[0], d.radiomics_table, "radiomics")
-        if d.radiomics_columns is not None:
+        if isinstance(d.radiomics_columns, str):
+            columns = _feature_set_columns(d.radiomics_columns)
+        elif d.radiomics_columns is not None:
             columns = list(d.radiomics_columns)
         else:
             columns = [
@@ -488,6 +490,17 @@ def _radiomics(section: SectionData, ctx: InputContext) -> Field:
     )
     values = _signed_log(values, st["columns"], st["signed_log"])
     return zscore_apply(values, np.asarray(st["mean"]), np.asarray(st["std"]))
+
+
+def _feature_set_columns(name: str) -> list[str]:
+    from napari_rapacl.radiomics import rapacl72_names
+
+    if name != "rapacl72":
+        raise RapaclInputError(
+            f"data.radiomics_columns={name!r}: a string must name a feature set ('rapacl72'); "
+            "otherwise give a list of column names"
+        )
+    return list(rapacl72_names())
 
 
 def _table_values(df: Any, columns: list[str], section: str) -> np.ndarray:

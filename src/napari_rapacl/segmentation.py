@@ -39,11 +39,17 @@ Large regions: :func:`segment_region` / :func:`iter_segment_region` read a box o
 :class:`~napari_rapacl.io.slide.Slide` in overlapping tiles and stitch the labels: each object is kept
 from the one tile whose core (the tile without its overlap) holds its centroid, relabelled with a
 running global offset, and written into a zarr array (in memory, compressed, or a directory store
-given by the caller). Only one tile window is held in memory at a time, so a 20k x 20k region never
-becomes one in-memory RGB (or label) array. The classical threshold is made global first, from the
-haematoxylin histograms of the tile cores (all of them, or ``sample_tiles`` evenly spaced ones), so
-that every tile uses the same threshold and objects crossing tile borders come out as in an untiled
-run.
+given by the caller, written under a temporary name and renamed when complete). Memory stays
+bounded: one tile window (core + overlap, read from the lazy slide) and its intermediate maps are
+held at a time (about 80 bytes per window pixel: ~100 MB for 1024 px tiles), plus the compressed label
+store, so a 20k x 20k region never becomes one in-memory RGB (or label) array; the result is a dask
+array over the zarr store. The classical threshold is made global first, from the haematoxylin
+histograms of the tile cores (all of them, or ``sample_tiles`` evenly spaced ones), so that every
+tile uses the same threshold: when every tile is sampled, the tiled labels are the untiled ones
+(objects on tile borders included). Limits: an object larger than the overlap can be cut at a window
+edge, and where two tiles' objects claim the same pixel the first tile written keeps it.
+Single-threaded on purpose (scipy.ndimage and the watershed hold the GIL); run several regions in
+processes for more cores.
 
 Input conventions (:func:`as_rgb_uint8`): ``(H, W, 3)`` uint8 RGB; a grey ``(H, W)`` or ``(H, W, 1)``
 image is replicated to R = G = B (the haematoxylin channel then measures darkness); RGBA is
@@ -71,6 +77,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ._errors import RapaclInputError
+from ._image import as_rgb_uint8
 from .inference import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -135,63 +142,6 @@ class CellposeModelUnavailableError(RapaclInputError):
 # --------------------------------------------------------------------------------------------
 # input conversion and stain channels
 # --------------------------------------------------------------------------------------------
-
-
-def as_rgb_uint8(region: Any, *, name: str = "region") -> np.ndarray:
-    """Return ``region`` as a C-contiguous ``(H, W, 3)`` uint8 RGB array.
-
-    Parameters
-    ----------
-    region
-        ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA, ``(H, W)`` or ``(H, W, 1)`` grey; uint8, or float in
-        [0, 1] (numpy, dask or anything :func:`numpy.asarray` accepts).
-    name
-        What to call the array in error messages.
-
-    Returns
-    -------
-    numpy.ndarray
-        Grey is replicated to three channels; RGBA is composited over white
-        (``rgb * a + 255 * (1 - a)``); floats are scaled by 255 and rounded.
-
-    Raises
-    ------
-    RapaclInputError
-        Wrong number of dimensions or channels, a float image outside [0, 1] or with NaN/inf, or any
-        dtype other than uint8 and float.
-    """
-    arr = np.asarray(region)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise RapaclInputError(
-            f"{name} must be an (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grey image, got shape {arr.shape}"
-        )
-    if arr.dtype == np.uint8:
-        pass
-    elif np.issubdtype(arr.dtype, np.floating):
-        if arr.size:
-            lo, hi = float(np.min(arr)), float(np.max(arr))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise RapaclInputError(f"{name} (float {arr.dtype}) contains NaN or infinite values")
-            if lo < 0.0 or hi > 1.0:
-                raise RapaclInputError(
-                    f"{name} is float ({arr.dtype}) with values in [{lo:.4g}, {hi:.4g}]; float images must "
-                    "be in [0, 1] (or pass uint8 0-255)"
-                )
-        arr = np.rint(arr.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
-    else:
-        raise RapaclInputError(
-            f"{name} has dtype {arr.dtype}; pass uint8 (0-255) or float in [0, 1] "
-            "(e.g. convert 16-bit with (x // 257).astype(np.uint8))"
-        )
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.shape[2] == 4:
-        alpha = arr[:, :, 3:4].astype(np.uint16)
-        rgb = arr[:, :, :3].astype(np.uint16) * alpha + 255 * (255 - alpha)
-        arr = ((rgb + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
 
 
 @functools.lru_cache(maxsize=1)
@@ -781,8 +731,11 @@ def load_cellpose_model(model: str | os.PathLike | None = None, gpu: bool = Fals
                 net = models.CellposeModel(gpu=use_gpu, pretrained_model=str(path))
             else:
                 net = models.CellposeModel(gpu=use_gpu, pretrained_model=str(path), use_bfloat16=use_gpu)
-        except (RuntimeError, KeyError, AssertionError, ValueError, OSError) as exc:
-            raise RapaclInputError(f"{path} is not a cellpose {major}.x model file: {exc}") from exc
+        except Exception as exc:  # torch.load / state-dict errors of any kind: name the file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RapaclInputError(
+                f"{path} is not a cellpose {major}.x model file ({type(exc).__name__}: {first})"
+            ) from exc
         _CELLPOSE_CACHE[key] = net
         return net
 
@@ -801,23 +754,23 @@ def _cellpose(
     cellpose_input: str,
     cellpose_kwargs: dict[str, Any] | None,
 ) -> np.ndarray:
-    # no tissue -> nothing to segment (cellpose's percentile normalisation would amplify paper noise)
-    h_full = _haematoxylin(rgb)
-    if int((_optical_density(rgb) > p.tissue_od).sum()) < 2.0 * math.pi * (0.5 * p.diameter_um / p.mpp) ** 2:
-        return np.zeros(rgb.shape[:2], dtype=np.int32)
-    net = load_cellpose_model(model, gpu=gpu)
     major = cellpose_major_version()
     mode = cellpose_input
     if mode == "auto":
         mode = "haematoxylin" if major == 3 else "rgb"
     if mode not in ("haematoxylin", "rgb"):
         raise RapaclInputError(f"cellpose_input={cellpose_input!r} must be 'auto', 'haematoxylin' or 'rgb'")
+    # no tissue -> nothing to segment (cellpose's percentile normalisation would amplify glass noise)
+    nucleus_px = math.pi * (0.5 * p.diameter_um / p.mpp) ** 2
+    if int((_optical_density(rgb) > p.tissue_od).sum()) < 2.0 * nucleus_px:
+        return np.zeros(rgb.shape[:2], dtype=np.int32)
+    net = load_cellpose_model(model, gpu=gpu)
     kwargs: dict[str, Any] = {
         "diameter": p.diameter_um / p.mpp,
         "min_size": max(1, int(math.floor(p.min_area_um2 / p.mpp**2))),
     }
     if mode == "haematoxylin":
-        x = h_full
+        x = _haematoxylin(rgb)
         if major == 3:
             kwargs["channels"] = [0, 0]
     else:
@@ -1109,8 +1062,18 @@ def iter_segment_region(
     if method not in METHODS:
         raise RapaclInputError(f"method={method!r} is not one of {', '.join(METHODS)}")
     _require_skimage()
+    import inspect
+
+    allowed = set(inspect.signature(segment_nuclei).parameters) - {"region", "mpp", "method"}
+    unknown = sorted(set(segment_kwargs) - allowed)
+    if unknown:
+        raise TypeError(
+            f"iter_segment_region got unexpected keyword arguments {unknown}; allowed: {sorted(allowed)}"
+        )
     box, _ = _level_box(slide, x0, y0, x1, y1, level, clip)
     level = int(level)
+    if method == "cellpose":
+        resolve_cellpose_model(segment_kwargs.get("model"))  # a missing model fails before any tile is read
     mpp0 = slide.require_mpp("nucleus segmentation") if mpp is None else _positive(mpp, "mpp")
     mpp_level = mpp0 * slide.downsamples[level]
     threshold = segment_kwargs.pop("threshold", None)
@@ -1153,13 +1116,17 @@ def iter_segment_region(
     h, w = box.shape
     cores = [(ty, tx) for ty in range(0, h, tile) for tx in range(0, w, tile)]
 
-    def window(ty: int, tx: int) -> tuple[int, int, int, int]:
+    def window(ty: int, tx: int, margin: int = overlap) -> tuple[int, int, int, int]:
         return (
-            max(0, ty - overlap),
-            min(h, ty + tile + overlap),
-            max(0, tx - overlap),
-            min(w, tx + tile + overlap),
+            max(0, ty - margin),
+            min(h, ty + tile + margin),
+            max(0, tx - margin),
+            min(w, tx + tile + margin),
         )
+
+    # the threshold pass needs only the Gaussian's support around a core
+    smooth_radius = int(3.0 * p.smooth_um / p.mpp_w + 0.5) + 1
+    margin = min(overlap, -(-(smooth_radius * k) // grid) * grid)
 
     if method == "classical" and threshold is None:
         n = len(cores)
@@ -1173,7 +1140,7 @@ def iter_segment_region(
         yield Progress("threshold", 0, len(picks))
         for i, j in enumerate(picks):
             ty, tx = cores[j]
-            wy0, wy1, wx0, wx1 = window(ty, tx)
+            wy0, wy1, wx0, wx1 = window(ty, tx, margin)
             hs, tissue = _prepare(_read(slide, level, box, wy0, wy1, wx0, wx1), p)
             # the core on the sampling grid (window and core origins are multiples of _SAMPLE * k)
             cy0, cx0 = (ty - wy0) // k, (tx - wx0) // k

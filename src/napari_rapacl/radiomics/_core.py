@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import RapaclInputError
+from .._image import as_rgb_uint8 as _as_rgb_uint8
 from ._config import (
     COMPOSITION_CLASSES,
     MORPH_STATS,
@@ -78,47 +79,12 @@ def _radiomics() -> Any:
 
 
 def as_rgb_uint8(region: Any, name: str = "region") -> np.ndarray:
-    """Check an image and return it as C-contiguous ``(h, w, 3)`` uint8 RGB.
+    """Check an image and return it as C-contiguous ``(h, w, 3)`` uint8 RGB (empty images refused).
 
-    The conventions of :func:`napari_rapacl.segmentation.as_rgb_uint8`: ``(h, w)`` or ``(h, w, 1)``
-    grey is replicated to R = G = B; ``(h, w, 4)`` RGBA is composited over white
-    (``rgb * a + 255 * (1 - a)``, so transparent pixels are background); uint8 is used as is,
-    floats in [0, 1] are scaled by 255 and rounded; any other dtype (or a float image outside
-    [0, 1], NaN, inf) raises :class:`RapaclInputError` naming the problem.
+    The conventions of :func:`napari_rapacl.segmentation.as_rgb_uint8`: grey replicated, RGBA composited
+    over white, floats in [0, 1] scaled by 255; anything else raises :class:`RapaclInputError`.
     """
-    arr = np.asarray(region)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise RapaclInputError(
-            f"{name} must be an (h, w, 3) RGB, (h, w, 4) RGBA or (h, w) grey image, got shape {arr.shape}"
-        )
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise RapaclInputError(f"{name} is empty (shape {arr.shape})")
-    if arr.dtype == np.uint8:
-        pass
-    elif np.issubdtype(arr.dtype, np.floating):
-        lo, hi = float(np.min(arr)), float(np.max(arr))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise RapaclInputError(f"{name} (float {arr.dtype}) contains NaN or infinite values")
-        if lo < 0.0 or hi > 1.0:
-            raise RapaclInputError(
-                f"{name} is float ({arr.dtype}) with values in [{lo:.4g}, {hi:.4g}]; float images must be "
-                "in [0, 1] (or pass uint8 0-255)"
-            )
-        arr = np.rint(arr.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
-    else:
-        raise RapaclInputError(
-            f"{name} has dtype {arr.dtype}; pass uint8 (0-255) or float in [0, 1] "
-            "(e.g. convert 16-bit with (x // 257).astype(np.uint8))"
-        )
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.shape[2] == 4:
-        alpha = arr[:, :, 3:4].astype(np.uint16)
-        rgb = arr[:, :, :3].astype(np.uint16) * alpha + 255 * (255 - alpha)
-        arr = ((rgb + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
+    return _as_rgb_uint8(region, name, allow_empty=False)
 
 
 def check_labels(labels: Any, shape: tuple[int, int], name: str = "labels") -> np.ndarray:
