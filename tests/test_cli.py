@@ -1,4 +1,4 @@
-"""``napari-rapacl predict``: the headless path gives the library's predictions, and bad input a message."""
+"""The CLI: ``predict`` and ``segment`` give the library's results, and bad input a message (exit 2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.realdata
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +30,7 @@ def _run(*args):
     )  # fmt: skip
 
 
+@pytest.mark.realdata
 def test_predict_roi_matches_the_library(data_dir, checkpoint, tmp_path):
     import anndata as ad
 
@@ -60,6 +60,7 @@ def test_predict_roi_matches_the_library(data_dir, checkpoint, tmp_path):
     assert list(adata.uns["napari_rapacl"]["roi"]) == pytest.approx([x0, y0, x1, y1])
 
 
+@pytest.mark.realdata
 def test_predict_bad_input_is_a_message(data_dir, checkpoint, tmp_path):
     root = data_dir / "her2st/data"
     slide_path = root / "ST-imgs/C/C2/5714_HE_BT_C2.jpg"
@@ -74,3 +75,206 @@ def test_predict_bad_input_is_a_message(data_dir, checkpoint, tmp_path):
     bad_roi = _run(*common, "--checkpoint", checkpoint, "--roi", "5,5,1,1")
     assert bad_roi.returncode == 2 and "x1 > x0" in bad_roi.stderr
     assert not (tmp_path / "x.h5ad").exists()
+
+
+# ---- synthetic slides: tiled predict and segment ------------------------------------------------
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
+    from napari_rapacl.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A 600 x 800 px pyramidal OME-TIFF at 1 um/px and a spot CSV (x, y, radius, barcode)."""
+    import pandas as pd
+
+    from napari_rapacl.io.slide import write_ome_tiff
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:600, 0:800].astype(np.float32)
+    img = np.stack(
+        [128 + 90 * np.sin(xx / 31.0), 128 + 90 * np.cos(yy / 17.0), 128 + 60 * np.sin((xx - yy) / 41.0)], -1
+    )
+    img = np.clip(img + rng.normal(0, 15, img.shape), 0, 255).astype(np.uint8)
+    slide = write_ome_tiff(folder / "slide.ome.tif", img, mpp=1.0, tile=128)
+    gy, gx = np.mgrid[30:600:90, 30:800:90]
+    spots = folder / "spots.csv"
+    pd.DataFrame(
+        {"barcode": [f"s{i}" for i in range(gx.size)], "x": gx.ravel(), "y": gy.ravel(), "radius": 25.0}
+    ).to_csv(spots, index=False)
+    return slide, spots
+
+
+def test_tiled_predict_matches_the_library(synthetic, checkpoint, tmp_path, capsys):
+    import anndata as ad
+
+    from napari_rapacl.inference import predict_spots
+    from napari_rapacl.io import open_slide, read_spots
+    from napari_rapacl.models.checkpoint import load_model
+
+    slide_path, spots_path = synthetic
+    slide, spots = open_slide(slide_path), read_spots(spots_path)
+    model, _ = load_model(checkpoint)
+    expected = predict_spots(model, slide, spots.x, spots.y, device="cpu")
+    common = (
+        "predict",
+        "--slide",
+        slide_path,
+        "--spots",
+        spots_path,
+        "--checkpoint",
+        checkpoint,
+        "--device",
+        "cpu",
+    )
+    for scheduler in ("none", "threads"):
+        out = tmp_path / f"{scheduler}.h5ad"
+        code, stdout, err = _main(capsys, *common, "--out", out, "--tile-px", 128, "--scheduler", scheduler)
+        assert code == 0, err
+        n_tiles = len(set(zip(spots.x // 128, spots.y // 128, strict=True)))  # 128 px cells holding spots
+        assert f"at {len(spots)} spots ({n_tiles} tiles)" in stdout and n_tiles == 30
+        adata = ad.read_h5ad(out)
+        assert list(adata.obs_names) == list(spots.barcode)
+        np.testing.assert_allclose(adata.X, expected, atol=1e-5, rtol=0)
+        assert adata.uns["napari_rapacl"]["tile_px"] == 128
+    # --roi with a dask.distributed scheduler given by address
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cl:
+        out = tmp_path / "roi.h5ad"
+        code, _, err = _main(
+            capsys, *common, "--out", out, "--roi", "100,100,500,400", "--scheduler", cl.scheduler_address
+        )
+    assert code == 0, err
+    inside = (spots.x >= 100) & (spots.x < 500) & (spots.y >= 100) & (spots.y < 400)
+    adata = ad.read_h5ad(out)
+    assert list(adata.obs_names) == list(spots.barcode[inside])
+    np.testing.assert_allclose(adata.X, expected[inside], atol=1e-5, rtol=0)
+
+
+def test_predict_scheduler_and_tile_size_are_checked(synthetic, checkpoint, tmp_path, capsys):
+    slide_path, spots_path = synthetic
+    common = ("predict", "--slide", slide_path, "--spots", spots_path, "--checkpoint", checkpoint)
+    code, _, err = _main(capsys, *common, "--out", tmp_path / "x.h5ad", "--scheduler", "thread")
+    assert code == 2 and "--scheduler 'thread'" in err and "Traceback" not in err
+    code, _, err = _main(capsys, *common, "--out", tmp_path / "x.h5ad", "--tile-px", "0")
+    assert code == 2 and "'0' must be >= 1" in err
+    code, _, err = _main(capsys, *common, "--out", tmp_path / "x.h5ad", "--tile-px", "8")
+    assert code == 2 and "tile_px=8" in err
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+@pytest.fixture(scope="module")
+def nuclei(tmp_path_factory):
+    """A 512 x 640 px synthetic H&E with known nuclei at 0.5 um/px, as a pyramidal OME-TIFF."""
+    from napari_rapacl.io.slide import write_ome_tiff
+    from napari_rapacl.segmentation import synthetic_he_nuclei
+
+    rgb, _ = synthetic_he_nuclei((512, 640), mpp=0.5, n_nuclei=50, n_touching_pairs=5, seed=3)
+    return write_ome_tiff(tmp_path_factory.mktemp("nuclei") / "he.ome.tif", rgb, mpp=0.5, tile=128), rgb
+
+
+def test_segment_writes_labels_and_a_cell_table(nuclei, tmp_path, capsys):
+    import anndata as ad
+    import pandas as pd
+    import zarr
+
+    from napari_rapacl.io import open_slide
+    from napari_rapacl.segmentation import segment_region
+
+    path, _ = nuclei
+    roi = (64, 32, 576, 480)
+    outs = [tmp_path / "cells.zarr", tmp_path / "cells.csv", tmp_path / "cells.h5ad"]
+    args = ["segment", "--slide", path, "--roi", ",".join(map(str, roi)), "--diameter-um", 8]
+    code, stdout, err = _main(capsys, *args, *sum((["--out", o] for o in outs), []))
+    assert code == 0, err
+    expected = np.asarray(segment_region(open_slide(path), *roi, diameter_um=8.0))
+    labels = zarr.open_array(str(outs[0]), mode="r")
+    np.testing.assert_array_equal(labels[:], expected)
+    assert labels.attrs["napari_rapacl"]["roi"] == list(roi)
+    n = int(expected.max())
+    assert n > 20 and f"segmented {n} cells" in stdout
+    table = pd.read_csv(outs[1])
+    assert list(table["label"]) == list(range(1, n + 1))
+    ys, xs = np.nonzero(expected == 7)
+    row = table.set_index("label").loc[7]
+    assert row["area_px"] == len(ys) and row["area_um2"] == pytest.approx(len(ys) * 0.25)
+    # centroids in continuous level-0 px: region offset + pixel centre
+    assert row["x"] == pytest.approx(roi[0] + xs.mean() + 0.5) and row["y"] == pytest.approx(
+        roi[1] + ys.mean() + 0.5
+    )
+    adata = ad.read_h5ad(outs[2])
+    assert adata.n_obs == n and adata.n_vars == 0
+    np.testing.assert_allclose(adata.obsm["spatial"], table[["x", "y"]].to_numpy())
+    assert adata.uns["napari_rapacl"]["method"] == "classical"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    # at pyramid level 1: labels on that level's grid, centroids still in level-0 px
+    code, _, err = _main(capsys, *args, "--level", 1, "--out", tmp_path / "level1.csv")
+    assert code == 0, err
+    expected1 = np.asarray(segment_region(open_slide(path), *roi, level=1, diameter_um=8.0))
+    table1 = pd.read_csv(tmp_path / "level1.csv").set_index("label")
+    ys, xs = np.nonzero(expected1 == 3)
+    assert table1.loc[3, "area_px"] == len(ys) and table1.loc[3, "area_um2"] == pytest.approx(len(ys))
+    assert table1.loc[3, "x"] == pytest.approx((roi[0] // 2 + xs.mean() + 0.5) * 2)
+    assert table1.loc[3, "y"] == pytest.approx((roi[1] // 2 + ys.mean() + 0.5) * 2)
+    # an existing output is not replaced without --overwrite
+    code, _, err = _main(capsys, *args, "--out", outs[1])
+    assert code == 2 and "cells.csv" in err and "--overwrite" in err
+    code, _, err = _main(capsys, *args, "--out", outs[1], "--overwrite")
+    assert code == 0, err
+
+
+def test_segment_features_match_cell_features(nuclei, tmp_path, capsys):
+    pytest.importorskip("radiomics")
+    import pandas as pd
+
+    from napari_rapacl.io import open_slide
+    from napari_rapacl.radiomics import cell_features
+    from napari_rapacl.segmentation import segment_region
+
+    path, rgb = nuclei
+    out = tmp_path / "cells.csv"
+    code, _, err = _main(
+        capsys, "segment", "--slide", path, "--roi", "0,0,320,256", "--out", out, "--features"
+    )
+    assert code == 0, err
+    table = pd.read_csv(out).set_index("label")
+    labels = np.asarray(segment_region(open_slide(path), 0, 0, 320, 256))
+    expected = cell_features(rgb[:256, :320], labels, mpp=0.5)
+    assert len(expected) > 5
+    cols = [c for c in expected.columns if c.startswith("original_")]
+    assert "original_shape2D_Perimeter" in cols and set(cols) <= set(table.columns)
+    np.testing.assert_allclose(
+        table.loc[expected.index, cols].to_numpy(), expected[cols].to_numpy(), rtol=1e-6
+    )
+
+
+def test_segment_bad_input_is_a_message(nuclei, tmp_path, capsys):
+    path, _ = nuclei
+    seg = ("segment", "--slide", path)
+    cases = [
+        ((*seg, "--out", tmp_path / "cells.txt"), "cells.txt"),
+        ((*seg, "--out", tmp_path / "nowhere" / "cells.csv"), "nowhere"),
+        ((*seg, "--out", tmp_path / "c.csv", "--roi", "1000,1000,2000,2000"), "he.ome.tif"),
+        ((*seg, "--out", tmp_path / "c.csv", "--roi", "5,5,1,1"), "x1 > x0"),
+        (("segment", "--slide", tmp_path / "missing.tif", "--out", tmp_path / "c.csv"), "missing.tif"),
+        ((*seg, "--out", tmp_path / "c.csv", "--model", "nuclei"), "--method cellpose"),
+        ((*seg, "--out", tmp_path / "c.csv", "--diameter-um", "-3"), "--diameter-um -3"),
+        ((*seg, "--out", tmp_path / "c.zarr", "--features"), "table output"),
+        ((*seg, "--out", tmp_path / "c.csv", "--level", "9"), "--level 9"),
+    ]
+    for args, needle in cases:
+        code, _, err = _main(capsys, *args)
+        assert code == 2 and needle in err and "Traceback" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -85,7 +85,7 @@ def iter_predict_spots(
             raise RapaclInputError("this model aggregates over each spot: pass radius= (level-0 px)")
         # spot radius in the model's patch pixels
         scale = slide.require_mpp("spot-size aware prediction") / cfg.mpp
-        radius_px = np.broadcast_to(np.asarray(radius, dtype=np.float32) * scale, (n,))
+        radius_px = np.broadcast_to(np.asarray(radius, dtype=np.float32) * scale, (n,)).copy()
     out = np.empty((n, cfg.n_genes), dtype=np.float32)
     yield Progress("predict", 0, n)
     for start, stop, patches in iter_patches(

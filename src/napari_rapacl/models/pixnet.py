@@ -58,6 +58,7 @@ from torch import nn
 
 from .._errors import RapaclInputError
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone
+from .base import gather_batch
 from .pixnet_config import PixNetConfig
 
 __all__ = [
@@ -117,9 +118,10 @@ def pcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> tup
 
     Genes whose target is constant in the batch (no defined correlation, e.g. all zero) are left
     out of the mean; with fewer than 2 spots or no varying gene the term is 0. Returns the loss and
-    the number of genes it averaged over. Computed in float32.
+    the number of genes it averaged over. Computed in float32. Under DDP the batch is the global
+    one (:func:`.base.gather_batch`), so the correlation does not depend on the number of processes.
     """
-    pred, target = pred.float(), target.float()
+    pred, target = gather_batch(pred.float()), gather_batch(target.float())
     if pred.shape[0] < 2:
         return pred.sum() * 0.0, 0
     p = pred - pred.mean(0, keepdim=True)

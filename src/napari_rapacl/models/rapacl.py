@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from .._errors import RapaclInputError
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone
-from .base import mse_loss_dict
+from .base import gather_batch, mse_loss_dict
 from .rapacl_config import ARCHITECTURE_FIELDS, RaPaCLConfig
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,12 @@ def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
     """CLIP loss: mean of the row-wise and column-wise cross-entropies of ``cos(a_i, b_j) / T``.
 
     Row ``i`` of ``a`` and row ``i`` of ``b`` are the positive pair; every other row of the other
-    modality in the batch is a negative. Computed in float32 (also under autocast).
+    modality in the batch is a negative. Computed in float32 (also under autocast). Under DDP the
+    batch is the global one (:func:`.base.gather_batch`): negatives come from every process.
     """
     if a.shape != b.shape or a.ndim != 2:
         raise RapaclInputError(f"InfoNCE needs two (B, D) tensors of one shape, got {a.shape} and {b.shape}")
+    a, b = gather_batch(a), gather_batch(b)
     with torch.autocast(a.device.type, enabled=False):
         a = F.normalize(a.float(), dim=-1)
         b = F.normalize(b.float(), dim=-1)
@@ -123,6 +125,8 @@ def multipos_nt_xent(
     Memory: the positive term needs only per-sample sums of the pool (``O(N D)``); the
     log-sum-exp is computed ``chunk`` rows at a time and recomputed in backward, so at most a
     ``chunk x N`` block of similarities exists at once (the reference built all ``N x N``).
+    Under DDP this variant stays per process (its negatives are the process's own rows), unlike
+    :func:`symmetric_info_nce`, which gathers the global batch.
 
     Parameters
     ----------

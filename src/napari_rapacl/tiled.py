@@ -1,0 +1,1051 @@
+"""Lazy, tiled inference over a slide region, with an in-memory tile cache.
+
+Spot predictions (:func:`iter_predict_region`)
+    A fixed grid of ``tile_px`` x ``tile_px`` level-0 pixels is laid over the slide from its origin; a
+    *tile* is the set of spots whose centres fall in one grid cell. To predict the spots inside a box
+    (the visible region of a viewer, say), only the tiles holding at least one of those spots are
+    needed. Each tile is predicted whole (all of its spots, also those outside the box) with
+    :func:`~napari_rapacl.inference.iter_predict_spots`, and its ``(n_tile_spots, n_genes)`` result is
+    cached, so panning back to a region costs only cache lookups. The predictions are those of
+    :func:`~napari_rapacl.inference.predict_spots` on the same spots (each spot's patch is read and
+    predicted independently of the others; batches differ only in floating-point summation order).
+    The pixels under a tile's patches are read from the slide in one piece (one dask computation per
+    tile instead of one per spot) and cut into exactly the patches ``predict_spots`` would read.
+
+Dense maps (:func:`iter_predict_dense`, models with ``predict_map`` such as PixNet)
+    The map has one pixel per model pixel (``model.config.mpp`` um), on a grid anchored at the slide's
+    origin, so that every map pixel has one fixed place whatever box is asked for. It is computed in
+    windows of ``patch_size`` model pixels (the input size the model was trained on), read through the
+    lazy slide like spot patches; windows overlap by ``margin`` pixels on every side and only their
+    central ``patch_size - 2 * margin`` pixels (the *core*) are kept, so each map pixel comes from the
+    window in whose core it lies, at least ``margin`` pixels away from that window's border (where zero
+    padding changes the network's output). The cores tile the plane without gaps or overlaps; the
+    cached unit is a tile of whole cores (``tile_px`` rounded to a multiple of the core). The map is
+    therefore independent of ``tile_px`` and of the box. Residual differences at core borders remain
+    where the network's receptive field is wider than the margin (a fully convolutional model would
+    need a margin of its whole receptive field to be exactly seamless; we keep the training patch size
+    instead).
+
+Cache keys are ``(model_key, slide_key, kind, tile_index)``: :func:`model_key` hashes the weights and the
+config (memoised on the model and recomputed when a parameter is modified in place), :func:`slide_key`
+is the file (path, size, modification time) or, for an in-memory slide, the dask names of its levels,
+plus shape, pyramid and mpp; ``kind`` encodes what was predicted and a hash of the tile's spot
+coordinates and radii (or the dense-map geometry and genes).
+
+Schedulers: ``scheduler=None`` runs the tiles one after the other in the calling thread (what the GUI
+uses: a ``thread_worker`` around the generator, cancelled between tiles). Otherwise tiles run as tasks:
+a ``dask.distributed.Client`` (or the address of a scheduler) gets the model once
+(``client.scatter(model, broadcast=True)``) and one task per tile, gathered with ``as_completed``;
+``"threads"`` and ``"processes"`` use a local pool of threads or of spawned processes (each process
+receives the model once, through the pool's initializer), ``"synchronous"`` runs the same task
+function in the calling thread. Whatever the scheduler, results come back to the calling thread,
+which fills the cache and yields a :class:`~napari_rapacl.inference.Progress` per tile; closing the
+generator cancels the tasks not yet started and leaves the cache holding whole tiles only. A slide
+read from a file is reopened from that file on the workers; an in-memory slide is pickled.
+
+Importing this module is cheap: torch, dask.distributed and the model code are imported only when
+they are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import pickle
+import threading
+import uuid
+import weakref
+from collections import OrderedDict
+from collections.abc import Generator, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._errors import RapaclInputError
+from .inference import Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .io.slide import Slide
+
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_TILE_PX",
+    "LOCAL_SCHEDULERS",
+    "DenseMap",
+    "RegionPrediction",
+    "TileCache",
+    "default_cache",
+    "dense_geometry",
+    "iter_predict_dense",
+    "iter_predict_region",
+    "model_key",
+    "predict_dense",
+    "predict_region",
+    "slide_key",
+    "spot_tiles",
+]
+
+DEFAULT_TILE_PX = 2048
+DEFAULT_CACHE_BYTES = 512 * 2**20
+LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
+#: Upper bound on the bytes of one ``predict_map`` output batch (windows x genes x pixels x 4).
+_DENSE_BATCH_BYTES = 256 * 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# cache
+# --------------------------------------------------------------------------------------------
+
+
+class TileCache:
+    """A thread-safe in-memory LRU of numpy arrays, bounded by their total bytes.
+
+    Keys are ``(model_key, slide_key, kind, tile_index)`` tuples (any hashable works). Stored arrays
+    are made read-only, so a caller cannot change a cached result by accident. An array larger than
+    ``max_bytes`` is not stored.
+
+    Attributes
+    ----------
+    hits, misses
+        Counters of :meth:`get` calls that found / did not find their key.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
+            raise RapaclInputError(f"max_bytes={max_bytes!r} must be an integer >= 0")
+        self.max_bytes = int(max_bytes)
+        self._data: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.RLock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        """The array stored under ``key`` (marked most recently used), or None."""
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: Hashable, value: np.ndarray) -> None:
+        """Store ``value`` (a read-only copy's view: the array itself, flagged read-only)."""
+        value = np.asarray(value)
+        nbytes = int(value.nbytes)
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._nbytes -= int(old.nbytes)
+            if nbytes > self.max_bytes:
+                return
+            value.setflags(write=False)
+            self._data[key] = value
+            self._nbytes += nbytes
+            while self._nbytes > self.max_bytes and self._data:
+                _, evicted = self._data.popitem(last=False)
+                self._nbytes -= int(evicted.nbytes)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        with self._lock:
+            return self._nbytes
+
+    def clear(self) -> None:
+        """Drop every entry and reset the counters."""
+        with self._lock:
+            self._data.clear()
+            self._nbytes = 0
+            self.hits = 0
+            self.misses = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"TileCache({len(self)} tiles, {self.nbytes / 2**20:.1f} / {self.max_bytes / 2**20:.0f} MB, "
+            f"hits={self.hits}, misses={self.misses})"
+        )
+
+
+_DEFAULT_CACHE: TileCache | None = None
+_DEFAULT_CACHE_LOCK = threading.Lock()
+
+
+def default_cache() -> TileCache:
+    """The process-wide cache used when ``cache=None`` (512 MB)."""
+    global _DEFAULT_CACHE
+    with _DEFAULT_CACHE_LOCK:
+        if _DEFAULT_CACHE is None:
+            _DEFAULT_CACHE = TileCache()
+        return _DEFAULT_CACHE
+
+
+def _resolve_cache(cache: TileCache | None | bool) -> TileCache | None:
+    if cache is None or cache is True:
+        return default_cache()
+    if cache is False:
+        return None
+    if not isinstance(cache, TileCache):
+        raise RapaclInputError(f"cache={cache!r} must be a TileCache, None (the default cache) or False")
+    return cache
+
+
+# --------------------------------------------------------------------------------------------
+# keys
+# --------------------------------------------------------------------------------------------
+
+_MODEL_KEY_ATTR = "_rapacl_model_key"
+
+
+def _param_versions(model: Any) -> tuple:
+    # ``Tensor._version`` grows with every in-place change (optimizer steps, load_state_dict)
+    return tuple(int(getattr(t, "_version", 0)) for t in model.state_dict(keep_vars=True).values())
+
+
+def model_key(model: torch.nn.Module) -> str:
+    """A stable hash of ``model``'s weights (state dict bytes) and config.
+
+    Computed once and memoised on the model; recomputed when a parameter or buffer has been changed in
+    place since (tracked through the tensors' version counters).
+    """
+    import torch
+
+    versions = _param_versions(model)
+    memo = getattr(model, _MODEL_KEY_ATTR, None)
+    if memo is not None and memo[0] == versions:
+        return memo[1]
+    h = hashlib.blake2b(digest_size=16)
+    name = getattr(model, "model_name", type(model).__name__)
+    config = getattr(model, "config", None)
+    cfg = config.to_dict() if hasattr(config, "to_dict") else repr(config)
+    h.update(json.dumps({"model": name, "config": cfg}, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for k, t in model.state_dict().items():
+            t = t.detach()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            flat = t.reshape(-1).cpu().contiguous()
+            if flat.numel():
+                h.update(flat.view(torch.uint8).numpy().data)
+    key = f"{name}-{h.hexdigest()}"
+    with contextlib.suppress(AttributeError, TypeError):  # a model that refuses attributes
+        object.__setattr__(model, _MODEL_KEY_ATTR, (versions, key))
+    return key
+
+
+_MEMORY_SLIDE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def slide_key(slide: Slide) -> tuple:
+    """What identifies a slide's pixels: its file (path, size, mtime) or, in memory, its levels' dask
+    names; plus level-0 shape, downsamples and mpp."""
+    geometry = (tuple(slide.shape), tuple(round(d, 9) for d in slide.downsamples), slide.mpp)
+    if slide.path is not None and Path(slide.path).exists():
+        p = Path(slide.path).resolve()
+        st = p.stat()
+        return ("file", str(p), st.st_size, st.st_mtime_ns, *geometry)
+    names = []
+    for level in slide.levels:
+        name = getattr(level, "name", None)
+        if not isinstance(name, str):  # pragma: no cover - levels are dask arrays
+            ident = _MEMORY_SLIDE_IDS.get(slide)
+            if ident is None:
+                ident = _MEMORY_SLIDE_IDS.setdefault(slide, uuid.uuid4().hex)
+            return ("memory", ident, *geometry)
+        names.append(name)
+    return ("dask", tuple(names), *geometry)
+
+
+def _hash_arrays(*arrays: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionPrediction:
+    """Predictions for the spots inside a box.
+
+    Attributes
+    ----------
+    index
+        ``int64 (n,)`` indices of those spots in the ``x``/``y`` arrays passed in, sorted.
+    values
+        ``float32 (n, n_genes)``, one row per ``index``.
+    tiles_computed, tiles_cached
+        Tiles predicted by this call and tiles taken from the cache.
+    """
+
+    index: np.ndarray
+    values: np.ndarray
+    tiles_computed: int
+    tiles_cached: int
+
+
+@dataclass(frozen=True)
+class DenseMap:
+    """A dense gene map over a box of the slide.
+
+    Attributes
+    ----------
+    values
+        ``float32 (n_genes_selected, H, W)``. Map pixels cover the box clipped to the slide; the last row
+        and column may reach past the slide's edge (read as white glass there).
+    genes
+        The selected genes, in the order of ``values``: names when the model carries a ``genes`` list
+        (the checkpoint's), else output channel indices.
+    translate_px
+        ``(y0, x0)``: where the **centre** of map pixel ``(0, 0)`` lies, in level-0 pixel coordinates
+        with napari's convention (level-0 pixel ``p`` is centred on ``p``, which is how the slide's
+        image layer places it). A napari layer lines up with the slide layer with
+        ``scale=(mpp * px_size,) * 2`` and ``translate=(y0 * mpp, x0 * mpp)`` (see :meth:`layer_kwargs`).
+    px_size
+        Level-0 pixels per map pixel (``model.config.mpp / slide.mpp``).
+    channels
+        The selected output channel indices of the model.
+    corner_px
+        ``(y, x)`` of the map's top-left corner in continuous level-0 coordinates (level-0 pixel
+        ``p`` covers ``[p, p + 1)``, the convention of spot coordinates and ``read_region``).
+    """
+
+    values: np.ndarray
+    genes: list
+    translate_px: tuple[float, float]
+    px_size: float
+    channels: tuple[int, ...] = ()
+    corner_px: tuple[float, float] = (0.0, 0.0)
+
+    def layer_kwargs(self, mpp: float) -> dict[str, Any]:
+        """``scale`` and ``translate`` (um) for a napari Image layer over a slide of ``mpp`` um/px."""
+        s = float(mpp) * self.px_size
+        return {
+            "scale": (s, s),
+            "translate": (self.translate_px[0] * float(mpp), self.translate_px[1] * float(mpp)),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tile_px(tile_px: Any) -> int:
+    if isinstance(tile_px, bool) or not isinstance(tile_px, (int, np.integer)) or tile_px < 16:
+        raise RapaclInputError(f"tile_px={tile_px!r} must be an integer >= 16 (level-0 pixels)")
+    return int(tile_px)
+
+
+def _check_box(box: Any, slide: Slide, what: str = "box") -> tuple[float, float, float, float]:
+    """A box (x0, y0, x1, y1) in level-0 px, clipped to the slide; it must overlap the slide."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise RapaclInputError(
+            f"{what}={box!r} must be four numbers (x0, y0, x1, y1) in level-0 px"
+        ) from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise RapaclInputError(f"{what}={box!r} has non-finite coordinates")
+    if not (x1 > x0 and y1 > y0):
+        raise RapaclInputError(f"{what}=({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: need x1 > x0 and y1 > y0")
+    height, width = slide.shape
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise RapaclInputError(
+            f"{what}=({x0:g}, {y0:g}, {x1:g}, {y1:g}) in level-0 px lies outside {slide.name}, whose "
+            f"level 0 is {width} px wide and {height} px high"
+        )
+    return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+
+
+def _check_spots(x: Any, y: Any, radius: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    xs = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    ys = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    if xs.ndim != 1 or xs.shape != ys.shape:
+        raise RapaclInputError(f"spot x and y must be 1-D and of equal length, got {xs.shape} and {ys.shape}")
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+        raise RapaclInputError("spot coordinates contain NaN or infinite values")
+    rs = None
+    if radius is not None:
+        try:
+            rs = np.broadcast_to(np.asarray(radius, dtype=np.float64), xs.shape)
+        except ValueError:
+            raise RapaclInputError(
+                f"radius must be one number or one per spot ({len(xs)}), got shape {np.shape(radius)}"
+            ) from None
+        if not np.all(np.isfinite(rs)) or np.any(rs <= 0):
+            raise RapaclInputError("radius must be finite and > 0 (level-0 px)")
+    return xs, ys, rs
+
+
+def _check_model_for_spots(model: Any, radius: np.ndarray | None) -> None:
+    needs = set(getattr(model, "predict_inputs", ("image",)))
+    unsupported = needs - {"image", "radius_px"}
+    if unsupported:
+        raise RapaclInputError(
+            f"model {getattr(model, 'model_name', type(model).__name__)!r} needs {sorted(unsupported)} at "
+            "prediction time, which spot inference from the slide alone does not provide"
+        )
+    if "radius_px" in needs and radius is None:
+        raise RapaclInputError(
+            f"model {getattr(model, 'model_name', type(model).__name__)!r} aggregates over each spot: "
+            "pass radius= (level-0 px)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# spot tiles
+# --------------------------------------------------------------------------------------------
+
+
+def spot_tiles(
+    x: np.ndarray, y: np.ndarray, box: tuple[float, float, float, float] | None, tile_px: int
+) -> tuple[np.ndarray, list[tuple[tuple[int, int], np.ndarray]]]:
+    """The spots inside ``box`` and the tiles that hold them.
+
+    Returns
+    -------
+    index, tiles
+        ``index``: sorted indices of the spots inside the half-open box (all spots if None);
+        ``tiles``: ``((ty, tx), spot indices of the whole tile, sorted)`` for every tile that holds at
+        least one of them, in row-major tile order.
+    """
+    tx = np.floor(x / tile_px).astype(np.int64)
+    ty = np.floor(y / tile_px).astype(np.int64)
+    if box is None:
+        inside = np.ones(len(x), dtype=bool)
+    else:
+        x0, y0, x1, y1 = box
+        inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+    index = np.flatnonzero(inside)
+    if not len(index):
+        return index, []
+    # a unique id per tile (offset so negative tile coordinates stay unique)
+    ox, oy = int(tx.min()), int(ty.min())
+    width = int(tx.max()) - ox + 1
+    tid = (ty - oy) * width + (tx - ox)
+    wanted = np.unique(tid[index])
+    member = np.flatnonzero(np.isin(tid, wanted))
+    order = np.argsort(tid[member], kind="stable")  # stable: indices stay sorted within a tile
+    member = member[order]
+    ids = tid[member]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    stops = np.r_[starts[1:], len(ids)]
+    tiles = []
+    for a, b in zip(starts, stops, strict=True):
+        i = member[a]
+        tiles.append(((int(ty[i]), int(tx[i])), member[a:b]))
+    return index, tiles
+
+
+# --------------------------------------------------------------------------------------------
+# tasks (these run on workers too: module-level, picklable arguments)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SlideRef:
+    """A picklable stand-in for a slide: its file (reopened on the worker) or the slide itself."""
+
+    path: str | None = None
+    mpp: float | None = None
+    mpp_source: str = "unknown"
+    chunk: int = 1024
+    mtime_ns: int = 0
+    slide: Any = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, slide: Slide) -> _SlideRef:
+        if slide.path is not None and Path(slide.path).is_file():
+            chunk = int(slide.levels[0].chunksize[0]) if hasattr(slide.levels[0], "chunksize") else 1024
+            return cls(
+                str(Path(slide.path).resolve()),
+                slide.mpp,
+                slide.mpp_source,
+                max(16, chunk),
+                Path(slide.path).stat().st_mtime_ns,
+            )
+        try:
+            pickle.dumps(slide)
+        except Exception as exc:
+            raise RapaclInputError(
+                f"{slide.name}: an in-memory slide must be picklable to run on a scheduler "
+                f"({type(exc).__name__}: {exc}); use scheduler=None"
+            ) from exc
+        return cls(slide=slide)
+
+    def resolve(self) -> Slide:
+        if self.slide is not None:
+            return self.slide
+        return _open_slide_cached(self.path, self.mpp, self.mpp_source, self.chunk, self.mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_slide_cached(path: str, mpp: float | None, source: str, chunk: int, mtime_ns: int) -> Slide:
+    from .io.slide import open_slide
+
+    slide = open_slide(path, chunk=chunk)
+    if mpp is not None and slide.mpp != mpp:
+        slide = slide.with_mpp(mpp, source if source != "unknown" else "caller")
+    return slide
+
+
+class _PrefetchedSlide:
+    """A slide whose pixels around one tile's spots were read in one piece.
+
+    ``read_region`` requests at the prefetched level that fall inside the buffer are served from it,
+    with exactly :meth:`Slide.read_region`'s footprint arithmetic and fill (255 outside the image, which
+    the buffer holds too), so they return the same pixels; every other request goes to the slide.
+    Everything else is the slide's. One dask computation per tile instead of one per spot.
+    """
+
+    def __init__(self, slide: Slide, level: int, box: tuple[int, int, int, int]) -> None:
+        self._slide = slide
+        self._level = level
+        bx0, by0, bx1, by1 = box
+        self._box = box
+        arr = slide.levels[level]
+        height, width = arr.shape[:2]
+        buf = np.full((by1 - by0, bx1 - bx0, 3), 255, dtype=np.uint8)
+        ax0, ay0, ax1, ay1 = max(bx0, 0), max(by0, 0), min(bx1, width), min(by1, height)
+        if ax1 > ax0 and ay1 > ay0:
+            buf[ay0 - by0 : ay1 - by0, ax0 - bx0 : ax1 - bx0] = arr[ay0:ay1, ax0:ax1].compute(
+                scheduler="threads"
+            )
+        self._buf = buf
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._slide, name)
+
+    def read_region(self, x0, y0, x1, y1, level: int = 0, fill: int = 255) -> np.ndarray:
+        if level == self._level and fill == 255:
+            ds = self._slide.downsamples[level]
+            fx0, fy0, fx1, fy1 = (float(v) for v in (x0, y0, x1, y1))
+            if all(math.isfinite(v) for v in (fx0, fy0, fx1, fy1)) and fx1 >= fx0 and fy1 >= fy0:
+                lx0, ly0 = math.floor(fx0 / ds), math.floor(fy0 / ds)
+                w, h = int(round((fx1 - fx0) / ds)), int(round((fy1 - fy0) / ds))
+                bx0, by0, bx1, by1 = self._box
+                if lx0 >= bx0 and ly0 >= by0 and lx0 + w <= bx1 and ly0 + h <= by1:
+                    return self._buf[ly0 - by0 : ly0 - by0 + h, lx0 - bx0 : lx0 - bx0 + w].copy()
+        return self._slide.read_region(x0, y0, x1, y1, level=level, fill=fill)
+
+
+#: Largest buffer read at once for one tile's patches; larger tiles read patch by patch.
+_PREFETCH_BYTES = 256 * 2**20
+
+
+def _prefetch(slide: Slide, x: np.ndarray, y: np.ndarray, size: int, mpp: float) -> Slide | _PrefetchedSlide:
+    """The slide, with the pixels that ``x, y``'s patches need read in one piece when that is small."""
+    if not len(x):
+        return slide
+    box = size * float(mpp) / slide.require_mpp("patch extraction")  # as in preprocess.iter_patches
+    level = slide.best_level(box / size)
+    ds = float(slide.downsamples[level])
+    half = box / 2.0
+    bx0 = math.floor((float(np.min(x)) - half) / ds) - 2
+    by0 = math.floor((float(np.min(y)) - half) / ds) - 2
+    bx1 = math.ceil((float(np.max(x)) + half) / ds) + 3
+    by1 = math.ceil((float(np.max(y)) + half) / ds) + 3
+    if (bx1 - bx0) * (by1 - by0) * 3 > _PREFETCH_BYTES:
+        return slide
+    return _PrefetchedSlide(slide, level, (bx0, by0, bx1, by1))
+
+
+def _predict_tile(
+    model: Any,
+    slide: Slide | _SlideRef,
+    x: np.ndarray,
+    y: np.ndarray,
+    radius: np.ndarray | None,
+    batch_size: int,
+    device: str,
+) -> np.ndarray:
+    """Predictions for one tile's spots (float32 ``(n, n_genes)``), the tile's pixels read at once."""
+    from .inference import predict_spots
+
+    if isinstance(slide, _SlideRef):
+        slide = slide.resolve()
+    source = _prefetch(slide, x, y, int(model.config.patch_size), float(model.config.mpp))
+    return predict_spots(model, source, x, y, radius=radius, batch_size=batch_size, device=device)
+
+
+_WORKER_MODEL: Any = None
+
+
+def _init_process_worker(model_bytes: bytes, n_threads: int) -> None:
+    global _WORKER_MODEL
+    import torch
+
+    torch.set_num_threads(max(1, n_threads))
+    _WORKER_MODEL = pickle.loads(model_bytes)
+
+
+def _predict_tile_in_process(slide, x, y, radius, batch_size, device) -> np.ndarray:
+    return _predict_tile(_WORKER_MODEL, slide, x, y, radius, batch_size, device)
+
+
+# --------------------------------------------------------------------------------------------
+# executing tile tasks
+# --------------------------------------------------------------------------------------------
+
+
+def _local_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _run_tasks(
+    model: Any,
+    slide: Slide,
+    tasks: list[tuple[Any, tuple]],
+    scheduler: Any,
+) -> Generator[tuple[Any, np.ndarray], None, None]:
+    """Run ``(tag, (x, y, radius, batch_size, device))`` tasks; yield ``(tag, result)`` as they finish.
+
+    Closing this generator cancels the tasks that have not started and waits for the running ones.
+    """
+    if not tasks:
+        return
+    if scheduler is None or scheduler == "synchronous":
+        for tag, args in tasks:
+            yield tag, _predict_tile(model, slide, *args)
+        return
+    if isinstance(scheduler, str) and scheduler in ("threads", "processes"):
+        import concurrent.futures as cf
+
+        if scheduler == "threads":
+            pool: cf.Executor = cf.ThreadPoolExecutor(max_workers=_local_workers())
+            submit = functools.partial(pool.submit, _predict_tile, model, slide)
+        else:
+            import multiprocessing
+
+            n = min(_local_workers(), max(1, len(tasks)))
+            pool = cf.ProcessPoolExecutor(
+                max_workers=n,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_process_worker,
+                initargs=(pickle.dumps(model), max(1, (os.cpu_count() or 1) // n)),
+            )
+            submit = functools.partial(pool.submit, _predict_tile_in_process, _SlideRef.of(slide))
+        try:
+            futures = {submit(*args): tag for tag, args in tasks}
+            for fut in cf.as_completed(futures):
+                yield futures[fut], fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return
+    yield from _run_distributed(model, slide, tasks, scheduler)
+
+
+def _get_client(scheduler: Any) -> tuple[Any, bool]:
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise ImportError(
+            f"scheduler={scheduler!r} needs dask.distributed: pip install 'napari-rapacl[distributed]'"
+        ) from exc
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    if hasattr(scheduler, "scheduler_address"):  # a cluster object, e.g. distributed.LocalCluster
+        return Client(scheduler), True
+    if isinstance(scheduler, str):
+        try:
+            return Client(scheduler, timeout="10s"), True
+        except OSError as exc:
+            raise RapaclInputError(
+                f"scheduler={scheduler!r}: cannot connect to a dask scheduler there ({exc}); "
+                f"use an address like tcp://host:8786 or one of {', '.join(LOCAL_SCHEDULERS)}"
+            ) from exc
+    raise RapaclInputError(
+        f"scheduler={scheduler!r} must be None, a dask.distributed Client, a scheduler address or one of "
+        f"{', '.join(LOCAL_SCHEDULERS)}"
+    )
+
+
+def _run_distributed(model, slide, tasks, scheduler) -> Generator[tuple[Any, np.ndarray], None, None]:
+    from distributed import as_completed
+
+    client, owned = _get_client(scheduler)
+    futures: dict = {}
+    try:
+        ref = _SlideRef.of(slide)
+        model_future = client.scatter(model, broadcast=True, hash=False)
+        for tag, args in tasks:
+            fut = client.submit(_predict_tile, model_future, ref, *args, pure=False)
+            futures[fut] = tag
+        for fut in as_completed(list(futures)):
+            yield futures[fut], fut.result()
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
+        if owned:
+            client.close()
+
+
+def _check_scheduler(scheduler: Any) -> None:
+    if scheduler is None or (isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS):
+        return
+    if isinstance(scheduler, str):
+        if "://" in scheduler or ":" in scheduler:
+            return
+        raise RapaclInputError(
+            f"scheduler={scheduler!r} is not one of {', '.join(LOCAL_SCHEDULERS)} nor a scheduler address "
+            "(tcp://host:port)"
+        )
+    if type(scheduler).__name__ == "Client" or hasattr(scheduler, "scheduler_address"):
+        return
+    raise RapaclInputError(
+        f"scheduler={scheduler!r} must be None, a dask.distributed Client, a scheduler address or one of "
+        f"{', '.join(LOCAL_SCHEDULERS)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# spot predictions over a region
+# --------------------------------------------------------------------------------------------
+
+
+def iter_predict_region(
+    model: torch.nn.Module,
+    slide: Slide,
+    x: Any,
+    y: Any,
+    *,
+    radius: Any = None,
+    box: Any = None,
+    tile_px: int = DEFAULT_TILE_PX,
+    cache: TileCache | None | bool = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    scheduler: Any = None,
+) -> Generator[Progress, None, RegionPrediction]:
+    """Predict the spots inside ``box``, tile by tile, through a cache.
+
+    Parameters
+    ----------
+    model
+        A registered model (``model.config.patch_size``, ``.mpp``, ``.n_genes``; ``predict``).
+    slide
+        The lazy slide (its mpp is needed).
+    x, y
+        Spot centres in level-0 px, all the spots of the slide (the tiles are made from them).
+    radius
+        Spot radius in level-0 px (one number or one per spot); needed by models that aggregate over
+        the spot (``"radius_px"`` in ``predict_inputs``, PixNet).
+    box
+        ``(x0, y0, x1, y1)`` half-open, level-0 px: only spots whose centre is inside are returned;
+        None = all spots. It may extend past the slide but must overlap it.
+    tile_px
+        Side of the tile grid's cells in level-0 px.
+    cache
+        A :class:`TileCache`; None uses the process-wide :func:`default_cache`; False disables caching.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``... (resolved where the tile runs).
+    batch_size
+        Patches per ``model.predict`` call.
+    scheduler
+        None (tiles in this thread), ``"threads"``, ``"processes"``, ``"synchronous"``, a
+        ``dask.distributed.Client``, a cluster (``LocalCluster``...) or a scheduler address (see the
+        module docstring).
+
+    Yields
+    ------
+    Progress
+        ``("predict", tiles_done, tiles_total)``: once at the start, then after every tile (cached
+        tiles included).
+
+    Returns
+    -------
+    RegionPrediction
+    """
+    import torch  # noqa: F401  (fail early and clearly when torch is missing)
+
+    xs, ys, rs = _check_spots(x, y, radius)
+    tile_px = _check_tile_px(tile_px)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise RapaclInputError(f"batch_size={batch_size!r} must be a positive integer")
+    _check_scheduler(scheduler)
+    _check_model_for_spots(model, rs)
+    slide.require_mpp("spot prediction")
+    clipped = None if box is None else _check_box(box, slide)
+    store = _resolve_cache(cache)
+    n_genes = int(model.config.n_genes)
+
+    index, tiles = spot_tiles(xs, ys, clipped, tile_px)
+    total = len(tiles)
+    yield Progress("predict", 0, total)
+    mkey = model_key(model) if store is not None else None
+    skey = slide_key(slide) if store is not None else None
+
+    results: dict[tuple[int, int], np.ndarray] = {}
+    keys: dict[tuple[int, int], tuple] = {}
+    todo: list[tuple[Any, tuple]] = []
+    done = 0
+    for tile, members in tiles:
+        r_t = None if rs is None else np.ascontiguousarray(rs[members])
+        if store is not None:
+            kind = (
+                f"spots/{tile_px}/{_hash_arrays(xs[members], ys[members], *(() if r_t is None else (r_t,)))}"
+            )
+            keys[tile] = (mkey, skey, kind, tile)
+            hit = store.get(keys[tile])
+            if hit is not None:
+                results[tile] = hit
+                done += 1
+                yield Progress("predict", done, total)
+                continue
+        todo.append((tile, (xs[members], ys[members], r_t, int(batch_size), device)))
+    cached = done
+
+    runner = _run_tasks(model, slide, todo, scheduler)
+    try:
+        for tile, values in runner:
+            values = np.asarray(values, dtype=np.float32)
+            if store is not None:
+                store.put(keys[tile], values)
+            results[tile] = values
+            done += 1
+            yield Progress("predict", done, total)
+    finally:
+        runner.close()
+
+    out = np.empty((len(index), n_genes), dtype=np.float32)
+    for tile, members in tiles:
+        pos = np.searchsorted(index, members)
+        pos_c = np.minimum(pos, max(len(index) - 1, 0))
+        hit = index[pos_c] == members
+        out[pos_c[hit]] = results[tile][hit]
+    return RegionPrediction(index, out, total - cached, cached)
+
+
+def predict_region(model, slide, x, y, **kwargs) -> RegionPrediction:
+    """Blocking form of :func:`iter_predict_region`."""
+    from .inference import run_to_completion
+
+    return run_to_completion(iter_predict_region(model, slide, x, y, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# dense maps
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DenseGeometry:
+    s: float  # level-0 px per map px
+    patch: int  # window side (map px)
+    margin: int  # discarded border of each window (map px)
+    tile: int  # cached tile side (map px), a multiple of core
+    map_h: int  # map extent of the whole slide (map px)
+    map_w: int
+
+    @property
+    def core(self) -> int:
+        return self.patch - 2 * self.margin
+
+
+def dense_geometry(model: Any, slide: Slide, tile_px: int = DEFAULT_TILE_PX) -> _DenseGeometry:
+    """The window/core/tile geometry :func:`iter_predict_dense` uses for ``model`` on ``slide``."""
+    cfg = model.config
+    s = float(cfg.mpp) / slide.require_mpp("dense maps")
+    patch = int(cfg.patch_size)
+    margin = (patch // 7) // 4 * 4  # 32 px of a 224 px window; a multiple of the stride-4 output grid
+    core = patch - 2 * margin
+    tile = max(1, round(tile_px / s / core)) * core
+    height, width = slide.shape
+    return _DenseGeometry(s, patch, margin, tile, math.ceil(height / s), math.ceil(width / s))
+
+
+def _resolve_genes(model: Any, genes: Any) -> tuple[list[int], list]:
+    n = int(model.config.n_genes)
+    names = getattr(model, "genes", None)
+    if genes is None:
+        channels = list(range(n))
+    else:
+        if isinstance(genes, (str, int, np.integer)):
+            genes = [genes]
+        channels = []
+        for g in genes:
+            if isinstance(g, (int, np.integer)) and not isinstance(g, bool):
+                if not 0 <= int(g) < n:
+                    raise RapaclInputError(f"gene index {g} out of range: the model predicts {n} genes")
+                channels.append(int(g))
+            elif isinstance(g, str):
+                if names is None:
+                    raise RapaclInputError(
+                        f"gene {g!r} given by name, but the model carries no gene list: pass output indices "
+                        "(ints) or set model.genes to the checkpoint's genes"
+                    )
+                try:
+                    channels.append(list(names).index(g))
+                except ValueError:
+                    raise RapaclInputError(f"gene {g!r} is not one of the model's {n} genes") from None
+            else:
+                raise RapaclInputError(f"genes must be names or output indices, got {g!r}")
+        if not channels:
+            raise RapaclInputError("genes is empty: select at least one gene (None = all)")
+    labels = [names[c] for c in channels] if names is not None else list(channels)
+    return channels, labels
+
+
+def _dense_tile(
+    model: Any,
+    slide: Slide,
+    geo: _DenseGeometry,
+    ty: int,
+    tx: int,
+    channels: list[int],
+    device: str,
+) -> np.ndarray:
+    """``float32 (len(channels), tile, tile)`` map of one tile (NaN outside the slide)."""
+    import torch
+
+    from .inference import images_to_tensor
+    from .preprocess import iter_patches
+
+    t, c, m, p, s = geo.tile, geo.core, geo.margin, geo.patch, geo.s
+    out = np.full((len(channels), t, t), np.nan, dtype=np.float32)
+    # the cores of this tile that overlap the slide's map extent
+    rows = [r for r in range(ty * t, (ty + 1) * t, c) if r < geo.map_h]
+    cols = [q for q in range(tx * t, (tx + 1) * t, c) if q < geo.map_w]
+    if not rows or not cols:
+        return out
+    origins = [(r, q) for r in rows for q in cols]
+    # window (r - m, q - m) .. + p in map px; its centre in continuous level-0 coordinates
+    cy = np.array([(r - m + p / 2) * s for r, _ in origins])
+    cx = np.array([(q - m + p / 2) * s for _, q in origins])
+    per_window = int(model.config.n_genes) * p * p * 4
+    batch = max(1, min(64, _DENSE_BATCH_BYTES // max(1, per_window)))
+    sel = torch.as_tensor(channels, dtype=torch.long, device=device)
+    source = _prefetch(slide, cx, cy, p, float(model.config.mpp))  # this tile's windows, read at once
+    for start, stop, patches in iter_patches(source, cx, cy, size=p, mpp=model.config.mpp, batch_size=batch):
+        with torch.inference_mode():
+            maps = model.predict_map(images_to_tensor(patches, device))
+            maps = maps.index_select(1, sel)[:, :, m : m + c, m : m + c].float().cpu().numpy()
+        for j in range(stop - start):
+            r, q = origins[start + j]
+            out[:, r - ty * t : r - ty * t + c, q - tx * t : q - tx * t + c] = maps[j]
+    # map pixels past the slide's extent are not part of the map
+    out[:, max(0, geo.map_h - ty * t) :, :] = np.nan
+    out[:, :, max(0, geo.map_w - tx * t) :] = np.nan
+    return out
+
+
+def iter_predict_dense(
+    model: torch.nn.Module,
+    slide: Slide,
+    box: Any,
+    *,
+    tile_px: int = DEFAULT_TILE_PX,
+    cache: TileCache | None | bool = None,
+    device: str = "auto",
+    genes: Any = None,
+) -> Generator[Progress, None, DenseMap]:
+    """A dense gene map over ``box`` from a model with ``predict_map`` (PixNet), tile by tile.
+
+    Parameters
+    ----------
+    model
+        A model with ``predict_map(images) -> (B, G, H, W)`` at its input resolution.
+    slide
+        The lazy slide (its mpp is needed).
+    box
+        ``(x0, y0, x1, y1)`` in level-0 px (may extend past the slide, must overlap it); None = the
+        whole slide.
+    tile_px
+        Approximate side of a cached tile in level-0 px (rounded to whole window cores).
+    cache
+        A :class:`TileCache`; None uses :func:`default_cache`; False disables caching.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``...
+    genes
+        Output indices (ints) or names (when ``model.genes`` is set) of the genes to map; None = all.
+        Memory is ``len(genes) x H x W x 4`` bytes for the output plus one tile.
+
+    Yields
+    ------
+    Progress
+        ``("dense", tiles_done, tiles_total)`` at the start and after every tile.
+
+    Returns
+    -------
+    DenseMap
+    """
+    from .inference import resolve_device
+
+    if not callable(getattr(model, "predict_map", None)):
+        raise RapaclInputError(
+            f"model {getattr(model, 'model_name', type(model).__name__)!r} has no predict_map: dense maps "
+            "need a model that predicts a per-pixel map (pixnet)"
+        )
+    tile_px = _check_tile_px(tile_px)
+    height, width = slide.shape
+    x0, y0, x1, y1 = (0.0, 0.0, float(width), float(height)) if box is None else _check_box(box, slide)
+    geo = dense_geometry(model, slide, tile_px)
+    channels, labels = _resolve_genes(model, genes)
+    store = _resolve_cache(cache)
+    device = resolve_device(device)
+    model = model.to(device).eval()
+
+    s, t = geo.s, geo.tile
+    i0, i1 = math.floor(y0 / s), min(math.ceil(y1 / s), geo.map_h)
+    j0, j1 = math.floor(x0 / s), min(math.ceil(x1 / s), geo.map_w)
+    out = np.empty((len(channels), i1 - i0, j1 - j0), dtype=np.float32)
+    tiles = [(ty, tx) for ty in range(i0 // t, (i1 - 1) // t + 1) for tx in range(j0 // t, (j1 - 1) // t + 1)]
+    kind = f"dense/{geo.patch}/{geo.margin}/{t}/{_hash_arrays(np.asarray(channels, np.int64))}"
+    mkey = model_key(model) if store is not None else None
+    skey = slide_key(slide) if store is not None else None
+    yield Progress("dense", 0, len(tiles))
+    for k, (ty, tx) in enumerate(tiles):
+        key = (mkey, skey, kind, (ty, tx))
+        values = store.get(key) if store is not None else None
+        if values is None:
+            values = _dense_tile(model, slide, geo, ty, tx, channels, device)
+            if store is not None:
+                store.put(key, values)
+        # the part of this tile inside [i0, i1) x [j0, j1)
+        a0, a1 = max(i0, ty * t), min(i1, (ty + 1) * t)
+        b0, b1 = max(j0, tx * t), min(j1, (tx + 1) * t)
+        out[:, a0 - i0 : a1 - i0, b0 - j0 : b1 - j0] = values[
+            :, a0 - ty * t : a1 - ty * t, b0 - tx * t : b1 - tx * t
+        ]
+        yield Progress("dense", k + 1, len(tiles))
+    centre = (s - 1.0) / 2.0  # map pixel i covers [i s, (i + 1) s): its centre in napari's convention
+    return DenseMap(
+        values=out,
+        genes=labels,
+        translate_px=(i0 * s + centre, j0 * s + centre),
+        px_size=s,
+        channels=tuple(channels),
+        corner_px=(i0 * s, j0 * s),
+    )
+
+
+def predict_dense(model, slide, box, **kwargs) -> DenseMap:
+    """Blocking form of :func:`iter_predict_dense`."""
+    from .inference import run_to_completion
+
+    return run_to_completion(iter_predict_dense(model, slide, box, **kwargs))
