@@ -104,3 +104,195 @@ def test_spots_from_layer_data_restores_positions():
     np.testing.assert_array_equal(spots.x, [20, 40])
     np.testing.assert_array_equal(spots.y, [10, 30])
     assert list(spots.barcode) == ["a", "b"] and spots.mpp == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# the widgets' jobs (_napari/_jobs.py): Qt-free generators, drained here without a viewer
+# --------------------------------------------------------------------------------------------
+def _drain(gen):
+    from napari_rapacl.inference import run_to_completion
+
+    return run_to_completion(gen)
+
+
+def test_cells_job_labels_and_radiomics_on_a_her2st_crop(data_dir):
+    pytest.importorskip("skimage")
+    pytest.importorskip("radiomics")
+    from napari_rapacl._napari._jobs import iter_cells
+    from napari_rapacl._napari.layers import spots_in_box
+    from napari_rapacl.datasets import her2st
+
+    sec = her2st("C2")
+    s = sec.spots
+    i = int(np.argmin(np.hypot(s.x - np.median(s.x), s.y - np.median(s.y))))
+    box = (int(s.x[i]) - 200, int(s.y[i]) - 200, int(s.x[i]) + 200, int(s.y[i]) + 200)
+    data = np.column_stack([s.y, s.x])
+    inside = spots_in_box(data, box)
+    assert len(inside) == 1
+    stages = []
+    gen = iter_cells(sec.slide, box, spots=s, spot_index=inside, tile=256)
+    while True:
+        try:
+            stages.append(next(gen).stage)
+        except StopIteration as stop:
+            res = stop.value
+            break
+    assert {"segment", "cell radiomics", "radiomics"} <= set(stages)
+    assert res.labels.shape == (400, 400) and res.labels.dtype == np.int32 and res.n_labels > 50
+    cells = res.cells
+    # one row per measured nucleus, whole: the tile seams (tile=256) do not cut or duplicate any
+    assert cells["index"].is_unique and set(cells["index"]) <= set(np.unique(res.labels)) - {0}
+    assert len(cells) >= 0.9 * res.n_labels
+    whole = _drain(iter_cells(sec.slide, box, radiomics=True, tile=1024))  # one tile, no seams
+    # centroids are level-0 px of the slide and fall on their own label
+    cy = np.round(cells["centroid_y_px"].to_numpy() - box[1]).astype(int)
+    cx = np.round(cells["centroid_x_px"].to_numpy() - box[0]).astype(int)
+    assert np.mean(res.labels[cy, cx] == cells["index"].to_numpy()) > 0.8
+    assert res.spot_table.shape[0] == 1 and res.spot_table["n_nuclei"].iloc[0] > 0
+    assert list(res.spot_index) == list(inside)
+    assert whole.cells is not None and abs(len(whole.cells) - len(cells)) <= 0.05 * len(cells)
+
+
+def test_cells_job_without_pyradiomics_still_gives_labels(data_dir, monkeypatch):
+    pytest.importorskip("skimage")
+    import napari_rapacl.radiomics as rad
+    from napari_rapacl._napari._jobs import iter_cells
+    from napari_rapacl.datasets import her2st
+
+    def missing():
+        raise ImportError("radiomics features need pyradiomics (test)")
+
+    monkeypatch.setattr(rad, "require_radiomics", missing)
+    sec = her2st("C2")
+    res = _drain(iter_cells(sec.slide, (5000, 6000, 5300, 6300)))
+    assert res.n_labels > 10 and res.cells is None and res.spot_table is None
+    assert any("pyradiomics" in m for m in res.messages)
+
+
+def test_predict_job_registry_and_checkpoint(tmp_path, data_dir):
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    from napari_rapacl._napari._jobs import checkpoint_path, iter_predict, load_model_choice
+    from napari_rapacl.datasets import her2st
+    from napari_rapacl.export import checkpoint_sha256
+    from napari_rapacl.inference import predict_spots
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import save_checkpoint
+    from napari_rapacl.tiled import TileCache
+
+    assert checkpoint_path(".") is None and checkpoint_path("") is None and checkpoint_path(tmp_path) is None
+    sec = her2st("C2")
+    s = sec.spots
+    model = create_model("stnet_tiny", n_genes=4)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, genes=["A", "B", "C", "D"])
+    loaded = load_model_choice(None, ckpt)
+    assert loaded.name == "stnet_tiny" and loaded.genes == ["A", "B", "C", "D"] and not loaded.is_dense
+    assert loaded.checkpoint_sha256 == checkpoint_sha256(ckpt)
+    assert loaded.provenance()["checkpoint_sha256"] == loaded.checkpoint_sha256
+    box = (4500, 5000, 6000, 6500)
+    cache = TileCache()
+    res = _drain(iter_predict((None, ckpt), sec.slide, s, box, cache=cache, device="cpu", tile_px=1024))
+    inside = np.flatnonzero((s.x >= 4500) & (s.x < 6000) & (s.y >= 5000) & (s.y < 6500))
+    np.testing.assert_array_equal(res.index, inside)
+    ref = predict_spots(loaded.model, sec.slide, s.x[inside], s.y[inside], device="cpu")
+    np.testing.assert_allclose(res.values, ref, rtol=1e-4, atol=1e-5)
+    assert res.tiles_computed >= 1 and res.tiles_cached == 0
+    again = _drain(iter_predict(res.loaded, sec.slide, s, box, cache=cache, device="cpu", tile_px=1024))
+    assert again.tiles_computed == 0 and again.tiles_cached == res.tiles_computed
+    np.testing.assert_array_equal(again.values, res.values)
+    # no checkpoint: the registry model with random weights and the her2st gene names when they fit
+    rand = load_model_choice("stnet_tiny", None)
+    assert rand.checkpoint is None and len(rand.genes) == rand.model.config.n_genes
+    assert "random" in rand.provenance()["checkpoint"]
+
+
+def test_pixnet_job_gives_a_dense_map_of_the_chosen_gene(tmp_path, data_dir):
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    from napari_rapacl._napari._jobs import iter_predict
+    from napari_rapacl.datasets import her2st
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import save_checkpoint
+
+    sec = her2st("C2")
+    model = create_model("pixnet_tiny", n_genes=3)
+    ckpt = save_checkpoint(tmp_path / "p.pt", model, genes=["A", "B", "C"])
+    box = (5000, 6000, 5600, 6500)
+    res = _drain(
+        iter_predict((None, ckpt), sec.slide, sec.spots, box, device="cpu", dense=True, dense_gene="B")
+    )
+    assert res.dense_gene == "B" and res.dense.values.shape[0] == 1
+    h, w = res.dense.values.shape[1:]
+    s = res.dense.px_size
+    assert abs(h * s - 500) <= 2 * s and abs(w * s - 600) <= 2 * s
+    no_dense = _drain(iter_predict(res.loaded, sec.slide, sec.spots, box, device="cpu", dense_gene="B"))
+    assert no_dense.dense is None
+    first = _drain(iter_predict(res.loaded, sec.slide, sec.spots, box, device="cpu", dense=True))
+    assert first.dense_gene == "A"
+
+
+def test_export_job_writes_only_predicted_rows(tmp_path, data_dir):
+    import anndata as ad
+
+    from napari_rapacl._napari._jobs import export_spots, iter_export, predicted_rows
+    from napari_rapacl._napari.layers import merge_columns
+    from napari_rapacl.datasets import her2st
+
+    sec = her2st("C2")
+    data, kwargs, _ = spots_layer_data(sec.spots, mpp=sec.slide.mpp, slide_path=str(sec.slide.path))
+    rows = np.arange(10, 30)
+    values = np.random.default_rng(0).normal(size=(len(rows), 2)).astype(np.float32)
+    features = merge_columns(kwargs["features"], rows, values, ["G1", "G2"])
+    np.testing.assert_array_equal(predicted_rows(features, ["G1", "G2"]), rows)
+    meta = {
+        "name": "spots",
+        "features": features,
+        "metadata": {
+            "napari_rapacl": {
+                **kwargs["metadata"]["napari_rapacl"],
+                "genes": ["G1", "G2"],
+                "provenance": {"model": "m"},
+            }
+        },
+    }
+    out = export_spots(
+        tmp_path / "a.h5ad", data, meta, rows=np.arange(0, 20), provenance={"roi": [1, 2, 3, 4]}
+    )
+    adata = ad.read_h5ad(out)
+    assert adata.n_obs == 10 and list(adata.obs_names) == list(sec.spots.barcode[10:20])
+    np.testing.assert_array_equal(adata.X, values[:10])
+    prov = adata.uns["napari_rapacl"]
+    assert prov["model"] == "m" and list(prov["roi"]) == [1, 2, 3, 4] and list(prov["genes"]) == ["G1", "G2"]
+    # a cancel at the job's yields writes nothing
+    gen = iter_export(tmp_path / "b.h5ad", data, meta)
+    next(gen)
+    next(gen)
+    gen.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad"]
+    with pytest.raises(ValueError, match="predicted"):
+        export_spots(tmp_path / "c.h5ad", data, meta, rows=np.arange(50, 60))
+    assert not (tmp_path / "c.h5ad").exists()
+
+
+def test_avoid_llvm_clash_blocks_triton_only_when_llvm_is_loaded(monkeypatch):
+    import builtins
+    import io
+    import sys
+
+    from napari_rapacl._napari import _jobs
+
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    real_open = builtins.open
+
+    def fake_open(maps):
+        def opener(path, *a, **k):
+            return io.StringIO(maps) if path == "/proc/self/maps" else real_open(path, *a, **k)
+
+        return opener
+
+    monkeypatch.setattr(builtins, "open", fake_open("7f00 r-xp /usr/lib/libc.so.6\n"))
+    assert not _jobs.avoid_llvm_clash() and "triton" not in sys.modules
+    monkeypatch.setattr(builtins, "open", fake_open("7f00 r-xp /usr/lib/x86_64-linux-gnu/libLLVM-15.so.1\n"))
+    assert _jobs.avoid_llvm_clash() and sys.modules["triton"] is None
+    assert not _jobs.avoid_llvm_clash()  # once is enough
+    monkeypatch.delitem(sys.modules, "triton")

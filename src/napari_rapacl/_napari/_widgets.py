@@ -1,57 +1,643 @@
-"""Dock widgets. They only wire napari layers to the package's compute functions; long work runs in
-a ``thread_worker`` generator that reports progress and can be cancelled between batches."""
+"""Dock widgets. They only wire napari layers to the package's compute functions (``_jobs``, ``tiled``,
+``segmentation``, ``radiomics``, ``export``).
+
+Long work runs as a generator in a ``thread_worker`` (a progress bar in napari's activity dock; the UI
+thread never waits on it). *Cancel* calls ``worker.quit()``, which stops the generator at its next
+``yield``, between tiles; results are written into layers only by the ``returned`` handler, in one
+assignment, so a cancelled job leaves every layer as it was (the tile cache keeps the whole tiles
+computed before the cancel, which is consistent and makes the next run faster).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, create_widget
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    create_widget,
+)
 
-from .layers import META_KEY, SPOT_COLUMNS, color_kwargs, slide_from_layer, spots_from_layer_data
+from .layers import (
+    META_KEY,
+    SPOT_COLUMNS,
+    dense_layer_data,
+    labels_layer_data,
+    level0_shape,
+    merge_columns,
+    robust_limits,
+    shapes_box,
+    slide_from_layer,
+    spots_from_layer_data,
+    spots_in_box,
+    view_rect,
+    visible_box,
+)
 
 if TYPE_CHECKING:
     import napari
 
 COLORMAPS = ["viridis", "magma", "inferno", "plasma", "turbo", "gray"]
+VISIBLE, ROI, ALL = "visible region", "selected ROI", "all spots"
 
 
+# --------------------------------------------------------------------------------------------
+# helpers (no Qt)
+# --------------------------------------------------------------------------------------------
 def gene_columns(layer) -> list[str]:
-    """Predicted genes of a spots layer, in prediction order."""
+    """Colourable columns of a spots layer: the predicted genes (prediction order), then the other
+    numeric features (e.g. spot radiomics such as ``n_nuclei``)."""
     if layer is None:
         return []
-    genes = layer.metadata.get(META_KEY, {}).get("genes") or []
-    if genes:
-        return [g for g in genes if g in layer.features.columns]
-    return [
-        c for c in layer.features.columns if c not in SPOT_COLUMNS and layer.features[c].dtype.kind == "f"
+    features = layer.features
+    genes = [g for g in layer.metadata.get(META_KEY, {}).get("genes") or [] if g in features.columns]
+    known = set(genes)
+    others = [
+        c
+        for c in features.columns
+        if c not in known and c not in SPOT_COLUMNS and features[c].dtype.kind in "fiu"
     ]
+    return genes + others
 
 
-def apply_gene_colors(layer, gene: str, colormap: str = "viridis") -> None:
-    """Colour a spots layer by one gene's feature column (contrast = 1st-99th percentile)."""
-    for key, value in color_kwargs(layer.features, gene, colormap).items():
-        setattr(layer, key, value)
+def apply_gene_colors(layer, gene: str, colormap: str = "viridis", limits=None) -> tuple[float, float]:
+    """Colour a spots layer's faces by the ``gene`` feature column; ``limits`` default to the 1st-99th
+    percentile of its values (spots without a value, NaN, are left transparent). Returns the limits."""
+    if gene not in layer.features.columns:
+        raise KeyError(f"{gene!r} is not among the spots' features")
+    if limits is None:
+        limits = robust_limits(layer.features[gene].to_numpy(dtype=float))
+    layer.face_colormap = colormap
+    layer.face_contrast_limits = (float(limits[0]), float(limits[1]))
+    layer.face_color = gene
     layer.refresh()
+    return float(limits[0]), float(limits[1])
+
+
+def colored_by(layer) -> str | None:
+    """The feature column a Points layer's faces are coloured by, if any."""
+    props = getattr(getattr(layer, "_face", None), "color_properties", None)
+    return props.name if props is not None else None
+
+
+def dense_layers(viewer, spots_name: str | None = None) -> list:
+    """Dense-map Image layers (made by the Predict widget), optionally only those of one spots layer."""
+    out = []
+    for lyr in viewer.layers:
+        info = lyr.metadata.get(META_KEY, {}) if isinstance(lyr.metadata, dict) else {}
+        if info.get("kind") == "dense" and (spots_name is None or info.get("spots") == spots_name):
+            out.append(lyr)
+    return out
+
+
+def viewer_camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    cam = getattr(scene, "camera", None) if scene is not None else None
+    return cam if cam is not None else viewer.camera
+
+
+def camera_view(viewer) -> np.ndarray:
+    """The world rectangle the viewer's camera shows."""
+    cam = viewer_camera(viewer)
+    return view_rect(cam.center, cam.zoom, viewer.canvas.size)
+
+
+@functools.lru_cache(maxsize=1)
+def gl_renderer() -> str:
+    """The OpenGL renderer Qt gets here (e.g. ``"llvmpipe (LLVM 15.0.6, 256 bits)"``), or ``""``."""
+    try:
+        from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
+
+        ctx = QOpenGLContext()
+        if not ctx.create():
+            return ""
+        surface = QOffscreenSurface()
+        surface.setFormat(ctx.format())
+        surface.create()
+        if not ctx.makeCurrent(surface):
+            return ""
+        try:
+            return str(ctx.functions().glGetString(0x1F01) or "")  # GL_RENDERER
+        finally:
+            ctx.doneCurrent()
+    except Exception:  # no OpenGL at all: nothing to say
+        return ""
+
+
+def software_rendering() -> bool:
+    """Whether OpenGL is rendered on the CPU (Mesa llvmpipe/softpipe/swrast, Windows' GDI Generic)."""
+    name = gl_renderer().lower()
+    return any(k in name for k in ("llvmpipe", "softpipe", "swrast", "software", "gdi generic"))
+
+
+def _nullable(annotation: str, label: str):
+    return create_widget(annotation=annotation, label=label, options={"nullable": True})
+
+
+# --------------------------------------------------------------------------------------------
+# base: a widget that runs one generator job at a time
+# --------------------------------------------------------------------------------------------
+class _JobWidget(Container):
+    """Run/Cancel buttons, a status line, and one ``thread_worker`` job at a time."""
+
+    run_text = "Run"
+    #: a progress bar in napari's activity dock for each job (False: the status line only). ``None``:
+    #: yes, unless OpenGL renders on the CPU: while a bar is active napari animates a loading GIF in
+    #: its status bar, and with a software renderer every frame recomposites the whole window on the
+    #: CPU -- measured at about 3/4 of a 2-core machine, making a prediction ~4x slower
+    #: (benchmarks/README.md, "Viewer responsiveness").
+    show_progress: bool | None = None
+
+    def _init_job(self):
+        self._run = PushButton(text=self.run_text)
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._status = Label(value="")
+        self._status.native.setWordWrap(True)
+        self._worker = None
+        self._job_desc = ""
+        self._stage = None
+        self._run.changed.connect(self.start)
+        self._cancel.changed.connect(self.cancel)
+        return [self._run, self._cancel, self._status]
+
+    @property
+    def status(self) -> str:
+        return str(self._status.value)
+
+    @property
+    def busy(self) -> bool:
+        """A job is running (until its ``finished`` signal has been handled)."""
+        return self._worker is not None
+
+    def _say(self, text: str) -> None:
+        self._status.value = text
+
+    def _launch(self, gen_fn, *args, desc: str, on_done, **kwargs):
+        from napari.qt.threading import thread_worker
+
+        if self._worker is not None:
+            self._say(f"busy: {self._job_desc} is still running")
+            return None
+
+        # errors go to the status line (and napari's notifications), not re-raised in the event loop
+        show = self.show_progress if self.show_progress is not None else not software_rendering()
+        progress = {"desc": desc} if show else None
+        worker = thread_worker(gen_fn, progress=progress, start_thread=False, ignore_errors=True)(
+            *args, **kwargs
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._settled)
+        worker.returned.connect(on_done)
+        worker.errored.connect(self._on_error)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self._worker, self._job_desc, self._stage = worker, desc, None
+        self._job_open = True
+        self._run.enabled, self._cancel.enabled = False, True
+        self._say(f"{desc}: starting")
+        worker.start()
+        return worker
+
+    def cancel(self, *_):
+        """Stop the job at its next tile boundary; nothing it computed is written to a layer or file."""
+        if self._worker is not None:
+            self._worker.quit()
+            self._say(f"{self._job_desc}: cancelling...")
+
+    def _settled(self, *_):
+        self._job_open = False  # queued progress arriving after the result must not overwrite the status
+
+    def _on_progress(self, progress):
+        if not getattr(self, "_job_open", False):
+            return
+        pbar = getattr(self._worker, "pbar", None)
+        if pbar is not None and progress.total:
+            if progress.stage != self._stage or pbar.total != progress.total:
+                self._stage = progress.stage
+                pbar.n = 0
+                pbar.total = progress.total
+                pbar.set_description(f"{self._job_desc}: {progress.stage}")
+            if progress.done > pbar.n:
+                pbar.update(progress.done - pbar.n)
+        # napari's activity dock may process queued events (even the result) while the bar updates
+        if self._job_open:
+            self._say(f"{progress.stage}: {progress.done}/{progress.total}")
+
+    def _on_error(self, exc):
+        self._job_open = False
+        self._say(f"error: {exc}")
+
+    def _on_aborted(self):
+        self._job_open = False
+        self._say(f"{self._job_desc}: cancelled (no result was written)")
+
+    def _on_finished(self):
+        self._run.enabled, self._cancel.enabled = True, False
+        self._worker = None
+
+    def _region(self, scope: str, image, shapes):
+        """The level-0 px box for a scope, or raise ValueError saying what is missing."""
+        if scope == VISIBLE:
+            return visible_box(image, view=camera_view(self._viewer))
+        if scope == ROI:
+            if shapes is None:
+                raise ValueError("choose a Shapes layer holding the ROI (draw a rectangle)")
+            return shapes_box(shapes, image)
+        h, w = level0_shape(image)
+        return 0, 0, w, h
+
+
+# --------------------------------------------------------------------------------------------
+# Cells
+# --------------------------------------------------------------------------------------------
+class CellsWidget(_JobWidget):
+    """Segment the nuclei of the visible region (or a Shapes ROI) and measure them.
+
+    Adds a Labels layer placed on the slide (scale/translate in um) whose ``features`` hold per-cell
+    radiomics; the spots inside the region get spot-level radiomics (``n_nuclei``, RaPaCL's 72) in
+    their ``features``.
+    """
+
+    run_text = "Segment"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        self._viewer = viewer
+        self._image = create_widget(annotation="napari.layers.Image", label="slide")
+        self._scope = ComboBox(label="region", choices=[VISIBLE, ROI], value=VISIBLE)
+        self._roi = _nullable("napari.layers.Shapes", "ROI")
+        self._method = ComboBox(label="method", choices=["classical", "cellpose"], value="classical")
+        self._cp_model = FileEdit(label="cellpose model", mode="r", visible=False)
+        self._diameter = FloatSpinBox(label="diameter (um)", value=8.0, min=2.0, max=60.0, step=0.5)
+        self._radiomics = CheckBox(text="radiomics (cells and spots)", value=True)
+        self._spots = _nullable("napari.layers.Points", "spots")
+        super().__init__(
+            widgets=[
+                self._image,
+                self._scope,
+                self._roi,
+                self._method,
+                self._cp_model,
+                self._diameter,
+                self._radiomics,
+                self._spots,
+                *self._init_job(),
+            ]
+        )
+        self._method.changed.connect(lambda v: setattr(self._cp_model, "visible", v == "cellpose"))
+
+    def start(self, *_):
+        """Start segmenting in a worker thread; returns the worker (tests wait on it), or None."""
+        from ._jobs import avoid_llvm_clash, checkpoint_path, iter_cells
+
+        image, points = self._image.value, self._spots.value
+        if image is None:
+            self._say("choose a slide layer")
+            return None
+        try:
+            box = self._region(self._scope.value, image, self._roi.value)
+            slide = slide_from_layer(image)
+            slide.require_mpp("nucleus segmentation")
+        except Exception as exc:  # a message for the user, not a traceback
+            self._say(f"cannot segment: {exc}")
+            return None
+        if self._method.value == "cellpose":
+            avoid_llvm_clash()  # cellpose imports torch
+        spots = index = None
+        if points is not None and self._radiomics.value:
+            spots = spots_from_layer_data(points.data, points.features, slide.mpp)
+            index = spots_in_box(points.data, box)
+        settings = {"method": self._method.value, "diameter_um": float(self._diameter.value)}
+        self._pending = (image, points, box, slide.mpp, settings)
+        return self._launch(
+            iter_cells,
+            slide,
+            box,
+            method=self._method.value,
+            diameter_um=float(self._diameter.value),
+            cellpose_model=checkpoint_path(self._cp_model.value),
+            radiomics=bool(self._radiomics.value),
+            spots=spots,
+            spot_index=index,
+            desc=f"nuclei in {box}",
+            on_done=self._on_done,
+        )
+
+    def _on_done(self, res):
+        image, points, box, mpp, settings = self._pending
+        name = f"nuclei {box[0]},{box[1]}-{box[2]},{box[3]}"
+        meta = {"slide": image.name, **settings}
+        data, kwargs, _ = labels_layer_data(
+            res.labels, res.box, mpp, name=name, features=res.cells, metadata=meta
+        )
+        if name in self._viewer.layers:
+            self._viewer.layers.remove(name)
+        layer = self._viewer.add_labels(data, **kwargs)
+        if points is not None and points in self._viewer.layers:  # spots stay on top of the nuclei
+            self._viewer.layers.move(self._viewer.layers.index(layer), self._viewer.layers.index(points))
+        parts = [f"{res.n_labels} nuclei in {res.box}"]
+        if res.cells is not None:
+            parts.append(f"radiomics of {len(res.cells)} cells")
+        if points is not None and res.spot_table is not None:
+            cols = [str(c) for c in res.spot_table.columns]
+            values = res.spot_table.to_numpy(dtype=np.float32)
+            points.features = merge_columns(points.features, res.spot_index, values, cols)
+            info = dict(points.metadata.get(META_KEY, {}))
+            info["radiomics_columns"] = cols
+            points.metadata = {**points.metadata, META_KEY: info}
+            parts.append(f"spot radiomics of {len(res.spot_index)} spots")
+        parts += res.messages
+        self._say("; ".join(parts))
+        self.labels_layer = layer
+
+
+# --------------------------------------------------------------------------------------------
+# Predict
+# --------------------------------------------------------------------------------------------
+class PredictWidget(_JobWidget):
+    """Predict expression at the spots of a region (visible / ROI / all) from the slide under them.
+
+    A checkpoint defines the model (its registry name, config, weights, genes); without one the chosen
+    registry model runs with random initial weights (for trying the plugin out). Inference is tiled and
+    cached per widget (panning back and predicting again costs only cache lookups); predictions are
+    merged into the spots layer's ``features`` (NaN for spots not predicted yet). PixNet also adds a dense
+    map of the coloured gene as an Image layer ``"<gene> (dense)"`` placed on the slide.
+    """
+
+    run_text = "Predict"
+    #: side of the tile grid (level-0 px). A tile is predicted whole (all its spots), so a view costs
+    #: the spots of the tiles it touches: smaller tiles waste less outside the view (a 2048 px view
+    #: touches at most 3 x 3 tiles of 1024 px, i.e. 2.25 x its area, against 4 x with 2048 px tiles).
+    tile_px = 1024
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        from ..models import list_models
+        from ..tiled import TileCache
+
+        self._viewer = viewer
+        self._image = create_widget(annotation="napari.layers.Image", label="slide")
+        self._spots = create_widget(annotation="napari.layers.Points", label="spots")
+        models = list_models()
+        self._model = ComboBox(
+            label="model", choices=models, value="stnet" if "stnet" in models else models[0]
+        )
+        self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", mode="r")
+        self._scope = ComboBox(label="region", choices=[VISIBLE, ROI, ALL], value=VISIBLE)
+        self._roi = _nullable("napari.layers.Shapes", "ROI")
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self._dense = CheckBox(text="dense map (PixNet)", value=True)
+        super().__init__(
+            widgets=[
+                self._image,
+                self._spots,
+                self._model,
+                self._checkpoint,
+                self._scope,
+                self._roi,
+                self._device,
+                self._dense,
+                *self._init_job(),
+            ]
+        )
+        self.cache = TileCache()
+        self._loaded = None
+        self._loaded_choice = None
+        self.last_result = None
+        self._checkpoint.changed.connect(self._on_checkpoint)
+
+    # -- model -------------------------------------------------------------------------------
+    def _choice(self):
+        from ._jobs import checkpoint_path
+
+        ckpt = checkpoint_path(self._checkpoint.value)
+        if ckpt is not None:
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+            return ("checkpoint", str(ckpt.resolve()), ckpt.stat().st_mtime_ns), (None, ckpt)
+        return ("registry", self._model.value), (self._model.value, None)
+
+    def _on_checkpoint(self, *_):
+        """A checkpoint names its model: show it in the model picker (read from the YAML beside it)."""
+        from ..models.checkpoint import config_path_for
+        from ._jobs import checkpoint_path
+
+        ckpt = checkpoint_path(self._checkpoint.value)
+        self._model.enabled = ckpt is None
+        if ckpt is None or not config_path_for(ckpt).is_file():
+            return
+        import yaml
+
+        name = (yaml.safe_load(config_path_for(ckpt).read_text()) or {}).get("model")
+        if name in self._model.choices:
+            self._model.value = name
+
+    # -- run ---------------------------------------------------------------------------------
+    def start(self, *_):
+        """Start predicting in a worker thread; returns the worker (tests wait on it), or None."""
+        from ._jobs import avoid_llvm_clash, iter_predict
+
+        image, points = self._image.value, self._spots.value
+        if image is None or points is None:
+            self._say("choose a slide and a spots layer")
+            return None
+        try:
+            key, choice = self._choice()
+            box = self._region(self._scope.value, image, self._roi.value)
+            slide = slide_from_layer(image)
+            slide.require_mpp("spot prediction")
+        except Exception as exc:  # a message for the user, not a traceback
+            self._say(f"cannot predict: {exc}")
+            return None
+        avoid_llvm_clash()  # before the worker imports torch
+        spots = spots_from_layer_data(points.data, points.features, slide.mpp)
+        model = self._loaded if (self._loaded is not None and key == self._loaded_choice) else choice
+        self._pending = (points, box, key, slide.mpp, self._device.value, time.perf_counter())
+        return self._launch(
+            iter_predict,
+            model,
+            slide,
+            spots,
+            box,
+            cache=self.cache,
+            device=self._device.value,
+            dense=bool(self._dense.value),
+            dense_gene=colored_by(points),  # the map of the gene the spots show (else the first)
+            tile_px=self.tile_px,
+            desc=f"predict {box}",
+            on_done=self._on_done,
+        )
+
+    def _on_done(self, res):
+        from ._jobs import LoadedModel
+
+        points, box, key, mpp, device, t0 = self._pending
+        loaded: LoadedModel = res.loaded
+        self._loaded, self._loaded_choice = loaded, key
+        genes = loaded.genes
+        info = dict(points.metadata.get(META_KEY, {}))
+        model_id = repr(loaded.key)
+        reset = info.get("model_id") != model_id  # another model: earlier predictions are stale
+        base = points.features
+        if reset:  # drop the previous model's genes (this model's are reset to NaN below)
+            base = base.drop(columns=[g for g in info.get("genes") or [] if g in base and g not in genes])
+        features = merge_columns(base, res.index, res.values, genes, reset=reset)
+        prov = {} if reset else dict(info.get("provenance") or {})
+        regions = [] if reset else list(prov.get("regions", []))
+        regions.append([int(v) for v in box])
+        prov.update(loaded.provenance())
+        prov.update(regions=regions, device=device, tile_px=self.tile_px)
+        gene = colored_by(points)
+        cmap = getattr(points.face_colormap, "name", "viridis")
+        points.features = features
+        info.update(genes=list(genes), provenance=prov, model_id=model_id)
+        points.metadata = {**points.metadata, META_KEY: info}
+        if gene not in genes:  # first prediction: colour by the first gene
+            gene, cmap = genes[0], "viridis"
+        apply_gene_colors(points, gene, cmap if cmap in COLORMAPS else "viridis")
+        if res.dense is not None:
+            self._show_dense(res, points, mpp)
+        self.last_result = res
+        n_done = int(np.isfinite(features[genes[0]].to_numpy(dtype=float)).sum())
+        self._say(
+            f"{loaded.name}: {len(res.index)} spots in {time.perf_counter() - t0:.1f} s "
+            f"({res.tiles_computed} tiles computed, {res.tiles_cached} cached); "
+            f"{n_done}/{len(points.data)} predicted"
+        )
+
+    def _show_dense(self, res, points, mpp):
+        dense = res.dense
+        gene = res.dense_gene
+        meta = {"spots": points.name, "region": list(res.box), "model": res.loaded.name}
+        data, kwargs, _ = dense_layer_data(
+            dense.values[0], dense.translate_px, dense.px_size, mpp, gene=gene, metadata=meta
+        )
+        name = kwargs["name"]
+        if name in self._viewer.layers:
+            layer = self._viewer.layers[name]
+            layer.data = data
+            for key in ("scale", "translate", "contrast_limits", "metadata"):
+                setattr(layer, key, kwargs[key])
+        else:
+            layer = self._viewer.add_image(data, **kwargs)
+            # keep the spots above the map
+            self._viewer.layers.move(self._viewer.layers.index(layer), self._viewer.layers.index(points))
+        if hasattr(layer, "colorbar"):
+            layer.colorbar.visible = True
+
+
+# --------------------------------------------------------------------------------------------
+# Genes: search, colormap, contrast, colour bar
+# --------------------------------------------------------------------------------------------
+def _colorbar_widget():
+    """A small Qt colour bar: the colormap as a gradient between the min and max labels."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtGui import QImage, QPixmap
+    from qtpy.QtWidgets import QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+    class ColorBar(QWidget):
+        def __init__(self, parent=None):
+            super().__init__(parent)
+            self.title = QLabel("")
+            self.title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+            self.bar = QLabel()
+            self.bar.setFixedHeight(16)
+            self.lo, self.hi = QLabel(""), QLabel("")
+            row = QHBoxLayout()
+            row.setContentsMargins(0, 0, 0, 0)
+            row.addWidget(self.lo)
+            row.addWidget(self.bar, 1)
+            row.addWidget(self.hi)
+            col = QVBoxLayout(self)
+            col.setContentsMargins(4, 2, 4, 2)
+            col.addWidget(self.title)
+            col.addLayout(row)
+            self.rgb = np.zeros((16, 256, 3), dtype=np.uint8)
+            self.setObjectName("rapacl_colorbar")
+
+        def set(self, colormap: str, limits: tuple[float, float], title: str = "") -> None:
+            from napari.utils.colormaps import ensure_colormap
+
+            rgba = np.asarray(ensure_colormap(colormap).map(np.linspace(0.0, 1.0, 256)), dtype=float)
+            row = np.clip(np.round(rgba[:, :3] * 255), 0, 255).astype(np.uint8)
+            self.rgb = np.ascontiguousarray(np.repeat(row[None], 16, axis=0))
+            h, w = self.rgb.shape[:2]
+            image = QImage(self.rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
+            self.bar.setPixmap(QPixmap.fromImage(image))
+            self.bar.setScaledContents(True)
+            self.lo.setText(f"{limits[0]:.3g}")
+            self.hi.setText(f"{limits[1]:.3g}")
+            self.title.setText(title)
+
+    return ColorBar()
 
 
 class GeneWidget(Container):
-    """Pick a spots layer and a gene; the spots are coloured by that gene's predicted value.
+    """Pick a spots layer and a gene (type to search); spots and the gene's dense map are coloured by it,
+    with a colormap and contrast limits (automatic 1-99th percentile, or typed in), and a colour bar.
 
-    The gene list follows the layer: it is refreshed when another layer is picked and when the
-    layer's features change (e.g. when a prediction lands in them).
+    The gene list follows the layer: it is refreshed when another layer is picked and when the layer's
+    features change (e.g. when a prediction lands in them).
     """
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
         self._layer = create_widget(annotation="napari.layers.Points", label="spots")
-        self._gene = ComboBox(label="gene", choices=lambda _w: gene_columns(self._layer.value))
+        self._search = LineEdit(label="search", value="")
+        self._gene = ComboBox(label="gene", choices=self._gene_choices)
         self._cmap = ComboBox(label="colormap", choices=COLORMAPS, value="viridis")
-        super().__init__(widgets=[self._layer, self._gene, self._cmap])
+        self._auto = CheckBox(text="auto contrast (1st-99th percentile)", value=True)
+        self._lo = FloatSpinBox(label="min", value=0.0, min=-1e6, max=1e6, step=0.05)
+        self._hi = FloatSpinBox(label="max", value=1.0, min=-1e6, max=1e6, step=0.05)
+        self._napari_bar = CheckBox(text="napari colour bars on the canvas", value=False)
+        self._status = Label(value="")
+        self._status.native.setWordWrap(True)
+        super().__init__(
+            widgets=[
+                self._layer,
+                self._search,
+                self._gene,
+                self._cmap,
+                self._auto,
+                self._lo,
+                self._hi,
+                self._napari_bar,
+                self._status,
+            ]
+        )
+        self.colorbar = _colorbar_widget()
+        self.native.layout().addWidget(self.colorbar)
         self._watched = None
+        self._busy = False
+        self._limits = (0.0, 1.0)
         self._layer.changed.connect(self._watch_layer)
+        self._search.changed.connect(self._on_search)
         self._gene.changed.connect(self._recolor)
         self._cmap.changed.connect(self._recolor)
+        self._auto.changed.connect(self._recolor)
+        self._lo.changed.connect(self._on_limits)
+        self._hi.changed.connect(self._on_limits)
+        self._napari_bar.changed.connect(self._recolor)
         self._watch_layer()
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        """The contrast limits in use (the spin boxes show them rounded)."""
+        return self._limits
+
+    def _gene_choices(self, _w=None) -> list[str]:
+        names = gene_columns(self._layer.value)
+        text = str(self._search.value or "").strip().lower()
+        return [g for g in names if text in g.lower()] if text else names
 
     def reset_choices(self, *_):
         super().reset_choices()
@@ -60,97 +646,154 @@ class GeneWidget(Container):
     def _watch_layer(self, *_):
         layer = self._layer.value
         if layer is not self._watched:
+            colour_events = ("face_color", "face_colormap", "face_contrast_limits")
             if self._watched is not None:
-                self._watched.events.features.disconnect(self._gene.reset_choices)
+                self._watched.events.features.disconnect(self._on_features)
+                for name in colour_events:
+                    getattr(self._watched.events, name).disconnect(self._sync_from_layer)
             if layer is not None:
-                layer.events.features.connect(self._gene.reset_choices)
+                layer.events.features.connect(self._on_features)
+                for name in colour_events:
+                    getattr(layer.events, name).connect(self._sync_from_layer)
             self._watched = layer
+        self._on_features()
+
+    def _on_features(self, *_):
+        """New columns (a prediction, radiomics) refresh the list without recolouring the spots."""
+        self._busy = True
+        try:
+            self._gene.reset_choices()
+        finally:
+            self._busy = False
+        self._sync_from_layer()
+
+    def _sync_from_layer(self, *_):
+        """Show what the spots are coloured by (another widget, e.g. Predict, may have coloured them)."""
+        layer = self._layer.value
+        if self._busy or layer is None:
+            return
+        gene = colored_by(layer)
+        if gene is None or gene not in self._gene.choices:
+            return
+        cmap = getattr(layer.face_colormap, "name", None)
+        limits = tuple(float(v) for v in layer.face_contrast_limits)
+        self._busy = True
+        try:
+            self._gene.value = gene
+            if cmap in COLORMAPS:
+                self._cmap.value = cmap
+            self._lo.value, self._hi.value = limits
+        finally:
+            self._busy = False
+        self._limits = limits
+        self.colorbar.set(cmap or "viridis", limits, title=gene)
+
+    def _on_search(self, *_):
         self._gene.reset_choices()
+        n = len(self._gene.choices)
+        self._status.value = f"{n} match{'es' if n != 1 else ''}" if self._search.value else ""
+
+    def _on_limits(self, *_):
+        if self._busy:
+            return
+        with self._auto.changed.blocked():
+            self._auto.value = False  # typed limits override the automatic ones
+        self._recolor()
 
     def _recolor(self, *_):
         layer, gene = self._layer.value, self._gene.value
-        if layer is not None and gene:
-            apply_gene_colors(layer, gene, self._cmap.value)
+        if self._busy or layer is None or not gene or gene not in layer.features.columns:
+            return
+        cmap = self._cmap.value
+        if self._auto.value:
+            limits = robust_limits(layer.features[gene].to_numpy(dtype=float))
+        else:
+            limits = (float(self._lo.value), float(self._hi.value))
+        if not limits[1] > limits[0]:
+            limits = (limits[0], limits[0] + 1e-6)
+        self._busy = True
+        try:
+            self._lo.value, self._hi.value = limits
+            self._limits = (float(limits[0]), float(limits[1]))
+            apply_gene_colors(layer, gene, cmap, limits)
+        finally:
+            self._busy = False
+        bars = bool(self._napari_bar.value)
+        if hasattr(layer, "face_colorbar"):
+            layer.face_colorbar.visible = bars
+        for dense in dense_layers(self._viewer, layer.name):
+            mine = dense.metadata[META_KEY].get("gene") == gene
+            dense.visible = mine
+            if mine:
+                dense.colormap = cmap
+                dense.contrast_limits = robust_limits(dense.data) if self._auto.value else limits
+                if hasattr(dense, "colorbar"):
+                    dense.colorbar.visible = bars
+        self.colorbar.set(cmap, limits, title=gene)
 
 
-class PredictWidget(Container):
-    """Predict expression at every spot of a Points layer from the slide under it, with a checkpoint."""
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+class ExportWidget(_JobWidget):
+    """Write the predictions of a spots layer (all predicted spots, or those inside a Shapes ROI) to an
+    AnnData ``.h5ad`` with provenance (model, checkpoint sha256, regions, genes), atomically."""
+
+    run_text = "Export"
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
-        self._image = create_widget(annotation="napari.layers.Image", label="slide")
         self._spots = create_widget(annotation="napari.layers.Points", label="spots")
-        self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", mode="r")
-        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
-        self._run = PushButton(text="Predict")
-        self._cancel = PushButton(text="Cancel", enabled=False)
-        self._status = Label(value="")
-        super().__init__(
-            widgets=[
-                self._image,
-                self._spots,
-                self._checkpoint,
-                self._device,
-                self._run,
-                self._cancel,
-                self._status,
-            ]
-        )
-        self._worker = None
-        self._run.changed.connect(self.start)
-        self._cancel.changed.connect(self.cancel)
+        self._scope = ComboBox(label="scope", choices=["all predicted", ROI], value="all predicted")
+        self._roi = _nullable("napari.layers.Shapes", "ROI")
+        self._path = FileEdit(label="file", mode="w", filter="*.h5ad")
+        super().__init__(widgets=[self._spots, self._scope, self._roi, self._path, *self._init_job()])
+        self.written: Path | None = None
 
     def start(self, *_):
-        """Start the prediction in a worker thread; returns the worker (tests wait on it)."""
-        from napari.qt.threading import thread_worker
+        """Export in a worker thread; returns the worker, or None (the status says why)."""
+        from ._jobs import checkpoint_path, iter_export, predicted_rows
 
-        from ..inference import iter_predict_spots
-        from ..models.checkpoint import load_model
-
-        image, points = self._image.value, self._spots.value
-        if image is None or points is None:
-            self._status.value = "choose a slide and a spots layer"
+        points = self._spots.value
+        path = checkpoint_path(self._path.value)
+        if points is None:
+            self._say("choose a spots layer")
             return None
-        model, ckpt = load_model(self._checkpoint.value)
-        slide = slide_from_layer(image)
-        spots = spots_from_layer_data(points.data, points.features, slide.mpp)
-        gen_fn = thread_worker(
-            iter_predict_spots,
-            progress={"total": len(spots), "desc": f"predicting {len(spots)} spots"},
-            connect={"yielded": self._on_progress, "returned": self._on_done, "errored": self._on_error},
-            start_thread=False,
+        genes = [g for g in points.metadata.get(META_KEY, {}).get("genes") or [] if g in points.features]
+        if not len(predicted_rows(points.features, genes)):
+            self._say(f"cannot export: layer {points.name!r} holds no predicted genes yet (run Predict)")
+            return None
+        if path is None or path.suffix.lower() != ".h5ad":
+            self._say("choose a .h5ad file to write")
+            return None
+        extra: dict[str, Any] = {"export_scope": self._scope.value}
+        rows = None
+        if self._scope.value == ROI:
+            try:
+                if self._roi.value is None:
+                    raise ValueError("choose a Shapes layer holding the ROI")
+                box = shapes_box(self._roi.value, points)
+            except ValueError as exc:
+                self._say(f"cannot export: {exc}")
+                return None
+            rows = spots_in_box(points.data, box)
+            extra["roi"] = list(box)
+        meta = {
+            "name": points.name,
+            "features": points.features.copy(),
+            "metadata": {META_KEY: dict(points.metadata.get(META_KEY, {}))},
+        }
+        return self._launch(
+            iter_export,
+            path,
+            np.array(points.data, copy=True),
+            meta,
+            rows=rows,
+            provenance=extra,
+            desc=f"export {path.name}",
+            on_done=self._on_done,
         )
-        worker = gen_fn(model, slide, spots.x, spots.y, radius=spots.radius, device=self._device.value)
-        worker.finished.connect(self._on_finished)
-        self._pending = (points, list(ckpt["genes"]), ckpt)
-        self._worker = worker
-        self._run.enabled, self._cancel.enabled = False, True
-        worker.start()
-        return worker
 
-    def cancel(self, *_):
-        if self._worker is not None:
-            self._worker.quit()  # stops at the next batch; no partial result is written to the layer
-            self._status.value = "cancelled"
-
-    def _on_progress(self, progress):
-        self._status.value = f"{progress.stage}: {progress.done}/{progress.total}"
-
-    def _on_done(self, prediction):
-        import pandas as pd
-
-        points, genes, ckpt = self._pending
-        features = points.features.drop(columns=[g for g in genes if g in points.features.columns])
-        points.features = pd.concat([features, pd.DataFrame(prediction, columns=genes)], axis=1)
-        info = dict(points.metadata.get(META_KEY, {}))
-        info.update(genes=genes, provenance={"model": ckpt["model"], "config": ckpt["config"]})
-        points.metadata = {**points.metadata, META_KEY: info}
-        apply_gene_colors(points, genes[0])
-        self._status.value = f"predicted {len(genes)} genes at {len(prediction)} spots"
-
-    def _on_error(self, exc):
-        self._status.value = f"error: {exc}"
-
-    def _on_finished(self):
-        self._run.enabled, self._cancel.enabled = True, False
-        self._worker = None
+    def _on_done(self, written):
+        self.written = Path(written)
+        self._say(f"wrote {written}")

@@ -185,3 +185,229 @@ def spots_from_layer_data(data: np.ndarray, features: pd.DataFrame, mpp: float |
         radius=radius,
         mpp=mpp,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# regions: what is on screen, what a Shapes ROI covers (level-0 px boxes)
+# --------------------------------------------------------------------------------------------
+#: a half-open box ``(x0, y0, x1, y1)`` in level-0 pixels (x = column, y = row)
+Box = tuple[int, int, int, int]
+
+
+def level0_shape(layer) -> tuple[int, int]:
+    """``(height, width)`` of an Image layer's level 0 (its data's first two axes; RGB excluded)."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return int(data.shape[0]), int(data.shape[1])
+
+
+def clip_box(box, shape: tuple[int, int] | None) -> Box:
+    """``box`` rounded outwards to whole pixels and clipped to a slide of ``shape = (h, w)`` (with
+    ``shape=None`` only to the slide's origin).
+
+    Raises ``ValueError`` when nothing of the box is left.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx0, cy0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    cx1, cy1 = int(np.ceil(x1)), int(np.ceil(y1))
+    if shape is not None:
+        cx1, cy1 = min(int(shape[1]), cx1), min(int(shape[0]), cy1)
+    if cx1 <= cx0 or cy1 <= cy0:
+        size = f" ({int(shape[1])} x {int(shape[0])} px)" if shape is not None else ""
+        raise ValueError(f"the region {tuple(float(v) for v in box)} does not overlap the slide{size}")
+    return cx0, cy0, cx1, cy1
+
+
+def view_rect(center, zoom: float, canvas_size) -> np.ndarray:
+    """The world rectangle ``[[ymin, xmin], [ymax, xmax]]`` a 2-D camera shows: ``center`` (last two
+    values = y, x), ``zoom`` (canvas px per world unit) and ``canvas_size = (height, width)`` in px
+    (the camera's ``center`` and ``zoom``, ``viewer.canvas.size``)."""
+    c = np.asarray(center, dtype=float)[-2:]
+    half = np.asarray(canvas_size, dtype=float)[-2:] / float(zoom) / 2.0
+    return np.stack([c - half, c + half])
+
+
+def visible_box(layer, shape: tuple[int, int] | None = None, view=None) -> Box:
+    """The part of an Image layer on screen, as a level-0 px box ``(x0, y0, x1, y1)`` clipped to the
+    slide (``shape``, default the layer's level-0 shape).
+
+    Without ``view`` it comes from napari's ``layer.corner_pixels``: the first and last data index
+    (inclusive) on the displayed axes at the current ``layer.data_level``, scaled by that level's
+    ``downsample_factors`` to level 0. napari >= 0.9 widens these corners to whole data chunks, does not
+    shrink them when zooming in, and updates them only when the canvas draws, so they bound what napari
+    has loaded rather than what is seen. With ``view`` (the camera's world rectangle, :func:`view_rect`;
+    always current) the box is the camera's rectangle mapped to level-0 px through the layer's scale and
+    translate.
+    """
+    if view is not None:
+        rc = _world_to_level0(np.asarray(view, dtype=float)[:, -2:], layer)
+        (vy0, vx0), (vy1, vx1) = rc.min(axis=0), rc.max(axis=0)
+        return clip_box((vx0, vy0, vx1, vy1), shape or level0_shape(layer))
+    corners = np.asarray(layer.corner_pixels, dtype=float)
+    if corners.shape[0] != 2 or corners.shape[1] < 2:
+        raise ValueError(f"unexpected corner_pixels {corners.tolist()} of layer {layer.name!r}")
+    if getattr(layer, "multiscale", False):
+        ds = np.asarray(layer.downsample_factors[layer.data_level], dtype=float)[-2:]
+    else:
+        ds = np.ones(2)
+    (r0, c0), (r1, c1) = corners[0, -2:], corners[1, -2:]
+    box = (c0 * ds[1], r0 * ds[0], (c1 + 1) * ds[1], (r1 + 1) * ds[0])
+    return clip_box(box, shape or level0_shape(layer))
+
+
+def _world_to_level0(points_world: np.ndarray, image) -> np.ndarray:
+    """World (um) -> level-0 px of ``image``: undo its translate and scale (last two axes)."""
+    scale = np.asarray(image.scale, dtype=float)[-2:]
+    translate = np.asarray(image.translate, dtype=float)[-2:]
+    return (points_world - translate) / scale
+
+
+def shapes_box(shapes, image, shape: tuple[int, int] | None = None) -> Box:
+    """Level-0 px box of a Shapes ROI over ``image``: the bounding box of the selected shapes.
+
+    With nothing selected, a layer holding exactly one shape uses it. The shapes' vertices (data
+    coordinates of the Shapes layer) go to world coordinates with the Shapes layer's scale and
+    translate, then to level-0 px with ``image``'s (``scale = (mpp, mpp)``), so a ROI drawn on a layer
+    of another scale still lands on the right pixels. ``image`` may also be a spots (Points) layer,
+    whose data are level-0 px too. The box is clipped to ``shape`` (default: the image's level 0;
+    for a non-image reference only to the origin).
+    """
+    n = len(shapes.data)
+    if n == 0:
+        raise ValueError(f"the Shapes layer {shapes.name!r} holds no shape: draw a rectangle or polygon")
+    picked = sorted(int(i) for i in shapes.selected_data)
+    if not picked:
+        if n != 1:
+            raise ValueError(
+                f"the Shapes layer {shapes.name!r} holds {n} shapes: select the one to use as ROI"
+            )
+        picked = [0]
+    verts = np.concatenate([np.asarray(shapes.data[i], dtype=float)[:, -2:] for i in picked])
+    world = (
+        verts * np.asarray(shapes.scale, dtype=float)[-2:] + np.asarray(shapes.translate, dtype=float)[-2:]
+    )
+    rc = _world_to_level0(world, image)
+    box = (rc[:, 1].min(), rc[:, 0].min(), rc[:, 1].max(), rc[:, 0].max())
+    if shape is None and hasattr(image, "rgb"):  # an Image layer: clip to its level 0
+        shape = level0_shape(image)
+    return clip_box(box, shape)
+
+
+def spots_in_box(data: np.ndarray, box) -> np.ndarray:
+    """Row indices of Points ``data`` (level-0 px, (row, col)) whose centre lies in the half-open box."""
+    x0, y0, x1, y1 = box
+    y, x = np.asarray(data, dtype=float)[:, -2], np.asarray(data, dtype=float)[:, -1]
+    return np.flatnonzero((x >= x0) & (x < x1) & (y >= y0) & (y < y1))
+
+
+# --------------------------------------------------------------------------------------------
+# results as layers / features
+# --------------------------------------------------------------------------------------------
+def merge_columns(
+    features: pd.DataFrame, rows: np.ndarray, values: np.ndarray, columns: list[str], *, reset: bool = False
+) -> pd.DataFrame:
+    """A copy of ``features`` with ``values`` (``(len(rows), len(columns))``) written at ``rows``.
+
+    Missing columns are created as float32 NaN (spots not computed yet); with ``reset`` existing
+    ones are cleared to NaN first (e.g. when the model changed). Other columns are kept as they are.
+    """
+    values = np.asarray(values)
+    rows = np.asarray(rows, dtype=np.int64)
+    if values.shape != (len(rows), len(columns)):
+        raise ValueError(f"values {values.shape} do not match {len(rows)} rows x {len(columns)} columns")
+    n = len(features)
+    kept = features.drop(columns=[c for c in columns if c in features.columns and reset])
+    block = np.full((n, len(columns)), np.nan, dtype=np.float32)
+    present = [i for i, c in enumerate(columns) if c in kept.columns]
+    if present:
+        block[:, present] = kept[[columns[i] for i in present]].to_numpy(dtype=np.float32)
+    block[rows] = values
+    rest = kept.drop(columns=[c for c in columns if c in kept.columns])
+    new = pd.DataFrame(block, columns=list(columns), index=features.index)
+    return pd.concat([rest, new], axis=1)
+
+
+def labels_layer_data(
+    labels,
+    box: Box,
+    mpp: float | None,
+    *,
+    name: str = "nuclei",
+    features: pd.DataFrame | None = None,
+    metadata: dict | None = None,
+) -> tuple[Any, dict[str, Any], str]:
+    """A Labels layer of a region's nuclei placed on the slide: data in level-0 px of the region,
+    ``scale = (mpp, mpp)`` and ``translate`` = the region's top-left corner in um."""
+    scale, units = _scale(mpp)
+    x0, y0 = box[0], box[1]
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "scale": scale,
+        "translate": (y0 * scale[0], x0 * scale[1]),
+        "opacity": 0.6,
+        "metadata": {META_KEY: {"kind": "nuclei", "mpp": mpp, "box": list(box), **(metadata or {})}},
+    }
+    if units:
+        kwargs["units"] = units
+    if features is not None:
+        kwargs["features"] = features
+    return labels, kwargs, "labels"
+
+
+def dense_layer_data(
+    values: np.ndarray,
+    translate_px,
+    px_size: float,
+    mpp: float | None,
+    *,
+    gene: str,
+    colormap: str = "viridis",
+    contrast_limits: tuple[float, float] | None = None,
+    metadata: dict | None = None,
+) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A single-gene dense map as an Image layer on the slide.
+
+    ``values`` ``(H, W)``; ``translate_px = (y0, x0)`` is where the centre of map pixel ``(0, 0)`` lies in
+    level-0 px with napari's convention (level-0 pixel ``p`` centred on ``p``, as
+    :class:`napari_rapacl.tiled.DenseMap` gives it) and ``px_size`` the level-0 px per map pixel, so the
+    layer's ``scale`` is ``px_size * mpp`` and its ``translate`` ``translate_px * mpp`` (um).
+    """
+    (sy, sx), units = _scale(mpp)
+    y0, x0 = (float(v) for v in translate_px)
+    s = float(px_size)
+    values = np.asarray(values, dtype=np.float32)
+    if contrast_limits is None:
+        contrast_limits = robust_limits(values)
+    kwargs: dict[str, Any] = {
+        "name": f"{gene} (dense)",
+        "scale": (s * sy, s * sx),
+        "translate": (y0 * sy, x0 * sx),
+        "colormap": colormap,
+        "contrast_limits": contrast_limits,
+        "blending": "translucent",
+        "opacity": 0.7,
+        "metadata": {
+            META_KEY: {
+                "kind": "dense",
+                "gene": gene,
+                "mpp": mpp,
+                "translate_px": [y0, x0],
+                "px_size": s,
+                **(metadata or {}),
+            }
+        },
+    }
+    if units:
+        kwargs["units"] = units
+    return values, kwargs, "image"
+
+
+def robust_limits(values, q: tuple[float, float] = (1.0, 99.0)) -> tuple[float, float]:
+    """Contrast limits from the ``q`` percentiles of the finite values (a non-empty range)."""
+    arr = np.asarray(values, dtype=float).ravel()
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(arr, q))
+    if not hi > lo:
+        hi = lo + max(abs(lo) * 1e-3, 1e-6)
+    return lo, hi

@@ -1,0 +1,395 @@
+"""The dock widgets and their Qt-free helpers.
+
+* region helpers (``layers.visible_box`` / ``shapes_box``), feature merging and dense-map placement:
+  plain napari layers, no viewer;
+* the Genes widget (search, colormap, limits, colour bar) on a synthetic spots layer in a real viewer;
+* on a her2st section (``data_dir``): Predict cancelled mid-run leaves no feature, no layer and no
+  file; the UI thread keeps running while a prediction runs; Export cancelled before writing leaves
+  no file.
+
+GUI tests need a display: run them under ``xvfb-run`` (scripts/test.sh does).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+napari = pytest.importorskip("napari")
+
+try:  # torch's stack before any viewer's GL context exists (see _napari._jobs.avoid_llvm_clash)
+    import timm  # noqa: F401
+except ImportError:  # the tests that predict are skipped
+    timm = None
+
+from napari_rapacl._napari.layers import (  # noqa: E402
+    clip_box,
+    dense_layer_data,
+    merge_columns,
+    robust_limits,
+    shapes_box,
+    spots_in_box,
+    view_rect,
+    visible_box,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Qt-free helpers
+# --------------------------------------------------------------------------------------------
+def _pyramid(h=1024, w=2048, levels=3):
+    return [np.zeros((h >> i, w >> i, 3), np.uint8) for i in range(levels)]
+
+
+def test_visible_box_of_a_multiscale_layer_at_a_coarse_level():
+    from napari.layers import Image
+
+    mpp = 0.5
+    layer = Image(_pyramid(), multiscale=True, rgb=True, scale=(mpp, mpp), contrast_limits=(0, 255))
+    # what the canvas does on a draw: world corners of the view (um), shape threshold = canvas px
+    layer._update_draw(1.0, np.array([[100.0, 200.0], [300.0, 600.0]]), (100, 100))
+    assert layer.data_level == 1  # 800 x 400 level-0 px on a 100 px canvas: a coarser level
+    c = np.asarray(layer.corner_pixels)
+    # corners are level-1 indices: level-0 px = index * 2, the last index inclusive
+    assert visible_box(layer) == (c[0, 1] * 2, c[0, 0] * 2, (c[1, 1] + 1) * 2, (c[1, 0] + 1) * 2)
+    x0, y0, x1, y1 = visible_box(layer)
+    assert x0 <= 400 and y0 <= 200 and x1 >= 1200 and y1 >= 600  # covers the view (200..600 um / 0.5)
+    # the camera's rectangle gives what is on screen, whatever napari has loaded
+    view = np.array([[100.0, 200.0], [300.0, 600.0]])
+    assert visible_box(layer, view=view) == (400, 200, 1200, 600)
+    layer._update_draw(1.0, np.array([[120.0, 220.0], [140.0, 260.0]]), (100, 100))
+    assert visible_box(layer, view=[[120.0, 220.0], [140.0, 260.0]]) == (440, 240, 520, 280)
+    # a view reaching past the slide is clipped to it (2048 x 1024 px at level 0)
+    assert visible_box(layer, view=[[-50.0, 900.0], [10.0, 5000.0]]) == (1800, 0, 2048, 20)
+    with pytest.raises(ValueError, match="does not overlap"):
+        visible_box(layer, view=[[-50.0, -50.0], [-10.0, -10.0]])
+
+
+def test_visible_box_single_scale():
+    from napari.layers import Image
+
+    layer = Image(np.zeros((300, 500, 3), np.uint8), rgb=True, scale=(2.0, 2.0))
+    assert visible_box(layer) == (0, 0, 500, 300)  # napari's corners before any draw: everything
+    layer._update_draw(1.0, np.array([[20.0, 40.0], [100.0, 300.0]]), (1000, 1000))
+    assert visible_box(layer) == (20, 10, 151, 51)
+    assert visible_box(layer, view=[[20.0, 40.0], [100.0, 300.0]]) == (20, 10, 150, 50)
+
+
+def test_view_rect_from_camera():
+    rect = view_rect((0.0, 50.0, 80.0), zoom=2.0, canvas_size=(100, 200))
+    np.testing.assert_allclose(rect, [[25.0, 30.0], [75.0, 130.0]])
+
+
+def test_shapes_box_maps_a_roi_between_scales():
+    from napari.layers import Image, Shapes
+
+    image = Image(_pyramid(), multiscale=True, rgb=True, scale=(0.5, 0.5), contrast_limits=(0, 255))
+    # a rectangle drawn on a Shapes layer in um (scale 1): rows 50..100 um, cols 20..60 um
+    rect = np.array([[50.0, 20.0], [50.0, 60.0], [100.0, 60.0], [100.0, 20.0]])
+    shapes = Shapes([rect], shape_type="rectangle")
+    assert shapes_box(shapes, image) == (40, 100, 120, 200)
+    # the same ROI on a Shapes layer with the slide's own scale and an offset
+    shifted = Shapes([rect * 2 - [10, 10]], shape_type="rectangle", scale=(0.5, 0.5), translate=(5, 5))
+    assert shapes_box(shifted, image) == (40, 100, 120, 200)
+    # several shapes: the selected ones count; none selected is an error
+    both = Shapes([rect, rect + [200, 500]], shape_type="rectangle")
+    with pytest.raises(ValueError, match="select"):
+        shapes_box(both, image)
+    both.selected_data = {1}
+    assert shapes_box(both, image) == (1040, 500, 1120, 600)
+    with pytest.raises(ValueError, match="no shape"):
+        shapes_box(Shapes(), image)
+    # a ROI reaching past the slide is clipped; one outside it is refused
+    big = Shapes([np.array([[-10.0, -10.0], [-10.0, 5000.0], [10.0, 5000.0], [10.0, -10.0]])])
+    assert shapes_box(big, image) == (0, 0, 2048, 20)
+    # against a spots layer (data in level-0 px too): clipped only at the origin
+    pts = napari.layers.Points(np.array([[0.0, 0.0]]), scale=(0.5, 0.5))
+    assert shapes_box(big, pts) == (0, 0, 10000, 20)
+
+
+def test_spots_in_box_and_clip_box():
+    data = np.array([[10.0, 5.0], [10.0, 15.0], [30.0, 5.0], [19.99, 9.99]])  # (row, col)
+    np.testing.assert_array_equal(spots_in_box(data, (0, 0, 10, 20)), [0, 3])
+    assert clip_box((-3.5, 2.2, 50.1, 60.0), (40, 30)) == (0, 2, 30, 40)
+    with pytest.raises(ValueError):
+        clip_box((40, 0, 50, 10), (40, 30))
+
+
+def test_merge_columns_fills_nan_keeps_and_resets():
+    features = pd.DataFrame({"barcode": list("abcd"), "radius_px": 1.0, "other": [1, 2, 3, 4]})
+    first = merge_columns(features, np.array([1, 3]), np.array([[1, 2], [3, 4]], np.float32), ["G1", "G2"])
+    assert list(first.columns) == ["barcode", "radius_px", "other", "G1", "G2"]
+    np.testing.assert_array_equal(first["G1"].to_numpy(), [np.nan, 1, np.nan, 3])
+    assert first["G1"].dtype == np.float32 and list(first["other"]) == [1, 2, 3, 4]
+    second = merge_columns(first, np.array([0]), np.array([[9, 9]], np.float32), ["G1", "G2"])
+    np.testing.assert_array_equal(second["G2"].to_numpy(), [9, 2, np.nan, 4])  # earlier values kept
+    reset = merge_columns(first, np.array([0]), np.array([[9, 9]], np.float32), ["G1", "G2"], reset=True)
+    np.testing.assert_array_equal(reset["G2"].to_numpy(), [9, np.nan, np.nan, np.nan])
+    with pytest.raises(ValueError):
+        merge_columns(features, np.array([0]), np.zeros((2, 2)), ["G1", "G2"])
+
+
+def test_dense_layer_sits_on_the_slide():
+    """Map pixel (i, j) covers level-0 px [y0 + i s, y0 + (i + 1) s): its centre lands, in world um,
+    where the slide layer puts the centre of that level-0 area."""
+    from napari.layers import Image
+
+    mpp, s = 0.5, 8.0
+    corner = (100.0, 40.0)  # top-left of map pixel (0, 0), continuous level-0 px
+    translate_px = (corner[0] + (s - 1) / 2, corner[1] + (s - 1) / 2)  # centre, napari convention
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    data, kwargs, kind = dense_layer_data(values, translate_px, s, mpp, gene="G1", colormap="magma")
+    layer = Image(data, **kwargs)
+    assert kind == "image" and layer.name == "G1 (dense)" and layer.colormap.name == "magma"
+    slide = Image(np.zeros((400, 400, 3), np.uint8), rgb=True, scale=(mpp, mpp))
+    # level-0 pixels 100..107 (rows) are map row 0: their mean centre is 103.5 in napari's convention
+    world = np.asarray(layer.data_to_world((0, 0)))
+    np.testing.assert_allclose(world, np.asarray(slide.data_to_world((103.5, 43.5))))
+    world = np.asarray(layer.data_to_world((2, 3)))
+    np.testing.assert_allclose(world, np.asarray(slide.data_to_world((100 + 2 * s + 3.5, 40 + 3 * s + 3.5))))
+    lo, hi = kwargs["contrast_limits"]
+    assert lo < hi and kwargs["metadata"]["napari_rapacl"]["gene"] == "G1"
+
+
+def test_robust_limits():
+    assert robust_limits([np.nan, np.nan]) == (0.0, 1.0)
+    lo, hi = robust_limits(np.r_[np.arange(100.0), np.nan])
+    assert 0.9 < lo < 1.1 and 97.9 < hi < 98.1
+    lo, hi = robust_limits([3.0, 3.0])
+    assert hi > lo == 3.0
+
+
+@pytest.mark.gui
+def test_gl_renderer_is_detected(qapp, monkeypatch):
+    """Xvfb gives Mesa's llvmpipe: software rendering (the widgets then skip napari's animated
+    activity bars, see _JobWidget.show_progress); a GPU driver's name is not software."""
+    from napari_rapacl._napari import _widgets
+
+    name = _widgets.gl_renderer()
+    assert name, "no OpenGL renderer found"
+    assert _widgets.software_rendering() == ("llvmpipe" in name.lower() or "swrast" in name.lower())
+    for fake, soft in (("NVIDIA H200/PCIe/SSE2", False), ("llvmpipe (LLVM 15.0.6, 256 bits)", True)):
+        monkeypatch.setattr(_widgets, "gl_renderer", lambda fake=fake: fake)
+        assert _widgets.software_rendering() is soft
+
+
+# --------------------------------------------------------------------------------------------
+# Genes widget (synthetic spots, real viewer)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gui
+def test_gene_widget_search_colours_limits_and_colour_bar(make_napari_viewer, qtbot):
+    from napari_rapacl._napari._widgets import GeneWidget
+
+    viewer = make_napari_viewer(show=True)
+    rng = np.random.default_rng(0)
+    n = 50
+    features = pd.DataFrame(
+        {
+            "barcode": [f"s{i}" for i in range(n)],
+            "radius_px": 5.0,
+            "ERBB2": np.linspace(0, 10, n).astype(np.float32),
+            "GAPDH": rng.normal(size=n).astype(np.float32),
+            "COL1A1": np.r_[np.full(n - 5, np.nan), np.arange(5.0)].astype(np.float32),
+            "n_nuclei": rng.integers(0, 30, n).astype(float),
+        }
+    )
+    points = viewer.add_points(
+        rng.uniform(0, 500, (n, 2)),
+        features=features,
+        size=10,
+        metadata={"napari_rapacl": {"genes": ["ERBB2", "GAPDH", "COL1A1"]}},
+    )
+    widget = GeneWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._layer.value = points
+    # genes first, then other numeric features (spot radiomics); barcode/radius are not offered
+    assert list(widget._gene.choices) == ["ERBB2", "GAPDH", "COL1A1", "n_nuclei"]
+    widget._search.value = "gap"
+    assert list(widget._gene.choices) == ["GAPDH"] and widget._gene.value == "GAPDH"
+    assert points._face.color_properties.name == "GAPDH"
+    widget._search.value = "E"
+    assert list(widget._gene.choices) == ["ERBB2", "n_nuclei"]
+    widget._gene.value = "ERBB2"
+    lo, hi = widget.limits
+    assert lo == pytest.approx(0.1, abs=0.01) and hi == pytest.approx(9.9, abs=0.01)  # 1st/99th pct
+    assert points.face_contrast_limits == pytest.approx((lo, hi), abs=1e-6)
+    top = points.face_color[np.argmax(features["ERBB2"])]
+    np.testing.assert_allclose(top[:3], [0.993, 0.906, 0.144], atol=0.01)  # viridis' yellow end
+
+    # typed limits override the automatic ones; the colour bar follows colormap and limits
+    widget._cmap.value = "magma"
+    widget._hi.value = 20.0
+    assert not widget._auto.value and points.face_contrast_limits[1] == pytest.approx(20.0)
+    bar = widget.colorbar
+    assert bar.hi.text() == "20" and bar.title.text() == "ERBB2" and not bar.bar.pixmap().isNull()
+    np.testing.assert_array_equal(bar.rgb[0, 0], [0, 0, 4])  # magma starts black
+    np.testing.assert_array_equal(bar.rgb[0, -1], [252, 253, 191])  # ... and ends pale yellow
+    widget._auto.value = True
+    assert widget.limits[1] == pytest.approx(9.9, abs=0.01)
+
+    # spots without a value stay transparent; napari's own colour bar toggles
+    widget._search.value = ""
+    widget._gene.value = "COL1A1"
+    assert np.all(points.face_color[: n - 5, 3] == 0) and np.all(points.face_color[n - 5 :, 3] == 1)
+    widget._napari_bar.value = True
+    assert points.face_colorbar.visible
+
+    # spots coloured elsewhere (the Predict widget) show up here, colour bar included
+    from napari_rapacl._napari._widgets import apply_gene_colors
+
+    apply_gene_colors(points, "GAPDH", "plasma", (-1.0, 1.0))
+    assert widget._gene.value == "GAPDH" and widget._cmap.value == "plasma"
+    assert widget.limits == (-1.0, 1.0) and widget.colorbar.title.text() == "GAPDH"
+    # the list follows the layer's features (a prediction landing in them) without recolouring
+    points.metadata = {"napari_rapacl": {"genes": ["MKI67", "ERBB2", "GAPDH", "COL1A1"]}}
+    points.features = features.assign(MKI67=np.ones(n, np.float32))
+    assert "MKI67" in widget._gene.choices
+    assert points._face.color_properties.name == "GAPDH" and widget._gene.value == "GAPDH"
+
+
+# --------------------------------------------------------------------------------------------
+# Predict / Export on a real section: cancel, responsiveness
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def her2st_viewer(make_napari_viewer, data_dir):
+    if timm is None:
+        pytest.skip("prediction needs torch and timm (pip install 'napari-rapacl[torch]')")
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1400, 1000)
+    viewer.open_sample("napari-rapacl", "her2st_c2")
+    return viewer, viewer.layers["her2st C2"], viewer.layers["her2st C2 spots"]
+
+
+def _predict_widget(viewer, image, points, scope="all spots", model="stnet"):
+    from napari_rapacl._napari._widgets import PredictWidget
+
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Predict expression")
+    widget._image.value, widget._spots.value = image, points
+    widget._model.value, widget._scope.value, widget._device.value = model, scope, "cpu"
+    return widget
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_cancel_predict_mid_run_leaves_nothing(her2st_viewer, qtbot, tmp_path):
+    """Cancel after the first tile of a whole-slide prediction with the baseline (resnet18, 224 px):
+    the spots keep their features, no dense layer appears, no metadata changes; the cache holds whole
+    tiles only."""
+    viewer, image, points = her2st_viewer
+    before = points.features.copy()
+    meta_before = dict(points.metadata["napari_rapacl"])
+    n_layers = len(viewer.layers)
+    widget = _predict_widget(viewer, image, points)
+    seen = []
+
+    def on_progress(p):
+        seen.append(p)
+        if p.stage == "predict" and p.done >= 1:
+            widget.cancel()
+
+    widget.show_progress = True  # napari's activity dock, whatever the OpenGL renderer
+    worker = widget.start()
+    assert worker is not None
+    worker.yielded.connect(on_progress)
+    assert worker.pbar is not None  # the job's bar in the activity dock
+    aborted = []
+    worker.aborted.connect(lambda: aborted.append(True))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    total = max(p.total for p in seen if p.stage == "predict")
+    assert total >= 4, "the test needs several tiles to cancel between them"
+    assert aborted and widget.last_result is None
+    assert max(p.done for p in seen if p.stage == "predict") < total
+    pd.testing.assert_frame_equal(points.features, before)
+    assert points.metadata["napari_rapacl"] == meta_before
+    assert len(viewer.layers) == n_layers
+    assert "cancelled" in widget.status
+    assert 1 <= len(widget.cache) < total and widget._run.enabled
+    assert worker.pbar.total == total and 1 <= worker.pbar.n < total  # the bar followed the tiles
+
+    # exporting the layer (nothing predicted) fails cleanly and writes no file
+    from napari_rapacl._napari._widgets import ExportWidget
+
+    export = ExportWidget(viewer)
+    export._spots.value = points
+    out = tmp_path / "nothing.h5ad"
+    export._path.value = str(out)
+    assert export.start() is None
+    assert not out.exists() and "no predicted genes" in export.status
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_export_cancelled_before_writing_leaves_no_file(her2st_viewer, qtbot, tmp_path):
+    from napari_rapacl._napari._widgets import ExportWidget
+
+    viewer, image, points = her2st_viewer
+    genes = ["G1", "G2"]
+    values = np.random.default_rng(0).normal(size=(len(points.data), 2)).astype(np.float32)
+    points.features = merge_columns(points.features, np.arange(len(values)), values, genes)
+    points.metadata = {
+        **points.metadata,
+        "napari_rapacl": {**points.metadata["napari_rapacl"], "genes": genes},
+    }
+    widget = ExportWidget(viewer)
+    widget._spots.value = points
+    out = tmp_path / "cancelled.h5ad"
+    widget._path.value = str(out)
+    assert widget.start() is not None
+    widget.cancel()  # before the worker reaches its second yield (the AnnData is built in between)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert not out.exists() and widget.written is None and "cancelled" in widget.status
+    assert not list(tmp_path.iterdir()), "a temporary file was left behind"
+    # the same export, not cancelled, writes the file
+    out2 = tmp_path / "done.h5ad"
+    widget._path.value = str(out2)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert out2.is_file() and widget.written == out2 and str(out2) in widget.status
+    assert [p.name for p in tmp_path.iterdir()] == ["done.h5ad"]
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_ui_thread_keeps_running_while_predicting(her2st_viewer, qtbot):
+    """A QTimer ticking every 20 ms in the UI thread keeps firing while the baseline predicts the
+    spots of a 1500 px view in the worker."""
+    from qtpy.QtCore import QTimer
+
+    from napari_rapacl._napari._widgets import software_rendering
+
+    viewer, image, points = her2st_viewer
+    mpp = image.metadata["napari_rapacl"]["mpp"]
+    from napari_rapacl._napari._widgets import viewer_camera
+
+    cam = viewer_camera(viewer)
+    cam.center = (0, *(np.median(points.data, axis=0) * mpp))
+    cam.zoom = viewer.canvas.size[1] / (1500 * mpp)
+    qtbot.wait(300)
+    widget = _predict_widget(viewer, image, points, scope="visible region")
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    t0 = time.perf_counter()
+    worker = widget.start()
+    # the default: an activity-dock bar unless OpenGL renders on the CPU (see _JobWidget.show_progress)
+    assert (getattr(worker, "pbar", None) is None) == software_rendering()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    t1 = time.perf_counter()
+    timer.stop()
+    during = np.array([t for t in ticks if t0 <= t <= t1])
+    duration = t1 - t0
+    assert duration > 1.0, "the prediction was too short to tell anything"
+    gaps = np.diff(np.r_[t0, during, t1])
+    print(f"UI ticks: {len(during)} in {duration:.2f} s, longest gap {gaps.max():.3f} s")
+    assert len(during) >= 5 * duration, (len(during), duration)  # >= 5 ticks per second of work
+    assert gaps.max() < 1.0, f"the UI thread was blocked for {gaps.max():.2f} s"
+    genes = points.metadata["napari_rapacl"]["genes"]
+    done = np.isfinite(points.features[genes].to_numpy()).all(axis=1)
+    assert done.sum() == len(widget.last_result.index) >= 10  # the view's spots were predicted
