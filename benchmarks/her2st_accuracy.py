@@ -113,7 +113,33 @@ def overrides_for(model: str, overrides: list[str]) -> list[str]:
     return out
 
 
-def run_deep(model: str, fold_list, runs: Path, extra: list[str], radiomics_dir: Path | None) -> dict:
+def _fold_result(run_dir: Path, test: str) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = {k: v for k, v in metrics["test"][test].items() if not isinstance(v, (list, dict))}
+    out["best_epoch"] = metrics.get("best_epoch")
+    return out
+
+
+def collect(model: str, fold_list, runs: Path) -> dict:
+    """Results of the folds whose runs finished (e.g. after an interrupted benchmark), from their
+    ``metrics.json``; ``seconds`` is the wall time between the run's config and metrics files."""
+    results = {}
+    for f in fold_list:
+        test = f["test"][0]
+        last = runs / (f"rapacl_stage2_{test}" if model == "rapacl" else f"{model}_{test}")
+        first = runs / f"rapacl_stage1_{test}" if model == "rapacl" else last
+        if not (last / "metrics.json").exists():
+            continue
+        results[test] = _fold_result(last, test)
+        start = (first / "config.yaml").stat().st_mtime
+        results[test]["seconds"] = (last / "metrics.json").stat().st_mtime - start
+    return results
+
+
+def run_deep(
+    model: str, fold_list, runs: Path, extra: list[str], radiomics_dir: Path | None, save=None
+) -> dict:
+    """Train and test ``model`` on every fold; ``save(results)`` is called after each fold."""
     extra = overrides_for(model, extra)
     results = {}
     for f in fold_list:
@@ -131,12 +157,11 @@ def run_deep(model: str, fold_list, runs: Path, extra: list[str], radiomics_dir:
             )  # fmt: skip
         else:
             result = _train(f"{model}_her2st.yaml", f, runs / f"{model}_{test}", extra)
-        metrics = json.loads((Path(result.out_dir) / "metrics.json").read_text())
-        section = metrics["test"][test]
-        results[test] = {k: v for k, v in section.items() if not isinstance(v, (list, dict))}
-        results[test]["best_epoch"] = result.best_epoch
+        results[test] = _fold_result(Path(result.out_dir), test)
         results[test]["seconds"] = time.perf_counter() - t0
         log.info("%s %s: pcc_m %.3f", model, test, results[test]["pcc_m"])
+        if save is not None:
+            save(results)
     return results
 
 
@@ -168,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default=str(REPO / "outputs" / "benchmark_runs"))
     parser.add_argument("--radiomics-dir", default=None)
     parser.add_argument(
+        "--collect", action="store_true", help="only read the finished runs under --runs into --out"
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         help="key=value overrides for every deep run (e.g. optim.epochs=20), or model:key=value for one "
@@ -182,19 +210,27 @@ def main(argv: list[str] | None = None) -> None:
     fold_list = [f for f in folds() if f["test"][0] in args.sections]
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    for model in args.models:
-        t0 = time.perf_counter()
-        if model == "ridge":
-            per = run_ridge(fold_list, genes)
-        else:
-            rad = Path(args.radiomics_dir) if args.radiomics_dir else None
-            per = run_deep(model, fold_list, Path(args.runs), list(args.overrides), rad)
+
+    def save(model: str, per: dict) -> None:
         results.setdefault(model, {}).update(per)
-        log.info("%s done in %.0f s", model, time.perf_counter() - t0)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(out)
+
+    for model in args.models:
+        t0 = time.perf_counter()
+        if args.collect:
+            per = {} if model == "ridge" else collect(model, fold_list, Path(args.runs))
+        elif model == "ridge":
+            per = run_ridge(fold_list, genes)
+        else:
+            rad = Path(args.radiomics_dir) if args.radiomics_dir else None
+            per = run_deep(
+                model, fold_list, Path(args.runs), list(args.overrides), rad, lambda r, m=model: save(m, r)
+            )
+        save(model, per)
+        log.info("%s done in %.0f s", model, time.perf_counter() - t0)
     print(table(results))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,24 @@ def images_to_tensor(patches: np.ndarray, device: str = "cpu") -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def check_spot_model(model: Any, radius: Any) -> set[str]:
+    """The model's ``predict_inputs``, checked for prediction from the slide alone (image, and the spot
+    radius for models that aggregate over the spot); raises :class:`RapaclInputError` otherwise."""
+    from ._errors import RapaclInputError
+
+    name = getattr(model, "model_name", type(model).__name__)
+    needs = set(getattr(model, "predict_inputs", ("image",)))
+    unsupported = needs - {"image", "radius_px"}
+    if unsupported:
+        raise RapaclInputError(
+            f"model {name!r} needs {sorted(unsupported)} at prediction time, which spot inference from the "
+            "slide alone does not provide"
+        )
+    if "radius_px" in needs and radius is None:
+        raise RapaclInputError(f"model {name!r} aggregates over each spot: pass radius= (level-0 px)")
+    return needs
+
+
 def iter_predict_spots(
     model: torch.nn.Module,
     slide: Slide,
@@ -65,24 +83,15 @@ def iter_predict_spots(
     """
     import torch
 
-    from ._errors import RapaclInputError
     from .preprocess import iter_patches
 
     device = resolve_device(device)
     model = model.to(device).eval()
     cfg = model.config
-    needs = set(getattr(model, "predict_inputs", ("image",)))
-    unsupported = needs - {"image", "radius_px"}
-    if unsupported:
-        raise RapaclInputError(
-            f"model {getattr(model, 'model_name', type(model).__name__)!r} needs {sorted(unsupported)} at "
-            "prediction time, which spot inference from the slide alone does not provide"
-        )
+    needs = check_spot_model(model, radius)
     n = len(x)
     radius_px = None
     if "radius_px" in needs:
-        if radius is None:
-            raise RapaclInputError("this model aggregates over each spot: pass radius= (level-0 px)")
         # spot radius in the model's patch pixels
         scale = slide.require_mpp("spot-size aware prediction") / cfg.mpp
         radius_px = np.broadcast_to(np.asarray(radius, dtype=np.float32) * scale, (n,)).copy()

@@ -402,18 +402,9 @@ def _check_spots(x: Any, y: Any, radius: Any) -> tuple[np.ndarray, np.ndarray, n
 
 
 def _check_model_for_spots(model: Any, radius: np.ndarray | None) -> None:
-    needs = set(getattr(model, "predict_inputs", ("image",)))
-    unsupported = needs - {"image", "radius_px"}
-    if unsupported:
-        raise RapaclInputError(
-            f"model {getattr(model, 'model_name', type(model).__name__)!r} needs {sorted(unsupported)} at "
-            "prediction time, which spot inference from the slide alone does not provide"
-        )
-    if "radius_px" in needs and radius is None:
-        raise RapaclInputError(
-            f"model {getattr(model, 'model_name', type(model).__name__)!r} aggregates over each spot: "
-            "pass radius= (level-0 px)"
-        )
+    from .inference import check_spot_model
+
+    check_spot_model(model, radius)
 
 
 # --------------------------------------------------------------------------------------------
