@@ -407,6 +407,17 @@ def zscore_apply(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray
 # --------------------------------------------------------------------------------------------
 # patches
 # --------------------------------------------------------------------------------------------
+def check_spot_xy(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Spot centres as two finite 1-D float64 arrays of equal length (level-0 px)."""
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    if x.ndim != 1 or x.shape != y.shape:
+        raise RapaclInputError(f"spot x and y must be 1-D and of equal length, got {x.shape} and {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise RapaclInputError("spot coordinates contain NaN or infinite values")
+    return x, y
+
+
 def _check_patch_args(
     slide: Slide, x: Any, y: Any, size: Any, mpp: Any, batch_size: Any = 1
 ) -> tuple[np.ndarray, np.ndarray, int, float, float]:
@@ -420,12 +431,7 @@ def _check_patch_args(
         raise RapaclInputError(f"patch mpp must be a number (microns per pixel), got {mpp!r}") from None
     if not (math.isfinite(mpp) and mpp > 0):
         raise RapaclInputError(f"patch mpp must be a positive number of microns per pixel, got {mpp!r}")
-    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
-    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
-    if x.ndim != 1 or x.shape != y.shape:
-        raise RapaclInputError(f"spot x and y must be 1-D and of equal length, got {x.shape} and {y.shape}")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise RapaclInputError("spot coordinates contain NaN or infinite values")
+    x, y = check_spot_xy(x, y)
     slide_mpp = slide.require_mpp("patch extraction")
     return x, y, int(size), mpp, float(slide_mpp)
 

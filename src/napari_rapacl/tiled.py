@@ -382,12 +382,9 @@ def _check_box(box: Any, slide: Slide, what: str = "box") -> tuple[float, float,
 
 
 def _check_spots(x: Any, y: Any, radius: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    xs = np.atleast_1d(np.asarray(x, dtype=np.float64))
-    ys = np.atleast_1d(np.asarray(y, dtype=np.float64))
-    if xs.ndim != 1 or xs.shape != ys.shape:
-        raise RapaclInputError(f"spot x and y must be 1-D and of equal length, got {xs.shape} and {ys.shape}")
-    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
-        raise RapaclInputError("spot coordinates contain NaN or infinite values")
+    from .preprocess import check_spot_xy
+
+    xs, ys = check_spot_xy(x, y)
     rs = None
     if radius is not None:
         try:
