@@ -165,6 +165,77 @@ def test_closing_mid_way_keeps_whole_tiles_and_a_rerun_completes(stnet, slide, s
     np.testing.assert_allclose(result.values, reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scheduler", [None, "threads"])
+def test_view_first_hands_out_the_box_before_completing_the_tiles(
+    stnet, slide, spots, reference, monkeypatch, scheduler
+):
+    import napari_rapacl.tiled as tiled
+
+    x, y = spots
+    predicted = []
+    real = tiled._predict_tile
+
+    def spy(model, sl, xx, yy, *args):
+        predicted.append(len(xx))
+        return real(model, sl, xx, yy, *args)
+
+    monkeypatch.setattr(tiled, "_predict_tile", spy)
+    box = (300, 260, 600, 500)  # 12 spots: 9 of tile (1, 1) (16 spots), 3 of tile (1, 2) (12)
+    inside = np.flatnonzero((x >= 300) & (x < 600) & (y >= 260) & (y < 500))
+    cache = TileCache()
+    gen = iter_predict_region(
+        stnet, slide, x, y, box=box, tile_px=TILE, cache=cache, device="cpu", batch_size=3,
+        view_first=True, scheduler=scheduler,
+    )
+    result, progress = _drain(gen)
+    stages = [(p.stage, p.done, p.total) for p in progress]
+    # the view's 12 spots in 4 batches first, then the two tiles (their 16 other spots)
+    assert len(inside) == 12
+    assert stages[:6] == [("predict", 0, 2)] + [("predict view", i, 4) for i in range(5)]
+    assert stages[6:] == [("predict", 1, 2), ("predict", 2, 2)]
+    partial = [p.result for p in progress if p.result is not None]
+    assert len(partial) == 1 and progress[5].result is partial[0]
+    np.testing.assert_array_equal(partial[0].index, inside)
+    np.testing.assert_array_equal(partial[0].values, result.values)
+    np.testing.assert_allclose(result.values, reference[inside], atol=1e-5, rtol=0)
+    # every spot of the two tiles predicted once: 4 x 3 in the view, 7 + 9 outside it
+    assert sorted(predicted) == [3, 3, 3, 3, 7, 9] and sum(predicted) == 28
+    assert result.tiles_computed == 2 == len(cache)
+    # the cache holds whole tiles, equal to those of a plain run
+    plain_cache = TileCache()
+    predict_region(stnet, slide, x, y, box=box, tile_px=TILE, cache=plain_cache, device="cpu")
+    for key in list(plain_cache._data):
+        np.testing.assert_allclose(cache.get(key), plain_cache.get(key), atol=1e-5, rtol=0)
+    # a rerun is served from the cache: no view stage
+    again, progress = _drain(
+        iter_predict_region(stnet, slide, x, y, box=box, tile_px=TILE, cache=cache, view_first=True)
+    )
+    assert {p.stage for p in progress} == {"predict"} and again.tiles_computed == 0
+    np.testing.assert_array_equal(again.values, result.values)
+
+
+def test_view_first_cancelled_after_the_view_caches_no_partial_tile(stnet, slide, spots, reference):
+    x, y = spots
+    cache = TileCache()
+    box = (300, 260, 600, 500)
+    gen = iter_predict_region(
+        stnet, slide, x, y, box=box, tile_px=TILE, cache=cache, device="cpu", view_first=True
+    )
+    partial = None
+    while partial is None:
+        partial = next(gen).result
+    gen.close()
+    assert len(cache) == 0  # the tiles' other spots were not predicted: nothing cached
+    inside = np.flatnonzero((x >= 300) & (x < 600) & (y >= 260) & (y < 500))
+    np.testing.assert_allclose(partial.values, reference[inside], atol=1e-5, rtol=0)
+    # a box that covers whole tiles has nothing to predict "first": plain tile order
+    whole = (0, 0, 512, 256)
+    _, progress = _drain(
+        iter_predict_region(stnet, slide, x, y, box=whole, tile_px=TILE, cache=False, view_first=True)
+    )
+    assert [p.stage for p in progress] == ["predict"] * 3
+
+
 def test_local_schedulers_give_the_same_result(stnet, slide, spots, reference):
     for scheduler in ("synchronous", "threads"):
         result, progress = _drain(

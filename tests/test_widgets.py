@@ -393,3 +393,68 @@ def test_ui_thread_keeps_running_while_predicting(her2st_viewer, qtbot):
     genes = points.metadata["napari_rapacl"]["genes"]
     done = np.isfinite(points.features[genes].to_numpy()).all(axis=1)
     assert done.sum() == len(widget.last_result.index) >= 10  # the view's spots were predicted
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_predict_shows_the_view_before_completing_its_tiles(her2st_viewer, qtbot):
+    """The view's spots are coloured as soon as they are predicted, before the other spots of the
+    tiles around the view; a cancel then keeps them (consistent: every spot of the view) and caches no
+    incomplete tile; a full run gives the same values and fills the cache."""
+    from napari_rapacl._napari._widgets import viewer_camera
+    from napari_rapacl._napari.layers import spots_in_box
+
+    viewer, image, points = her2st_viewer
+    widget = _predict_widget(viewer, image, points, scope="visible region")
+    qtbot.wait(300)  # the dock settles the canvas size, then the view is set: it stays for every run
+    mpp = image.metadata["napari_rapacl"]["mpp"]
+    cam = viewer_camera(viewer)
+    cam.center = (0, *(np.median(points.data, axis=0) * mpp))
+    cam.zoom = viewer.canvas.size[1] / (1500 * mpp)
+    qtbot.wait(300)
+    from qtpy.QtCore import Qt
+
+    shown, cached_then = [], []
+
+    def on_progress(p):  # queued, in the UI thread: the widget's slot (connected first) has applied it
+        if p.result is not None:
+            genes = points.metadata["napari_rapacl"]["genes"]
+            shown.append((p.result, points.features[genes].to_numpy().copy()))
+
+    def in_worker(p):  # direct, in the worker thread, before it goes on: what "Cancel" does, at once
+        if p.result is not None:
+            cached_then.append(len(widget.cache))
+            worker.quit()
+
+    worker = widget.start()
+    worker.yielded.connect(in_worker, Qt.ConnectionType.DirectConnection)
+    worker.yielded.connect(on_progress)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    assert len(shown) == 1, "no partial result was shown"
+    part, values = shown[0]
+    box = part.box
+    in_view = spots_in_box(points.data, box)
+    np.testing.assert_array_equal(part.index, in_view)
+    assert len(in_view) >= 10 and part.partial
+    finite = np.isfinite(values).all(axis=1)
+    assert finite[in_view].all() and finite.sum() == len(in_view)  # exactly the view, nothing else
+    np.testing.assert_array_equal(values[in_view], part.values)
+    assert cached_then == [0]  # handed out before the first tile was complete
+    assert "cancelled after the" in widget.status and widget.last_result is None
+    assert len(widget.cache) == 0  # the tiles around the view were not completed: none cached
+    # kept after the cancel: the view, coloured
+    kept = points.features[points.metadata["napari_rapacl"]["genes"]].to_numpy()
+    np.testing.assert_array_equal(kept[in_view], part.values)
+    assert len(np.unique(points.face_color[in_view].round(3), axis=0)) > 1
+
+    # the same view to the end: same values, the tiles complete in the cache, a rerun only reads it
+    n_cached = len(widget.cache)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    res = widget.last_result
+    np.testing.assert_array_equal(res.index, in_view)
+    np.testing.assert_allclose(res.values, part.values, atol=1e-5, rtol=0)
+    assert res.tiles_computed + res.tiles_cached >= 1 and res.tiles_cached == n_cached
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    assert widget.last_result.tiles_computed == 0 and "0 tiles computed" in widget.status

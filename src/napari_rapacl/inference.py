@@ -6,7 +6,7 @@ can simply call :func:`predict_spots`.
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,11 +19,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Progress:
-    """One step of a long job: ``done`` of ``total`` units of ``stage`` are finished."""
+    """One step of a long job: ``done`` of ``total`` units of ``stage`` are finished.
+
+    ``result`` optionally carries something usable before the job ends (a partial result, e.g. the
+    predictions of a viewer's view before the tiles around it are complete); it takes no part in
+    comparisons.
+    """
 
     stage: str
     done: int
     total: int
+    result: Any = field(default=None, compare=False, repr=False)
 
 
 def resolve_device(device: str = "auto") -> str:

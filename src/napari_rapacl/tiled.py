@@ -729,6 +729,7 @@ def iter_predict_region(
     device: str = "auto",
     batch_size: int = 64,
     scheduler: Any = None,
+    view_first: bool = False,
 ) -> Generator[Progress, None, RegionPrediction]:
     """Predict the spots inside ``box``, tile by tile, through a cache.
 
@@ -758,12 +759,18 @@ def iter_predict_region(
         None (tiles in this thread), ``"threads"``, ``"processes"``, ``"synchronous"``, a
         ``dask.distributed.Client``, a cluster (``LocalCluster``...) or a scheduler address (see the
         module docstring).
+    view_first
+        Predict the box's own spots first (in batches of ``batch_size``, stage ``"predict view"``) and
+        yield them as soon as they are known -- a ``Progress`` whose ``result`` is the complete
+        :class:`RegionPrediction` of the box -- then predict the rest of the tiles' spots to complete
+        the cache (stage ``"predict"``). A viewer shows the view after the cost of its own spots
+        instead of that of every spot of the tiles it touches; the returned result is the same.
 
     Yields
     ------
     Progress
         ``("predict", tiles_done, tiles_total)``: once at the start, then after every tile (cached
-        tiles included).
+        tiles included); with ``view_first``, ``("predict view", batches_done, batches_total)`` too.
 
     Returns
     -------
@@ -788,45 +795,112 @@ def iter_predict_region(
     mkey = model_key(model) if store is not None else None
     skey = slide_key(slide) if store is not None else None
 
+    def task(members: np.ndarray) -> tuple:
+        r_m = None if rs is None else np.ascontiguousarray(rs[members])
+        return xs[members], ys[members], r_m, int(batch_size), device
+
     results: dict[tuple[int, int], np.ndarray] = {}
     keys: dict[tuple[int, int], tuple] = {}
-    todo: list[tuple[Any, tuple]] = []
+    pending: dict[tuple[int, int], np.ndarray] = {}
     done = 0
     for tile, members in tiles:
-        r_t = None if rs is None else np.ascontiguousarray(rs[members])
         if store is not None:
-            kind = (
-                f"spots/{tile_px}/{_hash_arrays(xs[members], ys[members], *(() if r_t is None else (r_t,)))}"
-            )
-            keys[tile] = (mkey, skey, kind, tile)
+            r_t = () if rs is None else (np.ascontiguousarray(rs[members]),)
+            keys[tile] = (mkey, skey, f"spots/{tile_px}/{_hash_arrays(xs[members], ys[members], *r_t)}", tile)
             hit = store.get(keys[tile])
             if hit is not None:
                 results[tile] = hit
                 done += 1
                 yield Progress("predict", done, total)
                 continue
-        todo.append((tile, (xs[members], ys[members], r_t, int(batch_size), device)))
+        pending[tile] = members
     cached = done
 
-    runner = _run_tasks(model, slide, todo, scheduler)
+    # the box's spots in tiles still to predict: first, when asked and when the tiles hold more
+    view = np.zeros(0, dtype=np.int64)
+    if view_first and pending:
+        in_pending = np.concatenate(list(pending.values()))
+        candidates = np.intersect1d(in_pending, index)
+        if len(candidates) < len(in_pending):
+            view = candidates
+    view_values = np.empty((len(view), n_genes), dtype=np.float32)
+    chunks = [(s, min(s + int(batch_size), len(view))) for s in range(0, len(view), int(batch_size))]
+    rest = {tile: np.setdiff1d(members, view, assume_unique=True) for tile, members in pending.items()}
+    tasks = [(("view", a, b), task(view[a:b])) for a, b in chunks]
+    tasks += [(("tile", tile), task(r)) for tile, r in rest.items() if len(r)]
+    rest_values: dict[tuple[int, int], np.ndarray] = {}
+    if chunks:
+        yield Progress("predict view", 0, len(chunks))
+
+    def assemble(tile: tuple[int, int]) -> np.ndarray:
+        members = pending[tile]
+        values = np.empty((len(members), n_genes), dtype=np.float32)
+        in_view = np.isin(members, view, assume_unique=True)
+        values[in_view] = view_values[np.searchsorted(view, members[in_view])]
+        if not in_view.all():
+            values[~in_view] = rest_values[tile]
+        return values
+
+    def finish(tile: tuple[int, int]) -> Progress:
+        nonlocal done
+        results[tile] = values = assemble(tile)
+        if store is not None:
+            store.put(keys[tile], values)
+        done += 1
+        return Progress("predict", done, total)
+
+    chunks_done = 0
+    view_ready = not chunks  # a tile is finished once the view and its own rest are predicted
+    runner = _run_tasks(model, slide, tasks, scheduler)
     try:
-        for tile, values in runner:
+        for tag, values in runner:
             values = np.asarray(values, dtype=np.float32)
-            if store is not None:
-                store.put(keys[tile], values)
-            results[tile] = values
-            done += 1
-            yield Progress("predict", done, total)
+            if tag[0] == "tile":
+                rest_values[tag[1]] = values
+                if view_ready:
+                    yield finish(tag[1])
+                continue
+            view_values[tag[1] : tag[2]] = values
+            chunks_done += 1
+            view_ready = chunks_done == len(chunks)
+            partial = None
+            if view_ready:  # the box is complete: hand it out, then finish the tiles
+                rows = {**results, **_view_rows(pending, view, view_values)}
+                partial = RegionPrediction(index, _gather(index, tiles, rows, n_genes), total - cached, cached)
+            yield Progress("predict view", chunks_done, len(chunks), result=partial)
+            if view_ready:
+                for tile in pending:  # tiles all inside the box, and those whose rest came first
+                    if tile not in results and (len(rest[tile]) == 0 or tile in rest_values):
+                        yield finish(tile)
     finally:
         runner.close()
+    return RegionPrediction(index, _gather(index, tiles, results, n_genes), total - cached, cached)
 
+
+def _view_rows(
+    pending: dict[tuple[int, int], np.ndarray], view: np.ndarray, view_values: np.ndarray
+) -> dict[tuple[int, int], np.ndarray]:
+    """Per pending tile, rows for its members with the view's values where known (NaN elsewhere)."""
+    out = {}
+    for tile, members in pending.items():
+        rows = np.full((len(members), view_values.shape[1]), np.nan, dtype=np.float32)
+        in_view = np.isin(members, view, assume_unique=True)
+        rows[in_view] = view_values[np.searchsorted(view, members[in_view])]
+        out[tile] = rows
+    return out
+
+
+def _gather(
+    index: np.ndarray, tiles: list[tuple[tuple[int, int], np.ndarray]], results: dict, n_genes: int
+) -> np.ndarray:
+    """The rows of ``index`` (the box's spots) from per-tile results of every member of each tile."""
     out = np.empty((len(index), n_genes), dtype=np.float32)
     for tile, members in tiles:
         pos = np.searchsorted(index, members)
         pos_c = np.minimum(pos, max(len(index) - 1, 0))
         hit = index[pos_c] == members
         out[pos_c[hit]] = results[tile][hit]
-    return RegionPrediction(index, out, total - cached, cached)
+    return out
 
 
 def predict_region(model, slide, x, y, **kwargs) -> RegionPrediction:

@@ -160,6 +160,7 @@ class PredictResult:
     dense: Any = None  # tiled.DenseMap
     dense_gene: str | None = None
     seconds: dict = field(default_factory=dict)
+    partial: bool = False  # handed out before the end: the box's spots, tiles and dense map still to come
 
 
 def iter_predict(
@@ -175,11 +176,16 @@ def iter_predict(
     tile_px: int = 2048,
     batch_size: int = 64,
     scheduler=None,
+    view_first: bool = False,
 ) -> Generator[Progress, None, PredictResult]:
     """Load the model (unless given loaded), predict the spots inside ``box`` tile by tile through
     :func:`napari_rapacl.tiled.iter_predict_region` (tiles already in ``cache`` cost nothing) and, with
     ``dense`` and a dense model, the dense map of ``dense_gene`` (the model's first gene when it is
     None or not one of the model's; :func:`~napari_rapacl.tiled.iter_predict_dense`).
+
+    With ``view_first`` the spots of the box are predicted before the rest of their tiles, and yielded
+    as soon as they are known: a ``Progress`` whose ``result`` is a ``PredictResult`` with
+    ``partial=True`` (the box's spots, no dense map yet), which a viewer can show at once.
     """
     import time
 
@@ -193,7 +199,7 @@ def iter_predict(
         loaded = load_model_choice(*model_choice)
         yield Progress("load model", 1, 1)
     t1 = time.perf_counter()
-    region = yield from iter_predict_region(
+    spot_job = iter_predict_region(
         loaded.model,
         slide,
         spots.x,
@@ -205,7 +211,31 @@ def iter_predict(
         device=device,
         batch_size=batch_size,
         scheduler=scheduler,
+        view_first=view_first,
     )
+    try:
+        while True:
+            try:
+                progress = next(spot_job)
+            except StopIteration as stop:
+                region = stop.value
+                break
+            if progress.result is not None:  # the box's spots, before the rest of their tiles
+                part = progress.result
+                shown = PredictResult(
+                    loaded=loaded,
+                    box=tuple(int(v) for v in box),
+                    index=np.asarray(part.index, dtype=np.int64),
+                    values=np.asarray(part.values, dtype=np.float32),
+                    tiles_computed=int(part.tiles_computed),
+                    tiles_cached=int(part.tiles_cached),
+                    seconds={"load": t1 - t0, "view": time.perf_counter() - t1},
+                    partial=True,
+                )
+                progress = Progress(progress.stage, progress.done, progress.total, result=shown)
+            yield progress
+    finally:
+        spot_job.close()  # a cancel (GeneratorExit here) stops the tiles too
     t2 = time.perf_counter()
     dense_map = None
     if dense and loaded.is_dense:

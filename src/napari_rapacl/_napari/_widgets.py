@@ -186,8 +186,7 @@ class _JobWidget(Container):
     def _launch(self, gen_fn, *args, desc: str, on_done, **kwargs):
         from napari.qt.threading import thread_worker
 
-        if self._worker is not None:
-            self._say(f"busy: {self._job_desc} is still running")
+        if self._refuse_if_busy():
             return None
 
         # errors go to the status line (and napari's notifications), not re-raised in the event loop
@@ -208,6 +207,14 @@ class _JobWidget(Container):
         self._say(f"{desc}: starting")
         worker.start()
         return worker
+
+    def _refuse_if_busy(self) -> bool:
+        """One job at a time: says so and returns True while one runs (checked before a new job
+        overwrites what the running one will need when it ends)."""
+        if self._worker is not None:
+            self._say(f"busy: {self._job_desc} is still running")
+            return True
+        return False
 
     def cancel(self, *_):
         """Stop the job at its next tile boundary; nothing it computed is written to a layer or file."""
@@ -300,6 +307,8 @@ class CellsWidget(_JobWidget):
         """Start segmenting in a worker thread; returns the worker (tests wait on it), or None."""
         from ._jobs import avoid_llvm_clash, checkpoint_path, iter_cells
 
+        if self._refuse_if_busy():
+            return None
         image, points = self._image.value, self._spots.value
         if image is None:
             self._say("choose a slide layer")
@@ -446,6 +455,8 @@ class PredictWidget(_JobWidget):
         """Start predicting in a worker thread; returns the worker (tests wait on it), or None."""
         from ._jobs import avoid_llvm_clash, iter_predict
 
+        if self._refuse_if_busy():
+            return None
         image, points = self._image.value, self._spots.value
         if image is None or points is None:
             self._say("choose a slide and a spots layer")
@@ -462,6 +473,7 @@ class PredictWidget(_JobWidget):
         spots = spots_from_layer_data(points.data, points.features, slide.mpp)
         model = self._loaded if (self._loaded is not None and key == self._loaded_choice) else choice
         self._pending = (points, box, key, slide.mpp, self._device.value, time.perf_counter())
+        self._shown = None
         return self._launch(
             iter_predict,
             model,
@@ -473,11 +485,55 @@ class PredictWidget(_JobWidget):
             dense=bool(self._dense.value),
             dense_gene=colored_by(points),  # the map of the gene the spots show (else the first)
             tile_px=self.tile_px,
+            view_first=True,  # show the region's spots first, then complete the tiles around it
             desc=f"predict {box}",
             on_done=self._on_done,
         )
 
+    def _on_progress(self, progress):
+        super()._on_progress(progress)
+        part = progress.result
+        if part is not None and getattr(part, "partial", False) and getattr(self, "_job_open", False):
+            self._show_spots(part)  # the region's spots, before the tiles around them are complete
+            self._shown = part
+            self._say(
+                f"{part.loaded.name}: {len(part.index)} spots shown in "
+                f"{time.perf_counter() - self._pending[-1]:.1f} s; completing the tiles for the cache..."
+            )
+
+    def _on_aborted(self):
+        shown = getattr(self, "_shown", None)
+        if shown is None:
+            return super()._on_aborted()
+        self._job_open = False
+        self._say(
+            f"{self._job_desc}: cancelled after the {len(shown.index)} spots of the region were shown "
+            "(the tiles around them were not completed, so nothing was cached)"
+        )
+
     def _on_done(self, res):
+        points = self._pending[0]
+        shown = getattr(self, "_shown", None)
+        same = (
+            shown is not None
+            and np.array_equal(shown.index, res.index)
+            and np.array_equal(shown.values, res.values)
+        )
+        if not same:
+            self._show_spots(res)
+        if res.dense is not None:
+            self._show_dense(res, points, self._pending[3])
+        self.last_result = res
+        genes = res.loaded.genes
+        n_done = int(np.isfinite(points.features[genes[0]].to_numpy(dtype=float)).sum())
+        self._say(
+            f"{res.loaded.name}: {len(res.index)} spots in {time.perf_counter() - self._pending[-1]:.1f} s "
+            f"({res.tiles_computed} tiles computed, {res.tiles_cached} cached); "
+            f"{n_done}/{len(points.data)} predicted"
+        )
+
+    def _show_spots(self, res):
+        """Merge predictions into the spots layer's features (one assignment) and colour the spots."""
         from ._jobs import LoadedModel
 
         points, box, key, mpp, device, t0 = self._pending
@@ -504,15 +560,6 @@ class PredictWidget(_JobWidget):
         if gene not in genes:  # first prediction: colour by the first gene
             gene, cmap = genes[0], "viridis"
         apply_gene_colors(points, gene, cmap if cmap in COLORMAPS else "viridis")
-        if res.dense is not None:
-            self._show_dense(res, points, mpp)
-        self.last_result = res
-        n_done = int(np.isfinite(features[genes[0]].to_numpy(dtype=float)).sum())
-        self._say(
-            f"{loaded.name}: {len(res.index)} spots in {time.perf_counter() - t0:.1f} s "
-            f"({res.tiles_computed} tiles computed, {res.tiles_cached} cached); "
-            f"{n_done}/{len(points.data)} predicted"
-        )
 
     def _show_dense(self, res, points, mpp):
         dense = res.dense
