@@ -296,3 +296,34 @@ def test_avoid_llvm_clash_blocks_triton_only_when_llvm_is_loaded(monkeypatch):
     assert _jobs.avoid_llvm_clash() and sys.modules["triton"] is None
     assert not _jobs.avoid_llvm_clash()  # once is enough
     monkeypatch.delitem(sys.modules, "triton")
+
+
+def test_open_job_places_a_slide_and_its_spots_together(data_dir, tmp_path):
+    from napari_rapacl._errors import SpotsOutsideImageError
+    from napari_rapacl._napari._jobs import iter_open
+    from napari_rapacl.datasets import her2st
+
+    jpg = data_dir / "her2st/data/ST-imgs/C/C2/5714_HE_BT_C2.jpg"
+    selection = data_dir / "her2st/data/ST-spotfiles/C2_selection.tsv"
+    [(img, ikw, ikind), (pts, pkw, pkind)] = _drain(iter_open(jpg, selection))
+    assert (ikind, pkind) == ("image", "points")
+    # the JPEG has no pixel size: the ST array pitch gives it, to both layers (as the her2st sample)
+    sample = her2st("C2")
+    info = ikw["metadata"]["napari_rapacl"]
+    assert info["mpp"] == pytest.approx(sample.slide.mpp) and info["mpp_source"].startswith("spots")
+    assert ikw["scale"] == pkw["scale"] == (info["mpp"], info["mpp"]) and ikw["units"] == ("um", "um")
+    np.testing.assert_allclose(pts, np.column_stack([sample.spots.y, sample.spots.x]))
+    np.testing.assert_allclose(pkw["size"], 2 * sample.spots.radius)
+    assert pkw["metadata"]["napari_rapacl"]["slide_path"] == str(jpg)
+    assert pkw["metadata"]["napari_rapacl"]["library_id"] == "C2"
+    assert list(pkw["features"].columns[:2]) == ["barcode", "radius_px"]
+    # a pixel size given by the user wins; the slide alone opens too
+    [(_, ikw2, _), (_, pkw2, _)] = _drain(iter_open(jpg, selection, mpp=0.25))
+    assert ikw2["scale"] == pkw2["scale"] == (0.25, 0.25)
+    [(_, alone, _)] = _drain(iter_open(jpg))
+    assert alone["metadata"]["napari_rapacl"]["mpp"] is None
+    # spots that are not in this slide's pixels: an error naming the slide, nothing returned
+    csv = tmp_path / "far.csv"
+    csv.write_text("x,y,radius\n10,10,5\n99999,20,5\n")
+    with pytest.raises(SpotsOutsideImageError, match=r"1 of 2 spots.*5714_HE_BT_C2\.jpg"):
+        _drain(iter_open(jpg, csv))

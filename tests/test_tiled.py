@@ -184,8 +184,17 @@ def test_view_first_hands_out_the_box_before_completing_the_tiles(
     inside = np.flatnonzero((x >= 300) & (x < 600) & (y >= 260) & (y < 500))
     cache = TileCache()
     gen = iter_predict_region(
-        stnet, slide, x, y, box=box, tile_px=TILE, cache=cache, device="cpu", batch_size=3,
-        view_first=True, scheduler=scheduler,
+        stnet,
+        slide,
+        x,
+        y,
+        box=box,
+        tile_px=TILE,
+        cache=cache,
+        device="cpu",
+        batch_size=3,
+        view_first=True,
+        scheduler=scheduler,
     )
     result, progress = _drain(gen)
     stages = [(p.stage, p.done, p.total) for p in progress]

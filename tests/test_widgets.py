@@ -458,3 +458,43 @@ def test_predict_shows_the_view_before_completing_its_tiles(her2st_viewer, qtbot
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
     assert widget.last_result.tiles_computed == 0 and "0 tiles computed" in widget.status
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_load_widget_opens_files_and_the_sample(make_napari_viewer, qtbot, data_dir, tmp_path):
+    from napari_rapacl._napari._widgets import SAMPLE, LoadWidget
+
+    viewer = make_napari_viewer(show=True)
+    widget = LoadWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Open slide and spots")
+    jpg = data_dir / "her2st/data/ST-imgs/C/C2/5714_HE_BT_C2.jpg"
+    selection = data_dir / "her2st/data/ST-spotfiles/C2_selection.tsv"
+
+    widget._slide.value = str(tmp_path / "absent.svs")
+    assert widget.start() is None and "slide not found" in widget.status and not len(viewer.layers)
+    widget._slide.value, widget._spots.value = str(jpg), str(selection)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    image, points = viewer.layers["5714_HE_BT_C2"], viewer.layers["5714_HE_BT_C2 spots"]
+    assert image.multiscale and image.rgb and len(points.data) == 187
+    mpp = image.metadata["napari_rapacl"]["mpp"]
+    assert tuple(image.scale) == tuple(points.scale) == (mpp, mpp) and 0.5 < mpp < 2
+    assert tuple(str(u) for u in image.units) == ("micrometer", "micrometer")
+    np.testing.assert_allclose(points.size, 2 * points.features["radius_px"].to_numpy())  # data px
+    assert "187 spots" in widget.status and "um/px (spots" in widget.status
+    # the spots sit on the tissue: mean intensity under them darker than the slide's background
+    level = image.data[-1]
+    ds = image.downsample_factors[-1][0]
+    r, c = (points.data / ds).astype(int).T
+    under = np.asarray(level)[r, c].mean()
+    assert under < np.asarray(level).mean(), "spots not on the tissue"
+
+    # the her2st sample
+    widget._source.value = SAMPLE
+    assert not widget._slide.visible and widget._section.visible
+    widget._section.value = "C3"
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert "her2st C3" in viewer.layers and "her2st C3 spots" in viewer.layers
+    assert viewer.layers["her2st C3"].metadata["napari_rapacl"]["mpp_source"] == "spot-grid"

@@ -866,7 +866,9 @@ def iter_predict_region(
             partial = None
             if view_ready:  # the box is complete: hand it out, then finish the tiles
                 rows = {**results, **_view_rows(pending, view, view_values)}
-                partial = RegionPrediction(index, _gather(index, tiles, rows, n_genes), total - cached, cached)
+                partial = RegionPrediction(
+                    index, _gather(index, tiles, rows, n_genes), total - cached, cached
+                )
             yield Progress("predict view", chunks_done, len(chunks), result=partial)
             if view_ready:
                 for tile in pending:  # tiles all inside the box, and those whose rest came first

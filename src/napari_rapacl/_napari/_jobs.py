@@ -374,6 +374,66 @@ def iter_cells(
 
 
 # --------------------------------------------------------------------------------------------
+# open: a slide and its spots, placed together
+# --------------------------------------------------------------------------------------------
+def iter_open(
+    slide_path: str | Path,
+    spots_path: str | Path | None = None,
+    *,
+    mpp: float | None = None,
+    radius: float | None = None,
+) -> Generator[Progress, None, list[tuple]]:
+    """Open a slide lazily and, optionally, its spots; return napari layer-data tuples
+    ``(data, kwargs, layer_type)`` -- a multiscale Image in um and a Points layer on it.
+
+    ``mpp`` (um per level-0 px) overrides the slide's metadata; when neither gives one, the spots'
+    own pixel size (from a Space Ranger scale factor or the ST array pitch) is used, so both layers
+    share one scale. Spots whose centres lie outside the slide raise an error naming both files.
+    """
+    from ..io.slide import open_slide
+    from ..io.spots import read_spots
+    from .layers import slide_layer_data, spots_layer_data
+
+    steps = 2 if spots_path is not None else 1
+    yield Progress("open", 0, steps)
+    slide = open_slide(slide_path, mpp=mpp)
+    yield Progress("open", 1, steps)
+    layers = []
+    spots = None
+    if spots_path is not None:
+        spots = read_spots(spots_path, radius=radius)
+        spots.check_inside(slide.shape, name=str(slide_path))
+        if slide.mpp is None and spots.mpp is not None:
+            slide = slide.with_mpp(spots.mpp, source=f"spots ({Path(spots_path).name})")
+    layers.append(slide_layer_data(slide))
+    if spots is not None:
+        name = Path(spots_path).name
+        name = name[: -len("_selection.tsv")] if name.endswith("_selection.tsv") else Path(name).stem
+        layers.append(
+            spots_layer_data(
+                spots,
+                mpp=slide.mpp,
+                name=f"{layers[0][1]['name']} spots",
+                library_id=name,
+                slide_path=str(slide.path) if slide.path else None,
+            )
+        )
+        yield Progress("open", 2, steps)
+    return layers
+
+
+def iter_open_sample(section: str) -> Generator[Progress, None, list[tuple]]:
+    """The her2st ``section`` (slide and spots) as layer-data tuples, from the local mirror or the
+    cache (downloaded once, with a checksum, when neither has it)."""
+    from ._sample import her2st_layers
+
+    yield Progress("open sample", 0, 1)
+    layers = her2st_layers(section)
+    yield Progress("open sample", 1, 1)
+    return layers
+
+
+# --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
 def predicted_rows(features: pd.DataFrame, genes: list[str]) -> np.ndarray:
