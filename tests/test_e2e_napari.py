@@ -330,6 +330,26 @@ def test_pixnet_dense_map_on_the_slide(
     genes_w._cmap.value = "magma"
     assert dense.colormap.name == "magma" and dense.visible
     assert points._face.color_properties.name == genes[0]
+    # another gene: its map does not exist yet (hidden map, a hint); Predict computes it, the spots
+    # coming from the tile cache
+    genes_w._gene.value = genes[1]
+    assert not dense.visible and f"no dense map of {genes[1]} yet" in genes_w._status.value
+    _run(qtbot, predict)
+    assert predict.last_result.tiles_computed == 0 and predict.last_result.dense_gene == genes[1]
+    second = viewer.layers[f"{genes[1]} (dense)"]
+    assert second.visible and not dense.visible
+    # another gene's map, on the same grid: compare where the two regions overlap
+    assert tuple(second.scale) == tuple(dense.scale)
+    off = np.round((np.asarray(second.translate) - np.asarray(dense.translate)) / np.asarray(dense.scale))
+    oy, ox = off.astype(int)
+    d2 = np.asarray(second.data)
+    y0c, x0c = max(0, oy), max(0, ox)
+    y1c, x1c = min(data.shape[0], oy + d2.shape[0]), min(data.shape[1], ox + d2.shape[1])
+    assert y1c - y0c > 10 and x1c - x0c > 10
+    first_part, second_part = data[y0c:y1c, x0c:x1c], d2[y0c - oy : y1c - oy, x0c - ox : x1c - ox]
+    assert np.isfinite(second_part).all() and not np.allclose(first_part, second_part)
+    genes_w._gene.value = genes[0]
+    assert dense.visible and not second.visible and "no dense map" not in genes_w._status.value
     _show(viewer, qtbot, centre, 1400, mpp)
     _shot(viewer, qtbot, artifacts_dir, "e2e_05_pixnet_dense.png")
 

@@ -489,6 +489,14 @@ def test_load_widget_opens_files_and_the_sample(make_napari_viewer, qtbot, data_
     r, c = (points.data / ds).astype(int).T
     under = np.asarray(level)[r, c].mean()
     assert under < np.asarray(level).mean(), "spots not on the tissue"
+    # a ROI drawn in a new Shapes layer (napari's default: pixel units) takes the slide's um, so
+    # napari keeps the units (no "Inconsistent units across layers"); explicit units are left alone
+    roi = viewer.add_shapes([[[0, 0], [100, 100]]], shape_type="rectangle", name="ROI")
+    assert tuple(str(u) for u in roi.units) == ("micrometer", "micrometer")
+    assert viewer.layers.extent.units is not None
+    other = viewer.add_shapes(name="mm", units=("mm", "mm"))
+    assert tuple(str(u) for u in other.units) == ("millimeter", "millimeter")
+    viewer.layers.remove(other)
 
     # the her2st sample
     widget._source.value = SAMPLE
@@ -498,3 +506,61 @@ def test_load_widget_opens_files_and_the_sample(make_napari_viewer, qtbot, data_
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
     assert "her2st C3" in viewer.layers and "her2st C3 spots" in viewer.layers
     assert viewer.layers["her2st C3"].metadata["napari_rapacl"]["mpp_source"] == "spot-grid"
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, qtbot, tmp_path, monkeypatch):
+    """The Cells widget's cellpose option: a local model file (random weights, saved with cellpose's
+    own tools; nothing is downloaded) runs through the real cellpose API on a drawn ROI."""
+    pytest.importorskip("cellpose")
+    import torch
+    from cellpose import models
+
+    import napari_rapacl.segmentation as seg
+    from napari_rapacl._napari._widgets import ROI, CellsWidget
+
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "cellpose-models"))
+    monkeypatch.setenv("NAPARI_RAPACL_OFFLINE", "1")
+    torch.manual_seed(0)
+    model_file = tmp_path / "random_cp"
+    models.CellposeModel(gpu=False, pretrained_model=False).net.save_model(str(model_file))
+    seg.clear_cellpose_cache()
+    loaded = []
+    real = seg.load_cellpose_model
+    monkeypatch.setattr(seg, "load_cellpose_model", lambda m, *a, **k: loaded.append(m) or real(m, *a, **k))
+
+    viewer, image, points = her2st_viewer
+    mpp = image.metadata["napari_rapacl"]["mpp"]
+    cy, cx = np.median(points.data, axis=0)
+    x0, y0 = int(cx) - 128, int(cy) - 128
+    rect = np.array([[y0, x0], [y0 + 256, x0 + 256]], float) * mpp  # world (um)
+    widget = CellsWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Cells")
+    roi = viewer.add_shapes([rect], shape_type="rectangle", name="ROI", face_color="transparent")
+    assert viewer.layers.extent.units is not None  # the ROI took the slide's um
+    widget._image.value, widget._scope.value, widget._roi.value = image, ROI, roi
+    assert widget._cp_model.native.isHidden()
+    widget._method.value = "cellpose"
+    assert not widget._cp_model.native.isHidden()  # the model file picker shows for cellpose
+    widget._radiomics.value = False
+
+    widget._cp_model.value = str(tmp_path / "no_such_model")
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert "error" in widget.status and "no_such_model" in widget.status
+    assert not [lyr for lyr in viewer.layers if lyr.name.startswith("nuclei")]
+
+    widget._cp_model.value = str(model_file)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    layer = widget.labels_layer
+    info = layer.metadata["napari_rapacl"]
+    bx0, by0, bx1, by1 = info["box"]  # the ROI, to the pixel (um -> px rounding)
+    assert info["method"] == "cellpose"
+    np.testing.assert_allclose(info["box"], (x0, y0, x0 + 256, y0 + 256), atol=1)
+    lab = np.asarray(layer.data)
+    assert lab.shape == (by1 - by0, bx1 - bx0) and lab.dtype == np.int32
+    assert tuple(layer.translate) == pytest.approx((by0 * mpp, bx0 * mpp))
+    assert [str(m) for m in loaded] and all(str(m) == str(model_file) for m in loaded)
+    assert "nuclei in" in widget.status

@@ -6,7 +6,10 @@ Spot predictions (:func:`iter_predict_region`)
     (the visible region of a viewer, say), only the tiles holding at least one of those spots are
     needed. Each tile is predicted whole (all of its spots, also those outside the box) with
     :func:`~napari_rapacl.inference.iter_predict_spots`, and its ``(n_tile_spots, n_genes)`` result is
-    cached, so panning back to a region costs only cache lookups. The predictions are those of
+    cached, so panning back to a region costs only cache lookups. With ``view_first`` the spots inside
+    the box are predicted first and handed out (a ``Progress`` carrying the box's complete result)
+    before the rest of their tiles, so a viewer shows the view after the cost of its own spots; every
+    spot is still predicted once. The predictions are those of
     :func:`~napari_rapacl.inference.predict_spots` on the same spots (each spot's patch is read and
     predicted independently of the others; batches differ only in floating-point summation order).
     The pixels under a tile's patches are read from the slide in one piece (one dask computation per

@@ -5,13 +5,19 @@ Long work runs as a generator in a ``thread_worker`` (a progress bar in napari's
 thread never waits on it). *Cancel* calls ``worker.quit()``, which stops the generator at its next
 ``yield``, between tiles; results are written into layers only by the ``returned`` handler, in one
 assignment, so a cancelled job leaves every layer as it was (the tile cache keeps the whole tiles
-computed before the cancel, which is consistent and makes the next run faster).
+computed before the cancel, which is consistent and makes the next run faster). One exception, by
+design: *Predict* shows the spots of the requested region as soon as they are all predicted (one
+assignment, from a progress value carrying them), before it completes the tiles around the region for
+the cache; a cancel after that keeps exactly those spots.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +52,8 @@ from .layers import (
 
 if TYPE_CHECKING:
     import napari
+
+log = logging.getLogger(__name__)
 
 COLORMAPS = ["viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 VISIBLE, ROI, ALL = "visible region", "selected ROI", "all spots"
@@ -141,8 +149,67 @@ def software_rendering() -> bool:
     return any(k in name for k in ("llvmpipe", "softpipe", "swrast", "software", "gdi generic"))
 
 
+def _unit_names(layer) -> tuple[str, ...]:
+    return tuple(str(u) for u in getattr(layer, "units", ()) or ())
+
+
+def adopt_world_units(layer, others) -> bool:
+    """Give ``layer`` the units of the ``others`` when it has napari's default (pixel) units and the
+    others all share one other unit (the um of our slide layers). A Shapes layer made with napari's
+    *new layer* button has pixel units while its coordinates are world coordinates (um here): without
+    this napari drops the units (the scale bar's um) and warns "Inconsistent units across layers"
+    whenever the layers change (it still does once, while the layer is inserted, before this runs).
+    Returns True when it changed the units."""
+    mine = _unit_names(layer)
+    if not mine or set(mine) != {"pixel"}:
+        return False
+    theirs = {_unit_names(o) for o in others if o is not layer and _unit_names(o)}
+    if len(theirs) != 1:
+        return False
+    (units,) = theirs
+    if set(units) == {"pixel"} or len(units) != len(mine):
+        return False
+    layer.units = units
+    return True
+
+
+_UNITS_HOOKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def keep_units_consistent(viewer) -> None:
+    """Once per viewer: layers with default pixel units (those there now, and new ones) adopt the
+    slide's world units (:func:`adopt_world_units`)."""
+    if viewer in _UNITS_HOOKED:
+        return
+    for layer in list(viewer.layers):
+        adopt_world_units(layer, list(viewer.layers))
+
+    def on_inserted(event):
+        adopt_world_units(event.value, list(viewer.layers))
+
+    viewer.layers.events.inserted.connect(on_inserted)
+    _UNITS_HOOKED.add(viewer)
+
+
 def _nullable(annotation: str, label: str):
     return create_widget(annotation=annotation, label=label, options={"nullable": True})
+
+
+@dataclass
+class JobFailed:
+    """What :func:`_guarded` returns when the job raised: the exception (traceback logged)."""
+
+    error: BaseException
+
+
+def _guarded(gen_fn, *args, **kwargs):
+    """Run the job generator ``gen_fn(*args, **kwargs)``; an exception ends it with a
+    :class:`JobFailed` result instead of propagating (a cancel, GeneratorExit, still propagates)."""
+    try:
+        return (yield from gen_fn(*args, **kwargs))
+    except Exception as exc:
+        log.error("%s failed", getattr(gen_fn, "__name__", "job"), exc_info=True)
+        return JobFailed(exc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,15 +256,24 @@ class _JobWidget(Container):
         if self._refuse_if_busy():
             return None
 
-        # errors go to the status line (and napari's notifications), not re-raised in the event loop
         show = self.show_progress if self.show_progress is not None else not software_rendering()
         progress = {"desc": desc} if show else None
-        worker = thread_worker(gen_fn, progress=progress, start_thread=False, ignore_errors=True)(
-            *args, **kwargs
+        # an exception in the job comes back as a returned JobFailed (see _guarded), not through the
+        # worker's ``errored`` signal: napari 0.9.2 connects a status callback to ``errored`` that
+        # takes the wrong number of arguments and raises in the event loop
+        worker = thread_worker(_guarded, progress=progress, start_thread=False, ignore_errors=True)(
+            gen_fn, *args, **kwargs
         )
+
+        def returned(result):
+            self._settled()
+            if isinstance(result, JobFailed):
+                self._on_error(result.error)
+            else:
+                on_done(result)
+
         worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._settled)
-        worker.returned.connect(on_done)
+        worker.returned.connect(returned)
         worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
@@ -287,6 +363,7 @@ class LoadWidget(_JobWidget):
         from ..datasets import HER2ST_SECTIONS
 
         self._viewer = viewer
+        keep_units_consistent(viewer)
         self._source = ComboBox(label="open", choices=[FILES, SAMPLE], value=FILES)
         slide_filter = "*.tif *.tiff *.ome.tif *.ome.tiff *.svs *.jpg *.jpeg *.png"
         self._slide = FileEdit(label="slide", mode="r", filter=slide_filter)
@@ -379,6 +456,7 @@ class CellsWidget(_JobWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
+        keep_units_consistent(viewer)
         self._image = create_widget(annotation="napari.layers.Image", label="slide")
         self._scope = ComboBox(label="region", choices=[VISIBLE, ROI], value=VISIBLE)
         self._roi = _nullable("napari.layers.Shapes", "ROI")
@@ -493,6 +571,7 @@ class PredictWidget(_JobWidget):
         from ..tiled import TileCache
 
         self._viewer = viewer
+        keep_units_consistent(viewer)
         self._image = create_widget(annotation="napari.layers.Image", label="slide")
         self._spots = create_widget(annotation="napari.layers.Points", label="spots")
         models = list_models()
@@ -737,6 +816,7 @@ class GeneWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
+        keep_units_consistent(viewer)
         self._layer = create_widget(annotation="napari.layers.Points", label="spots")
         self._search = LineEdit(label="search", value="")
         self._gene = ComboBox(label="gene", choices=self._gene_choices)
@@ -867,7 +947,8 @@ class GeneWidget(Container):
         bars = bool(self._napari_bar.value)
         if hasattr(layer, "face_colorbar"):
             layer.face_colorbar.visible = bars
-        for dense in dense_layers(self._viewer, layer.name):
+        maps = dense_layers(self._viewer, layer.name)
+        for dense in maps:
             mine = dense.metadata[META_KEY].get("gene") == gene
             dense.visible = mine
             if mine:
@@ -875,6 +956,13 @@ class GeneWidget(Container):
                 dense.contrast_limits = robust_limits(dense.data) if self._auto.value else limits
                 if hasattr(dense, "colorbar"):
                     dense.colorbar.visible = bars
+        if maps and not any(d.visible for d in maps):
+            self._status.value = (
+                f"no dense map of {gene} yet: Predict computes it for the coloured gene "
+                "(the spots come from the tile cache)"
+            )
+        elif str(self._status.value).startswith("no dense map"):
+            self._status.value = ""
         self.colorbar.set(cmap, limits, title=gene)
 
 
@@ -889,6 +977,7 @@ class ExportWidget(_JobWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
+        keep_units_consistent(viewer)
         self._spots = create_widget(annotation="napari.layers.Points", label="spots")
         self._scope = ComboBox(label="scope", choices=["all predicted", ROI], value="all predicted")
         self._roi = _nullable("napari.layers.Shapes", "ROI")
