@@ -498,6 +498,14 @@ def test_load_widget_opens_files_and_the_sample(make_napari_viewer, qtbot, data_
     assert tuple(str(u) for u in other.units) == ("millimeter", "millimeter")
     viewer.layers.remove(other)
 
+    # a typed pixel size (four decimals kept) wins over the spots' one, for both layers
+    widget._mpp.value = 0.2527
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    image, points = viewer.layers["5714_HE_BT_C2"], viewer.layers["5714_HE_BT_C2 spots"]
+    assert tuple(image.scale) == tuple(points.scale) == pytest.approx((0.2527, 0.2527))
+    assert image.metadata["napari_rapacl"]["mpp_source"] == "caller"
+
     # the her2st sample
     widget._source.value = SAMPLE
     assert not widget._slide.visible and widget._section.visible

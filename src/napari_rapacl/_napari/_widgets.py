@@ -369,7 +369,8 @@ class LoadWidget(_JobWidget):
         self._slide = FileEdit(label="slide", mode="r", filter=slide_filter)
         self._spots = FileEdit(label="spots", mode="r", filter="*.h5ad *.csv *.tsv *.tsv.gz")
         self._folder = CheckBox(text="spots are a Space Ranger folder", value=False)
-        self._mpp = FloatSpinBox(label="um / px (0: from file)", value=0.0, min=0.0, max=100.0, step=0.01)
+        # step 0.0001: four decimals (Visium full-res images are ~0.25-0.27 um/px)
+        self._mpp = FloatSpinBox(label="um / px (0: from file)", value=0.0, min=0.0, max=100.0, step=0.0001)
         self._section = ComboBox(label="section", choices=list(HER2ST_SECTIONS), value="C2", visible=False)
         super().__init__(
             widgets=[
