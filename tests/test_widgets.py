@@ -572,3 +572,27 @@ def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, q
     assert tuple(layer.translate) == pytest.approx((by0 * mpp, bx0 * mpp))
     assert [str(m) for m in loaded] and all(str(m) == str(model_file) for m in loaded)
     assert "nuclei in" in widget.status
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_predict_widget_builds_the_chosen_model_in_the_background(her2st_viewer, qtbot, tmp_path):
+    viewer, image, points = her2st_viewer
+    widget = _predict_widget(viewer, image, points, scope="visible region", model="stnet_tiny")
+    first = widget.preloaded  # started when the picker changed to stnet_tiny
+    assert widget._preload_key == ("registry", "stnet_tiny")
+    qtbot.waitUntil(first.done, timeout=120_000)
+    loaded = first.result()
+    assert loaded.name == "stnet_tiny" and hasattr(loaded.model, "_rapacl_model_key")  # hashed too
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    res = widget.last_result
+    assert res.loaded is loaded and res.seconds["load"] < 0.5  # the click did not build a model
+    # another model: built in the background as soon as it is picked
+    widget._model.value = "stnet"
+    assert widget.preloaded is not first and widget._preload_key == ("registry", "stnet")
+    # a checkpoint that is not there: nothing is built, Predict says why
+    widget._checkpoint.value = str(tmp_path / "missing.pt")
+    assert widget._preload_key == ("registry", "stnet")
+    assert widget.start() is None and "checkpoint not found" in widget.status
+    qtbot.waitUntil(widget.preloaded.done, timeout=120_000)

@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,6 +144,27 @@ def load_model_choice(name: str | None, checkpoint: str | Path | None) -> Loaded
     )
 
 
+_PRELOADER = None
+
+
+def preload_model(name: str | None, checkpoint: str | Path | None) -> Future:
+    """:func:`load_model_choice` in a background thread (one at a time, in order), with the model's
+    cache key (:func:`napari_rapacl.tiled.model_key`) computed too; returns the Future of the
+    :class:`LoadedModel` (its exception, if loading fails)."""
+    global _PRELOADER
+    if _PRELOADER is None:
+        _PRELOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-rapacl-preload")
+    return _PRELOADER.submit(_load_with_key, name, checkpoint)
+
+
+def _load_with_key(name: str | None, checkpoint: str | Path | None) -> LoadedModel:
+    from ..tiled import model_key
+
+    loaded = load_model_choice(name, checkpoint)
+    model_key(loaded.model)  # memoised on the model
+    return loaded
+
+
 # --------------------------------------------------------------------------------------------
 # predict
 # --------------------------------------------------------------------------------------------
@@ -164,7 +186,7 @@ class PredictResult:
 
 
 def iter_predict(
-    model_choice: tuple[str | None, Path | None] | LoadedModel,
+    model_choice: tuple[str | None, Path | None] | LoadedModel | Future,
     slide: Slide,
     spots: Spots,
     box: Box,
@@ -178,10 +200,11 @@ def iter_predict(
     scheduler=None,
     view_first: bool = False,
 ) -> Generator[Progress, None, PredictResult]:
-    """Load the model (unless given loaded), predict the spots inside ``box`` tile by tile through
-    :func:`napari_rapacl.tiled.iter_predict_region` (tiles already in ``cache`` cost nothing) and, with
-    ``dense`` and a dense model, the dense map of ``dense_gene`` (the model's first gene when it is
-    None or not one of the model's; :func:`~napari_rapacl.tiled.iter_predict_dense`).
+    """Load the model (unless given loaded, or a Future of it from :func:`preload_model`), predict the
+    spots inside ``box`` tile by tile through :func:`napari_rapacl.tiled.iter_predict_region` (tiles
+    already in ``cache`` cost nothing) and, with ``dense`` and a dense model, the dense map of
+    ``dense_gene`` (the model's first gene when it is None or not one of the model's;
+    :func:`~napari_rapacl.tiled.iter_predict_dense`).
 
     With ``view_first`` the spots of the box are predicted before the rest of their tiles, and yielded
     as soon as they are known: a ``Progress`` whose ``result`` is a ``PredictResult`` with
@@ -196,7 +219,10 @@ def iter_predict(
         loaded = model_choice
     else:
         yield Progress("load model", 0, 1)
-        loaded = load_model_choice(*model_choice)
+        if isinstance(model_choice, Future):  # being built in the background (preload_model)
+            loaded = model_choice.result()
+        else:
+            loaded = load_model_choice(*model_choice)
         yield Progress("load model", 1, 1)
     t1 = time.perf_counter()
     spot_job = iter_predict_region(

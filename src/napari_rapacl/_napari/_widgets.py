@@ -600,8 +600,13 @@ class PredictWidget(_JobWidget):
         self.cache = TileCache()
         self._loaded = None
         self._loaded_choice = None
+        self._preload_key = None
+        self.preloaded = None  # a Future of the chosen model, built in the background
         self.last_result = None
         self._checkpoint.changed.connect(self._on_checkpoint)
+        self._checkpoint.changed.connect(self._preload_model)
+        self._model.changed.connect(self._preload_model)
+        self._preload_model()
 
     # -- model -------------------------------------------------------------------------------
     def _choice(self):
@@ -629,6 +634,21 @@ class PredictWidget(_JobWidget):
         if name in self._model.choices:
             self._model.value = name
 
+    def _preload_model(self, *_):
+        """Build the chosen model in the background (imports, weights, the hash that keys its cached
+        tiles), so that a click on Predict starts predicting at once; the job waits for it in its
+        worker thread when it is not ready yet. A choice that cannot load is reported by Predict."""
+        from ._jobs import avoid_llvm_clash, preload_model
+
+        try:
+            key, choice = self._choice()
+        except Exception:  # a missing checkpoint: Predict says so
+            return
+        if key in (self._loaded_choice, self._preload_key):
+            return
+        avoid_llvm_clash()  # before the preloading thread imports torch
+        self._preload_key, self.preloaded = key, preload_model(*choice)
+
     # -- run ---------------------------------------------------------------------------------
     def start(self, *_):
         """Start predicting in a worker thread; returns the worker (tests wait on it), or None."""
@@ -650,7 +670,12 @@ class PredictWidget(_JobWidget):
             return None
         avoid_llvm_clash()  # before the worker imports torch
         spots = spots_from_layer_data(points.data, points.features, slide.mpp)
-        model = self._loaded if (self._loaded is not None and key == self._loaded_choice) else choice
+        if self._loaded is not None and key == self._loaded_choice:
+            model = self._loaded
+        elif key == self._preload_key and self.preloaded is not None:
+            model = self.preloaded  # a Future: the worker waits for it
+        else:
+            model = choice
         self._pending = (points, box, key, slide.mpp, self._device.value, time.perf_counter())
         self._shown = None
         return self._launch(
