@@ -504,3 +504,32 @@ def math_ceil(v: float) -> int:
     import math
 
     return math.ceil(v)
+
+
+def test_frozen_cpu_predictor_equals_the_eager_model_and_follows_the_weights(slide, spots, monkeypatch):
+    from napari_rapacl.inference import frozen_image_predictor
+    from napari_rapacl.models import create_model
+
+    torch.manual_seed(1)
+    model = create_model("stnet_tiny", n_genes=4).eval()
+    x, y = spots
+    frozen = frozen_image_predictor(model, "cpu")
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    assert frozen_image_predictor(model, "cpu") is frozen  # built once
+    fast = predict_spots(model, slide, x, y, device="cpu")
+    eager = predict_spots(model, slide, x, y, device="cpu", optimize=False)
+    np.testing.assert_allclose(fast, eager, atol=1e-5, rtol=0)
+    assert np.abs(eager).max() > 1e-3
+    # weights changed in place (an optimizer step): rebuilt, and the predictions follow
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    again = frozen_image_predictor(model, "cpu")
+    assert again is not frozen
+    np.testing.assert_allclose(predict_spots(model, slide, x, y, device="cpu"), eager + 1.0, atol=1e-5)
+    # not for: training mode, another device, models that do not opt in, or when switched off
+    assert frozen_image_predictor(model.train(), "cpu") is None
+    model.eval()
+    assert frozen_image_predictor(model, "cuda") is None
+    assert frozen_image_predictor(create_model("pixnet_tiny").eval(), "cpu") is None
+    monkeypatch.setenv("NAPARI_RAPACL_NO_FREEZE", "1")
+    assert frozen_image_predictor(model, "cpu") is None

@@ -584,6 +584,12 @@ def test_predict_widget_builds_the_chosen_model_in_the_background(her2st_viewer,
     qtbot.waitUntil(first.done, timeout=120_000)
     loaded = first.result()
     assert loaded.name == "stnet_tiny" and hasattr(loaded.model, "_rapacl_model_key")  # hashed too
+    import torch
+
+    from napari_rapacl.inference import _FROZEN
+
+    # and, for a CPU, its frozen predictor built
+    assert (loaded.model in _FROZEN) == (not torch.cuda.is_available())
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
     res = widget.last_result

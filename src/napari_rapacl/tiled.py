@@ -218,11 +218,6 @@ def _resolve_cache(cache: TileCache | None | bool) -> TileCache | None:
 _MODEL_KEY_ATTR = "_rapacl_model_key"
 
 
-def _param_versions(model: Any) -> tuple:
-    # ``Tensor._version`` grows with every in-place change (optimizer steps, load_state_dict)
-    return tuple(int(getattr(t, "_version", 0)) for t in model.state_dict(keep_vars=True).values())
-
-
 def model_key(model: torch.nn.Module) -> str:
     """A stable hash of ``model``'s weights (state dict bytes) and config.
 
@@ -231,7 +226,9 @@ def model_key(model: torch.nn.Module) -> str:
     """
     import torch
 
-    versions = _param_versions(model)
+    from .inference import param_versions
+
+    versions = param_versions(model)
     memo = getattr(model, _MODEL_KEY_ATTR, None)
     if memo is not None and memo[0] == versions:
         return memo[1]

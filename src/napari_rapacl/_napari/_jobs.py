@@ -149,8 +149,9 @@ _PRELOADER = None
 
 def preload_model(name: str | None, checkpoint: str | Path | None) -> Future:
     """:func:`load_model_choice` in a background thread (one at a time, in order), with the model's
-    cache key (:func:`napari_rapacl.tiled.model_key`) computed too; returns the Future of the
-    :class:`LoadedModel` (its exception, if loading fails)."""
+    cache key (:func:`napari_rapacl.tiled.model_key`) computed and, without a GPU, its frozen CPU
+    predictor (:func:`napari_rapacl.inference.frozen_image_predictor`) built too; returns the Future
+    of the :class:`LoadedModel` (its exception, if loading fails)."""
     global _PRELOADER
     if _PRELOADER is None:
         _PRELOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-rapacl-preload")
@@ -158,10 +159,15 @@ def preload_model(name: str | None, checkpoint: str | Path | None) -> Future:
 
 
 def _load_with_key(name: str | None, checkpoint: str | Path | None) -> LoadedModel:
+    import torch
+
+    from ..inference import frozen_image_predictor
     from ..tiled import model_key
 
     loaded = load_model_choice(name, checkpoint)
     model_key(loaded.model)  # memoised on the model
+    if not torch.cuda.is_available():
+        frozen_image_predictor(loaded.model, "cpu")  # memoised per model and weights
     return loaded
 
 

@@ -209,6 +209,9 @@ class NH2ST(nn.Module):
 
     required_inputs = ("image", "target", "neighbors", "neighbor_target")
     predict_inputs = IMAGE_ONLY
+    #: image-only prediction without data-dependent control flow: frozen with TorchScript for CPU
+    #: inference (:func:`napari_rapacl.inference.frozen_image_predictor`)
+    freeze_for_inference = True
 
     def __init__(self, config: NH2STConfig) -> None:
         super().__init__()

@@ -27,6 +27,9 @@ class STNet(nn.Module):
 
     required_inputs = ("image", "target")
     predict_inputs = IMAGE_ONLY
+    #: image-only prediction without data-dependent control flow: frozen with TorchScript for CPU
+    #: inference (:func:`napari_rapacl.inference.frozen_image_predictor`)
+    freeze_for_inference = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.encoder((images - self.mean) / self.std)
