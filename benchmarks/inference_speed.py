@@ -3,6 +3,9 @@
 For each full-size model: spots/s in eval mode (batch of spot patches at the model's own patch size),
 the FLOPs of one forward (counted with ``torch.utils.flop_counter``), and the fraction of this
 machine's fp32 matmul rate (a 2048^3 ``torch.mm`` measured in the same process) that the model reaches.
+For models that opt in to the frozen TorchScript CPU predictor (``inference.frozen_image_predictor``,
+what ``predict_spots`` runs on a CPU), also its spots/s and its speed-up over the eager model, timed
+interleaved in the same process.
 
     python benchmarks/inference_speed.py [--device cpu|cuda] [--batch 32] [--repeats 3] [--amp]
 
@@ -18,6 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from napari_rapacl.inference import frozen_image_predictor
 from napari_rapacl.models import create_model, list_models
 
 
@@ -69,7 +73,7 @@ def bench_model(name: str, device: str, batch: int, repeats: int, amp: bool) -> 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     best = min(times[1:])  # the first run warms caches and allocators
-    return {
+    row = {
         "model": name,
         "patch": model.config.patch_size,
         "batch": batch,
@@ -77,6 +81,24 @@ def bench_model(name: str, device: str, batch: int, repeats: int, amp: bool) -> 
         "spots_per_s": batch / best,
         "gflop_per_s": flops / best / 1e9,
     }
+    # what predict_spots runs on a CPU for models that opt in: the frozen TorchScript predictor,
+    # timed interleaved with the eager model so both see the same machine
+    frozen = None if amp else frozen_image_predictor(model, device)
+    if frozen is not None:
+        eager_t, frozen_t = [], []
+        with torch.inference_mode():
+            frozen(inputs["image"])  # warm-up
+            for _ in range(repeats):
+                for fn, out in (
+                    (lambda: model.predict(inputs), eager_t),
+                    (lambda: frozen(inputs["image"]), frozen_t),
+                ):
+                    t = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - t)
+        row["frozen_spots_per_s"] = batch / min(frozen_t)
+        row["frozen_over_eager_speed"] = min(eager_t) / min(frozen_t)
+    return row
 
 
 def main() -> None:
@@ -102,9 +124,14 @@ def main() -> None:
         row = bench_model(name, args.device, args.batch, args.repeats, args.amp)
         row["fraction_of_matmul"] = row["gflop_per_s"] * 1e9 / peak
         rows.append(row)
+        frozen = (
+            f"   frozen: {row['frozen_spots_per_s']:.1f} spots/s, {row['frozen_over_eager_speed']:.2f}x eager"
+            if "frozen_spots_per_s" in row
+            else ""
+        )
         print(
             f"{name:<10} {row['patch']:>5} {row['gflop_per_spot']:>11.2f} {row['spots_per_s']:>9.1f} "
-            f"{row['gflop_per_s']:>8.1f} {row['fraction_of_matmul']:>9.2f}"
+            f"{row['gflop_per_s']:>8.1f} {row['fraction_of_matmul']:>9.2f}{frozen}"
         )
     if args.json:
         with open(args.json, "w") as fh:
