@@ -832,12 +832,13 @@ def iter_predict_region(
     if chunks:
         yield Progress("predict view", 0, len(chunks))
 
-    def assemble(tile: tuple[int, int]) -> np.ndarray:
+    def assemble(tile: tuple[int, int], complete: bool = True) -> np.ndarray:
+        """A pending tile's rows: the view's values, then (``complete``) its rest, else NaN."""
         members = pending[tile]
-        values = np.empty((len(members), n_genes), dtype=np.float32)
+        values = np.full((len(members), n_genes), np.nan, dtype=np.float32)
         in_view = np.isin(members, view, assume_unique=True)
         values[in_view] = view_values[np.searchsorted(view, members[in_view])]
-        if not in_view.all():
+        if complete and not in_view.all():
             values[~in_view] = rest_values[tile]
         return values
 
@@ -865,7 +866,7 @@ def iter_predict_region(
             view_ready = chunks_done == len(chunks)
             partial = None
             if view_ready:  # the box is complete: hand it out, then finish the tiles
-                rows = {**results, **_view_rows(pending, view, view_values)}
+                rows = {**results, **{tile: assemble(tile, complete=False) for tile in pending}}
                 partial = RegionPrediction(
                     index, _gather(index, tiles, rows, n_genes), total - cached, cached
                 )
@@ -877,19 +878,6 @@ def iter_predict_region(
     finally:
         runner.close()
     return RegionPrediction(index, _gather(index, tiles, results, n_genes), total - cached, cached)
-
-
-def _view_rows(
-    pending: dict[tuple[int, int], np.ndarray], view: np.ndarray, view_values: np.ndarray
-) -> dict[tuple[int, int], np.ndarray]:
-    """Per pending tile, rows for its members with the view's values where known (NaN elsewhere)."""
-    out = {}
-    for tile, members in pending.items():
-        rows = np.full((len(members), view_values.shape[1]), np.nan, dtype=np.float32)
-        in_view = np.isin(members, view, assume_unique=True)
-        rows[in_view] = view_values[np.searchsorted(view, members[in_view])]
-        out[tile] = rows
-    return out
 
 
 def _gather(
