@@ -80,19 +80,12 @@ def _progress_logger(what: str):
     return report
 
 
-def _drain(gen, report):
-    while True:
-        try:
-            report(next(gen))
-        except StopIteration as stop:
-            return stop.value
-
-
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ._errors import RapaclInputError
     from .export import checkpoint_sha256, to_anndata, write_h5ad
+    from .inference import run_to_completion
     from .io import open_slide, read_spots
     from .models.checkpoint import load_model
     from .tiled import iter_predict_region
@@ -114,7 +107,7 @@ def _predict(args: argparse.Namespace) -> int:
             f"--model {args.model!r} but {args.checkpoint} holds a {ckpt['model']!r} model"
         )
     # the spots are already restricted to the ROI: tile them all, no cache needed for one pass
-    result = _drain(
+    result = run_to_completion(
         iter_predict_region(
             model,
             slide,
@@ -280,6 +273,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from ._errors import RapaclInputError
     from .export import write_h5ad
+    from .inference import run_to_completion
     from .io import open_slide
     from .segmentation import DEFAULT_MAX_AREA_UM2, SEGMENTATION_VERSION, iter_segment_region
 
@@ -314,7 +308,7 @@ def _segment(args: argparse.Namespace) -> int:
         tmp = zarr_out.parent / f".{zarr_out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         try:
-            labels = _drain(
+            labels = run_to_completion(
                 iter_segment_region(
                     slide, *box, level=args.level, method=args.method, tile=args.tile, out=tmp, **kwargs
                 ),

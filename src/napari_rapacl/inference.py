@@ -184,13 +184,16 @@ def iter_predict_spots(
     return out
 
 
-def run_to_completion(gen: Generator[Progress, None, np.ndarray]) -> np.ndarray:
-    """Drain a progress generator and return its value."""
+def run_to_completion(gen: Generator[Progress, None, Any], on_progress=None) -> Any:
+    """Drain a progress generator and return its value; ``on_progress`` (if given) gets each
+    :class:`Progress` it yields."""
     while True:
         try:
-            next(gen)
+            progress = next(gen)
         except StopIteration as stop:
             return stop.value
+        if on_progress is not None:
+            on_progress(progress)
 
 
 def predict_spots(model, slide, x, y, **kwargs) -> np.ndarray:

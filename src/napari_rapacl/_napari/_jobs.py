@@ -253,14 +253,10 @@ def iter_predict(
                 region = stop.value
                 break
             if progress.result is not None:  # the box's spots, before the rest of their tiles
-                part = progress.result
-                shown = PredictResult(
-                    loaded=loaded,
-                    box=tuple(int(v) for v in box),
-                    index=np.asarray(part.index, dtype=np.int64),
-                    values=np.asarray(part.values, dtype=np.float32),
-                    tiles_computed=int(part.tiles_computed),
-                    tiles_cached=int(part.tiles_cached),
+                shown = _predict_result(
+                    loaded,
+                    box,
+                    progress.result,
                     seconds={"load": t1 - t0, "view": time.perf_counter() - t1},
                     partial=True,
                 )
@@ -278,6 +274,18 @@ def iter_predict(
             loaded.model, slide, box, tile_px=tile_px, cache=cache, device=device, genes=[channel]
         )
     t3 = time.perf_counter()
+    return _predict_result(
+        loaded,
+        box,
+        region,
+        dense=dense_map,
+        dense_gene=dense_gene if dense_map is not None else None,
+        seconds={"load": t1 - t0, "spots": t2 - t1, "dense": t3 - t2},
+    )
+
+
+def _predict_result(loaded: LoadedModel, box: Box, region, **extra) -> PredictResult:
+    """A :class:`PredictResult` from a :class:`~napari_rapacl.tiled.RegionPrediction` of ``box``."""
     return PredictResult(
         loaded=loaded,
         box=tuple(int(v) for v in box),
@@ -285,9 +293,7 @@ def iter_predict(
         values=np.asarray(region.values, dtype=np.float32),
         tiles_computed=int(region.tiles_computed),
         tiles_cached=int(region.tiles_cached),
-        dense=dense_map,
-        dense_gene=dense_gene if dense_map is not None else None,
-        seconds={"load": t1 - t0, "spots": t2 - t1, "dense": t3 - t2},
+        **extra,
     )
 
 

@@ -602,6 +602,7 @@ class PredictWidget(_JobWidget):
         self._loaded_choice = None
         self._preload_key = None
         self.preloaded = None  # a Future of the chosen model, built in the background
+        self._shown = None  # the partial result of the running job already written to the layer
         self.last_result = None
         self._checkpoint.changed.connect(self._on_checkpoint)
         self._checkpoint.changed.connect(self._preload_model)
@@ -706,7 +707,7 @@ class PredictWidget(_JobWidget):
             )
 
     def _on_aborted(self):
-        shown = getattr(self, "_shown", None)
+        shown = self._shown
         if shown is None:
             return super()._on_aborted()
         self._job_open = False
@@ -717,7 +718,7 @@ class PredictWidget(_JobWidget):
 
     def _on_done(self, res):
         points = self._pending[0]
-        shown = getattr(self, "_shown", None)
+        shown = self._shown
         same = (
             shown is not None
             and np.array_equal(shown.index, res.index)
