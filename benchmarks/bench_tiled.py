@@ -32,12 +32,13 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from napari_rapacl._atomic import write_text_atomic
 
 SIZE = 50_000
 MPP = 0.5
@@ -295,10 +296,7 @@ def main() -> None:
     results["load_avg_at_end"] = os.getloadavg()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(results, fh, indent=2)
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(results, indent=2))
     print(f"-> {out}")
 
 

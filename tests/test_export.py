@@ -306,3 +306,20 @@ def test_her2st_plots_scanpy_squidpy(c2_h5ad, artifacts_dir, monkeypatch):
     assert len(ax.images) == 1
     ax.figure.savefig(artifacts_dir / "export_C2_squidpy_spatial_scatter.png", dpi=90)
     plt.close("all")
+
+
+def test_write_atomic_leaves_the_old_file_or_the_new_one_never_a_half(tmp_path):
+    from napari_rapacl._atomic import write_atomic, write_text_atomic
+
+    path = tmp_path / "out.txt"
+    write_text_atomic(path, "old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(path, half_then_fail)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert write_atomic(path, lambda tmp: tmp.write_text("new"), suffix=".tmp.txt") == path
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]

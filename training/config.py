@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -27,6 +26,7 @@ from typing import Any, Union
 
 import yaml
 
+from napari_rapacl._atomic import write_atomic
 from napari_rapacl._errors import RapaclInputError
 
 __all__ = [
@@ -575,14 +575,9 @@ def save_config(cfg: TrainConfig | dict[str, Any], path: str | os.PathLike) -> P
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are plain, shareable result files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomic(path, write)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from napari_rapacl._atomic import write_atomic
 from napari_rapacl._errors import RapaclInputError
 
 from .config import DataConfig, normalized_sections
@@ -209,14 +209,12 @@ def load_patches_cached(
             log.warning("cannot read patch cache %s (%s); extracting again", path, exc)
     patches = extract_patches(slide, x, y, size=int(size), mpp=float(mpp))
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
             np.savez(fh, patches=patches)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, save)
     return patches
 
 

@@ -249,20 +249,6 @@ def _cell_radiomics(slide, labels, table, origin, level: int, mpp_level: float, 
     return pd.concat(frames).sort_index()
 
 
-def _write_csv_atomic(df, path: Path) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _segment(args: argparse.Namespace) -> int:
     import os
     import shutil
@@ -271,6 +257,7 @@ def _segment(args: argparse.Namespace) -> int:
     import anndata as ad
     import numpy as np
 
+    from ._atomic import write_atomic
     from ._errors import RapaclInputError
     from .export import write_h5ad
     from .inference import run_to_completion
@@ -345,7 +332,7 @@ def _segment(args: argparse.Namespace) -> int:
             os.replace(tmp, zarr_out)
             tmp = None
         if ".csv" in outs:
-            _write_csv_atomic(table, outs[".csv"])
+            write_atomic(outs[".csv"], lambda tmp: table.to_csv(tmp, index=False))
         if ".h5ad" in outs:
             import pandas as pd
 

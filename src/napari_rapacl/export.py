@@ -23,7 +23,6 @@ import datetime as _dt
 import enum
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ import pandas as pd
 from PIL import Image
 
 from . import __version__
+from ._atomic import write_atomic
 from ._errors import CorruptFileError, DuplicateBarcodeError, RapaclInputError, UnsupportedFormatError
 from .preprocess import NORMALISATION
 
@@ -335,16 +335,7 @@ def write_h5ad(adata: AnnData, path: str | os.PathLike, *, compression: str | No
     if path.is_dir():
         raise RapaclInputError(f"cannot write {path}: it is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.h5ad")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        adata.write_h5ad(tmp, compression=compression)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: adata.write_h5ad(tmp, compression=compression), suffix=".tmp.h5ad")
 
 
 def checkpoint_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._atomic import write_atomic
 from .._errors import CorruptFileError, RapaclInputError
 from .config import save_config_yaml
 from .registry import create_model, get_entry
@@ -60,14 +60,7 @@ def save_checkpoint(
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
     payload.update(extra)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
     save_config_yaml(model.config, config_path_for(path), model=model.model_name)
     return path
 

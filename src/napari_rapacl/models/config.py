@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from .._atomic import write_text_atomic
 from .._errors import RapaclInputError
 
 C = TypeVar("C", bound="ModelConfig")
@@ -65,12 +65,4 @@ def save_config_yaml(config: ModelConfig, path: str | os.PathLike, *, model: str
     """Write ``{model: name, config: {...}}`` as YAML, atomically."""
     path = Path(path)
     text = yaml.safe_dump({"model": model, "config": config.to_dict()}, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._atomic import write_atomic, write_bytes_atomic
 from .._errors import RapaclInputError
 from ..inference import Progress
 from ._config import RadiomicsConfig, check_config
@@ -147,9 +147,7 @@ class _Cache:
             self.dir.mkdir(parents=True, exist_ok=True)
             meta = self.dir / "settings.json"
             if not meta.exists():
-                _atomic_write_bytes(
-                    meta, json.dumps(settings, indent=1, sort_keys=True, default=str).encode()
-                )
+                write_bytes_atomic(meta, json.dumps(settings, indent=1, sort_keys=True, default=str).encode())
 
     def _path(self, x: float, y: float) -> Path:
         assert self.dir is not None
@@ -173,25 +171,13 @@ class _Cache:
             return
         path = self._path(x, y)
         path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.asarray(vec, dtype=np.float64), allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        value = np.asarray(vec, dtype=np.float64)
 
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.save would append .npy to a path
+                np.save(fh, value, allow_pickle=False)
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_atomic(path, save)
 
 
 # ------------------------------------------------------------------------------------------------
