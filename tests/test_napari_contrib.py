@@ -110,7 +110,7 @@ def test_spots_from_layer_data_restores_positions():
 # the widgets' jobs (_napari/_jobs.py): Qt-free generators, drained here without a viewer
 # --------------------------------------------------------------------------------------------
 def _drain(gen):
-    from napari_rapacl.inference import run_to_completion
+    from napari_rapacl.progress import run_to_completion
 
     return run_to_completion(gen)
 

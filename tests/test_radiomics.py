@@ -18,7 +18,7 @@ pytest.importorskip("SimpleITK")
 
 from napari_rapacl import radiomics as rad  # noqa: E402
 from napari_rapacl._errors import RapaclInputError  # noqa: E402
-from napari_rapacl.inference import Progress  # noqa: E402
+from napari_rapacl.progress import Progress  # noqa: E402
 from napari_rapacl.radiomics import _pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 
 from napari_rapacl import segmentation as seg
 from napari_rapacl._errors import RapaclInputError
-from napari_rapacl.inference import Progress
+from napari_rapacl.progress import Progress
 from napari_rapacl.io.slide import Slide
 
 MPP = 0.5

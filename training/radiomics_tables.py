@@ -34,7 +34,7 @@ def write_section_table(
 ) -> Path:
     """Compute and write ``her2st_<section>.parquet``; returns its path."""
     from napari_rapacl.datasets import her2st
-    from napari_rapacl.inference import Progress
+    from napari_rapacl.progress import Progress
     from napari_rapacl.radiomics import iter_spot_features
 
     sec = her2st(section)

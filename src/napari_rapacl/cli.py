@@ -85,7 +85,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from ._errors import RapaclInputError
     from .export import checkpoint_sha256, to_anndata, write_h5ad
-    from .inference import run_to_completion
+    from .progress import run_to_completion
     from .io import open_slide, read_spots
     from .models.checkpoint import load_model
     from .tiled import iter_predict_region
@@ -260,7 +260,7 @@ def _segment(args: argparse.Namespace) -> int:
     from ._atomic import write_atomic
     from ._errors import RapaclInputError
     from .export import write_h5ad
-    from .inference import run_to_completion
+    from .progress import run_to_completion
     from .io import open_slide
     from .segmentation import DEFAULT_MAX_AREA_UM2, SEGMENTATION_VERSION, iter_segment_region
 

@@ -9,30 +9,16 @@ import threading
 import warnings
 import weakref
 from collections.abc import Generator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .progress import Progress, run_to_completion
 
 if TYPE_CHECKING:
     import torch
 
     from .io.slide import Slide
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of a long job: ``done`` of ``total`` units of ``stage`` are finished.
-
-    ``result`` optionally carries something usable before the job ends (a partial result, e.g. the
-    predictions of a viewer's view before the tiles around it are complete); it takes no part in
-    comparisons.
-    """
-
-    stage: str
-    done: int
-    total: int
-    result: Any = field(default=None, compare=False, repr=False)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -182,18 +168,6 @@ def iter_predict_spots(
             out[start:stop] = pred.float().cpu().numpy()
         yield Progress("predict", stop, n)
     return out
-
-
-def run_to_completion(gen: Generator[Progress, None, Any], on_progress=None) -> Any:
-    """Drain a progress generator and return its value; ``on_progress`` (if given) gets each
-    :class:`Progress` it yields."""
-    while True:
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if on_progress is not None:
-            on_progress(progress)
 
 
 def predict_spots(model, slide, x, y, **kwargs) -> np.ndarray:

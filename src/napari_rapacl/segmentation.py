@@ -78,7 +78,7 @@ from scipy import ndimage as ndi
 
 from ._errors import RapaclInputError
 from ._image import as_rgb_uint8
-from .inference import Progress
+from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da

@@ -42,7 +42,7 @@ a ``dask.distributed.Client`` (or the address of a scheduler) gets the model onc
 ``"threads"`` and ``"processes"`` use a local pool of threads or of spawned processes (each process
 receives the model once, through the pool's initializer), ``"synchronous"`` runs the same task
 function in the calling thread. Whatever the scheduler, results come back to the calling thread,
-which fills the cache and yields a :class:`~napari_rapacl.inference.Progress` per tile; closing the
+which fills the cache and yields a :class:`~napari_rapacl.progress.Progress` per tile; closing the
 generator cancels the tasks not yet started and leaves the cache holding whole tiles only. A slide
 read from a file is reopened from that file on the workers; an in-memory slide is pickled.
 
@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._errors import RapaclInputError
-from .inference import Progress
+from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -895,7 +895,7 @@ def _gather(
 
 def predict_region(model, slide, x, y, **kwargs) -> RegionPrediction:
     """Blocking form of :func:`iter_predict_region`."""
-    from .inference import run_to_completion
+    from .progress import run_to_completion
 
     return run_to_completion(iter_predict_region(model, slide, x, y, **kwargs))
 
@@ -1098,6 +1098,6 @@ def iter_predict_dense(
 
 def predict_dense(model, slide, box, **kwargs) -> DenseMap:
     """Blocking form of :func:`iter_predict_dense`."""
-    from .inference import run_to_completion
+    from .progress import run_to_completion
 
     return run_to_completion(iter_predict_dense(model, slide, box, **kwargs))

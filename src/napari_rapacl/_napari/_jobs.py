@@ -1,4 +1,4 @@
-"""The work behind the dock widgets, Qt-free: generators that yield :class:`~napari_rapacl.inference.Progress`
+"""The work behind the dock widgets, Qt-free: generators that yield :class:`~napari_rapacl.progress.Progress`
 between tiles and return one result object, so a widget runs them in a ``thread_worker`` (progress in the
 activity dock, cancel between tiles) and a script or test simply drains them.
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..inference import Progress
+from ..progress import Progress
 from .layers import Box, spots_from_layer_data
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .._atomic import write_atomic, write_bytes_atomic
 from .._errors import RapaclInputError
-from ..inference import Progress
+from ..progress import Progress
 from ._config import RadiomicsConfig, check_config
 from ._core import FEATURE_SETS, _check_jobs, spot_feature_names, spot_features
 
