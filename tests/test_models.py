@@ -133,7 +133,8 @@ def _synthetic_slide(tmp_path, size=1024, mpp=1.0):
 
 
 def test_fit_learns_a_learnable_gene_and_inference_generator_reports_progress(tmp_path):
-    from napari_rapacl.progress import Progress, iter_predict_spots
+    from napari_rapacl.inference import iter_predict_spots
+    from napari_rapacl.progress import Progress
     from napari_rapacl.metrics import pearson_per_gene
     from napari_rapacl.models.fit import fit_patch_regressor
     from napari_rapacl.preprocess import extract_patches

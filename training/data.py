@@ -22,6 +22,7 @@ any number of processes and data-loader workers, and repeats exactly after a res
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -438,21 +439,56 @@ def _section_table(section: SectionData, spec: Any, what: str) -> Any:
                 f"(e.g. {missing[:3]})"
             )
         section.cache[key] = df.loc[wanted]
+        section.cache[f"{key}_attrs"] = dict(df.attrs)
+        section.cache[f"{key}_path"] = str(path)
     return section.cache[key]
 
 
-def _signed_log(values: np.ndarray, columns: list[str], patterns: list[str]) -> np.ndarray:
-    mask = np.array([any(p in c for p in patterns) for c in columns], dtype=bool)
-    if mask.any():
-        values = values.copy()
-        values[:, mask] = np.sign(values[:, mask]) * np.log1p(np.abs(values[:, mask]))
-    return values
+def _table_recipe(section: SectionData, spec: Any) -> Any:
+    """The raw radiomics recipe recorded in a section's table (None when the table records none)."""
+    from napari_rapacl.radiomics import RadiomicsRecipe
+
+    _section_table(section, spec, "radiomics")
+    path = section.cache["table_radiomics_path"]
+    return RadiomicsRecipe.from_table_attrs(section.cache["table_radiomics_attrs"], path)
+
+
+def _fit_recipe(ctx: InputContext, columns: list[str], mean: np.ndarray, std: np.ndarray) -> dict | None:
+    """The recipe of the training tables (all must agree), to be saved in the checkpoint so that
+    prediction from a slide makes the same inputs; None (with a warning) when a table records none."""
+    d = ctx.data
+    recipes = [_table_recipe(s, d.radiomics_table) for s in ctx.train_sections]
+    if any(r is None for r in recipes):
+        bare = [s.name for s, r in zip(ctx.train_sections, recipes, strict=True) if r is None]
+        log.warning(
+            "the radiomics tables of %s do not record how they were made (segmentation, patch, "
+            "features): the checkpoint will not predict from a slide (write them with "
+            "python -m training.radiomics_tables)",
+            bare,
+        )
+        return None
+    keys = {r.raw_key() for r in recipes}
+    if len(keys) > 1:
+        pairs = zip(ctx.train_sections, recipes, strict=True)
+        detail = "; ".join(f"{s.name}: {r.describe()}" for s, r in pairs)
+        raise RapaclInputError(f"the training sections' radiomics tables were made differently: {detail}")
+    # the transform is checked here, as prediction will apply it
+    recipe = dataclasses.replace(
+        recipes[0],
+        columns=tuple(columns),
+        signed_log=tuple(d.radiomics_signed_log),
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+        fitted_on=tuple(s.name for s in ctx.train_sections),
+    )
+    return recipe.raw_dict()
 
 
 @register_input("radiomics")
 def _radiomics(section: SectionData, ctx: InputContext) -> Field:
     """Per-spot radiomics from the section's table, z-scored with TRAINING-section statistics."""
     from napari_rapacl.preprocess import zscore_apply, zscore_fit
+    from napari_rapacl.radiomics import signed_log
 
     d = ctx.data
     if "radiomics" not in ctx.stats:
@@ -473,7 +509,7 @@ def _radiomics(section: SectionData, ctx: InputContext) -> Field:
             _table_values(_section_table(s, d.radiomics_table, "radiomics"), columns, s.name)
             for s in ctx.train_sections
         ]
-        train = _signed_log(np.concatenate(mats), columns, d.radiomics_signed_log)
+        train = signed_log(np.concatenate(mats), columns, d.radiomics_signed_log)
         mean, std = zscore_fit(train)
         ctx.stats["radiomics"] = {
             "columns": columns,
@@ -481,12 +517,13 @@ def _radiomics(section: SectionData, ctx: InputContext) -> Field:
             "mean": mean.tolist(),
             "std": std.tolist(),
             "fitted_on": [s.name for s in ctx.train_sections],
+            "recipe": _fit_recipe(ctx, columns, mean, std),
         }
     st = ctx.stats["radiomics"]
     values = _table_values(
         _section_table(section, d.radiomics_table, "radiomics"), st["columns"], section.name
     )
-    values = _signed_log(values, st["columns"], st["signed_log"])
+    values = signed_log(values, st["columns"], st["signed_log"])
     return zscore_apply(values, np.asarray(st["mean"]), np.asarray(st["std"]))
 
 

@@ -35,7 +35,7 @@ def write_section_table(
     """Compute and write ``her2st_<section>.parquet``; returns its path."""
     from napari_rapacl.datasets import her2st
     from napari_rapacl.progress import Progress
-    from napari_rapacl.radiomics import iter_spot_features
+    from napari_rapacl.radiomics import NucleusSegmenter, iter_spot_features
 
     sec = her2st(section)
     gen = iter_spot_features(
@@ -43,7 +43,7 @@ def write_section_table(
         sec.spots,
         size=size,
         mpp=mpp,
-        segment=segment,
+        segment=NucleusSegmenter(segment),
         feature_set="rapacl72",
         cache_dir=cache_dir,
         n_jobs=n_jobs,

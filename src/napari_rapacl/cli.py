@@ -85,9 +85,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     from ._errors import RapaclInputError
     from .export import checkpoint_sha256, to_anndata, write_h5ad
-    from .progress import run_to_completion
     from .io import open_slide, read_spots
     from .models.checkpoint import load_model
+    from .progress import run_to_completion
     from .tiled import iter_predict_region
 
     slide = open_slide(args.slide, mpp=args.mpp)
@@ -260,8 +260,8 @@ def _segment(args: argparse.Namespace) -> int:
     from ._atomic import write_atomic
     from ._errors import RapaclInputError
     from .export import write_h5ad
-    from .progress import run_to_completion
     from .io import open_slide
+    from .progress import run_to_completion
     from .segmentation import DEFAULT_MAX_AREA_UM2, SEGMENTATION_VERSION, iter_segment_region
 
     outs = _segment_outputs(args.out, args.overwrite)

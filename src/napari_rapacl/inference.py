@@ -102,21 +102,49 @@ def frozen_image_predictor(model: Any, device: str) -> Any | None:
         return frozen
 
 
+#: Per-spot inputs spot inference can provide: the patch, the spot radius (PixNet) and the spot's
+#: radiomics computed from the slide with the model's recipe (RaPaCL-ST; :mod:`napari_rapacl.tiled`).
+SPOT_INPUTS = ("image", "radius_px", "radiomics")
+
+
+def radiomics_recipe(model: Any) -> Any:
+    """The :class:`~napari_rapacl.radiomics.RadiomicsRecipe` a radiomics-fed model was trained with
+    (attached by :func:`~napari_rapacl.models.checkpoint.load_model`), or a clear error."""
+    from ._errors import RapaclInputError
+
+    recipe = getattr(model, "radiomics_recipe", None)
+    if recipe is None:
+        name = getattr(model, "model_name", type(model).__name__)
+        raise RapaclInputError(
+            getattr(model, "radiomics_recipe_error", None)
+            or f"model {name!r} needs radiomics, but it carries no radiomics recipe (how its training "
+            "radiomics were made): load it from a checkpoint trained on tables written by "
+            "`python -m training.radiomics_tables`"
+        )
+    return recipe
+
+
 def check_spot_model(model: Any, radius: Any) -> set[str]:
-    """The model's ``predict_inputs``, checked for prediction from the slide alone (image, and the spot
-    radius for models that aggregate over the spot); raises :class:`RapaclInputError` otherwise."""
+    """The model's ``predict_inputs``, checked for prediction from the slide (image, the spot radius
+    for models that aggregate over the spot, radiomics for models that carry their recipe); raises
+    :class:`RapaclInputError` otherwise, e.g. for a RaPaCL-ST Stage 1 model (no gene head)."""
     from ._errors import RapaclInputError
 
     name = getattr(model, "model_name", type(model).__name__)
     needs = set(getattr(model, "predict_inputs", ("image",)))
-    unsupported = needs - {"image", "radius_px"}
+    unsupported = needs - set(SPOT_INPUTS)
     if unsupported:
         raise RapaclInputError(
             f"model {name!r} needs {sorted(unsupported)} at prediction time, which spot inference from the "
-            "slide alone does not provide"
+            "slide does not provide"
         )
+    check = getattr(model, "check_can_predict", None)
+    if callable(check):
+        check()
     if "radius_px" in needs and radius is None:
         raise RapaclInputError(f"model {name!r} aggregates over each spot: pass radius= (level-0 px)")
+    if "radiomics" in needs:
+        radiomics_recipe(model)
     return needs
 
 
@@ -130,6 +158,7 @@ def iter_predict_spots(
     batch_size: int = 64,
     device: str = "auto",
     optimize: bool = True,
+    inputs: dict[str, np.ndarray] | None = None,
 ) -> Generator[Progress, None, np.ndarray]:
     """Predict expression at spot centres ``(x, y)`` (level-0 px).
 
@@ -138,18 +167,30 @@ def iter_predict_spots(
     (``"radius_px"`` in ``model.predict_inputs``, e.g. PixNet) need ``radius`` (level-0 px). Yields a
     :class:`Progress` after every batch; returns ``(n_spots, n_genes)`` float32 predictions (the
     generator's return value). With ``optimize`` (the default) models that opt in run through
-    :func:`frozen_image_predictor` on the CPU.
+    :func:`frozen_image_predictor` on the CPU. ``inputs`` holds other per-spot model inputs, one row
+    per spot (e.g. ``{"radiomics": (n, F) float32}``, the model-ready values of
+    :meth:`RadiomicsRecipe.transform`); a model that needs radiomics gets them only from here.
     """
     import torch
 
+    from ._errors import RapaclInputError
     from .preprocess import iter_patches
 
     device = resolve_device(device)
     model = model.to(device).eval()
     cfg = model.config
     needs = check_spot_model(model, radius)
-    fast = frozen_image_predictor(model, device) if optimize else None
     n = len(x)
+    extra: dict[str, np.ndarray] = {}
+    for key in sorted(needs - {"image", "radius_px"}):
+        value = None if inputs is None else inputs.get(key)
+        if value is None or len(value) != n:
+            raise RapaclInputError(
+                f"model {getattr(model, 'model_name', type(model).__name__)!r} needs {key!r} for each of the "
+                f"{n} spots: pass inputs={{{key!r}: array with one row per spot}}"
+            )
+        extra[key] = np.ascontiguousarray(value)
+    fast = frozen_image_predictor(model, device) if optimize and not extra else None
     radius_px = None
     if "radius_px" in needs:
         # spot radius in the model's patch pixels
@@ -163,6 +204,8 @@ def iter_predict_spots(
         batch = {"image": images_to_tensor(patches, device)}
         if radius_px is not None:
             batch["radius_px"] = torch.from_numpy(np.ascontiguousarray(radius_px[start:stop])).to(device)
+        for key, value in extra.items():
+            batch[key] = torch.from_numpy(np.ascontiguousarray(value[start:stop])).to(device)
         with torch.inference_mode():
             pred = fast(batch["image"]) if fast is not None else model.predict(batch)
             out[start:stop] = pred.float().cpu().numpy()

@@ -219,7 +219,7 @@ _MODEL_KEY_ATTR = "_rapacl_model_key"
 
 
 def model_key(model: torch.nn.Module) -> str:
-    """A stable hash of ``model``'s weights (state dict bytes) and config.
+    """A stable hash of ``model``'s weights (state dict bytes), config and radiomics recipe.
 
     Computed once and memoised on the model; recomputed when a parameter or buffer has been changed in
     place since (tracked through the tensors' version counters).
@@ -236,7 +236,10 @@ def model_key(model: torch.nn.Module) -> str:
     name = getattr(model, "model_name", type(model).__name__)
     config = getattr(model, "config", None)
     cfg = config.to_dict() if hasattr(config, "to_dict") else repr(config)
-    h.update(json.dumps({"model": name, "config": cfg}, sort_keys=True, default=str).encode())
+    recipe = getattr(model, "radiomics_recipe", None)  # how its radiomics inputs are made
+    recipe = recipe.to_dict() if recipe is not None else None
+    ident = {"model": name, "config": cfg, "recipe": recipe}
+    h.update(json.dumps(ident, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for k, t in model.state_dict().items():
             t = t.detach()
@@ -299,12 +302,16 @@ class RegionPrediction:
         ``float32 (n, n_genes)``, one row per ``index``.
     tiles_computed, tiles_cached
         Tiles predicted by this call and tiles taken from the cache.
+    radiomics
+        For models fed with radiomics (RaPaCL-ST): the raw per-spot radiomics their predictions
+        used (columns of :meth:`RadiomicsRecipe.raw_columns`, one row per ``index``); else None.
     """
 
     index: np.ndarray
     values: np.ndarray
     tiles_computed: int
     tiles_cached: int
+    radiomics: Any = None  # pandas.DataFrame: the raw spot radiomics that fed the model, one row per index
 
 
 @dataclass(frozen=True)
@@ -398,10 +405,10 @@ def _check_spots(x: Any, y: Any, radius: Any) -> tuple[np.ndarray, np.ndarray, n
     return xs, ys, rs
 
 
-def _check_model_for_spots(model: Any, radius: np.ndarray | None) -> None:
+def _check_model_for_spots(model: Any, radius: np.ndarray | None) -> set[str]:
     from .inference import check_spot_model
 
-    check_spot_model(model, radius)
+    return check_spot_model(model, radius)
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,6 +569,43 @@ def _prefetch(slide: Slide, x: np.ndarray, y: np.ndarray, size: int, mpp: float)
     return _PrefetchedSlide(slide, level, (bx0, by0, bx1, by1))
 
 
+def _tile_radiomics(
+    model: Any,
+    slide: Slide | _SlideRef,
+    x: np.ndarray,
+    y: np.ndarray,
+    raw: np.ndarray | None,
+    known: np.ndarray | None,
+    n_jobs: int = 1,
+) -> np.ndarray | None:
+    """The raw radiomics of a tile's spots with the model's recipe: ``raw`` rows already ``known``
+    are kept, the others computed (segmentation + features of each spot's recipe patch, the tile's
+    pixels read at once; :func:`~napari_rapacl.radiomics.iter_spot_features`, which also fills this
+    process's radiomics cache). None for a model without radiomics inputs."""
+    if raw is None:
+        return None
+    import pandas as pd
+
+    from .inference import radiomics_recipe
+    from .progress import run_to_completion
+    from .radiomics import iter_spot_features
+
+    if isinstance(slide, _SlideRef):
+        slide = slide.resolve()
+    recipe = radiomics_recipe(model)
+    raw = np.array(raw, dtype=np.float64, copy=True)
+    todo = np.flatnonzero(~np.asarray(known, dtype=bool))
+    if len(todo):
+        xs, ys = x[todo], y[todo]
+        source = _prefetch(slide, xs, ys, recipe.patch_size, recipe.patch_mpp)
+        table = pd.DataFrame({"x": xs, "y": ys, "barcode": [str(i) for i in range(len(todo))]})
+        result = run_to_completion(
+            iter_spot_features(source, table, n_jobs=n_jobs, **recipe.spot_feature_kwargs())
+        )
+        raw[todo] = result[recipe.raw_columns()].to_numpy(dtype=np.float64)
+    return raw
+
+
 def _predict_tile(
     model: Any,
     slide: Slide | _SlideRef,
@@ -570,14 +614,26 @@ def _predict_tile(
     radius: np.ndarray | None,
     batch_size: int,
     device: str,
-) -> np.ndarray:
-    """Predictions for one tile's spots (float32 ``(n, n_genes)``), the tile's pixels read at once."""
-    from .inference import predict_spots
+    raw: np.ndarray | None = None,
+    known: np.ndarray | None = None,
+    radiomics_jobs: int = 1,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predictions for one tile's spots (float32 ``(n, n_genes)``), the tile's pixels read at once, and
+    the raw radiomics they used (None for an image-only model). ``raw``/``known``: the radiomics
+    already known (rows where ``known``); the others are computed here first."""
+    from .inference import predict_spots, radiomics_recipe
 
     if isinstance(slide, _SlideRef):
         slide = slide.resolve()
+    inputs = None
+    if raw is not None:
+        raw = _tile_radiomics(model, slide, x, y, raw, known, radiomics_jobs)
+        inputs = {"radiomics": radiomics_recipe(model).transform(raw)}
     source = _prefetch(slide, x, y, int(model.config.patch_size), float(model.config.mpp))
-    return predict_spots(model, source, x, y, radius=radius, batch_size=batch_size, device=device)
+    pred = predict_spots(
+        model, source, x, y, radius=radius, batch_size=batch_size, device=device, inputs=inputs
+    )
+    return pred, raw
 
 
 _WORKER_MODEL: Any = None
@@ -591,8 +647,8 @@ def _init_process_worker(model_bytes: bytes, n_threads: int) -> None:
     _WORKER_MODEL = pickle.loads(model_bytes)
 
 
-def _predict_tile_in_process(slide, x, y, radius, batch_size, device) -> np.ndarray:
-    return _predict_tile(_WORKER_MODEL, slide, x, y, radius, batch_size, device)
+def _predict_tile_in_process(slide, *args) -> tuple[np.ndarray, np.ndarray | None]:
+    return _predict_tile(_WORKER_MODEL, slide, *args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,15 +666,15 @@ def _run_tasks(
     tasks: list[tuple[Any, tuple]],
     scheduler: Any,
 ) -> Generator[tuple[Any, np.ndarray], None, None]:
-    """Run ``(tag, (x, y, radius, batch_size, device))`` tasks; yield ``(tag, result)`` as they finish.
+    """Run ``(tag, (x, y, radius, batch_size, device, raw, known, radiomics_jobs))`` tasks; yield
+    ``(tag, (predictions, raw radiomics or None))`` as they finish.
 
     Closing this generator cancels the tasks that have not started and waits for the running ones.
     """
     if not tasks:
         return
     if scheduler is None or scheduler == "synchronous":
-        for tag, args in tasks:
-            yield tag, _predict_tile(model, slide, *args)
+        yield from _run_sequential(model, slide, tasks, lookahead=scheduler is None)
         return
     if isinstance(scheduler, str) and scheduler in ("threads", "processes"):
         import concurrent.futures as cf
@@ -645,6 +701,38 @@ def _run_tasks(
             pool.shutdown(wait=True, cancel_futures=True)
         return
     yield from _run_distributed(model, slide, tasks, scheduler)
+
+
+def _run_sequential(
+    model: Any, slide: Slide, tasks: list[tuple[Any, tuple]], lookahead: bool
+) -> Generator[tuple[Any, tuple], None, None]:
+    """Tasks one after the other in this thread. For a model fed with radiomics and ``lookahead``,
+    the radiomics of the next task are computed in a background thread (its segmentation and
+    pyradiomics run in the radiomics worker processes) while this thread predicts the current one:
+    CPU workers measure nuclei while the model (on the GPU, when there is one) predicts."""
+    needs_radiomics = any(args[5] is not None for _, args in tasks)
+    if not (lookahead and needs_radiomics and len(tasks) > 1):
+        for tag, args in tasks:
+            yield tag, _predict_tile(model, slide, *args)
+        return
+    import concurrent.futures as cf
+
+    def radiomics_of(args: tuple) -> np.ndarray | None:
+        x, y, _r, _b, _d, raw, known, jobs = args
+        return _tile_radiomics(model, slide, x, y, raw, known, jobs)
+
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-rapacl-radiomics")
+    try:
+        ahead = pool.submit(radiomics_of, tasks[0][1])
+        for i, (tag, args) in enumerate(tasks):
+            raw = ahead.result()
+            if i + 1 < len(tasks):
+                ahead = pool.submit(radiomics_of, tasks[i + 1][1])
+            x, y, r, b, d, _raw, known, jobs = args
+            done = None if raw is None else np.ones(len(x), dtype=bool)
+            yield tag, _predict_tile(model, slide, x, y, r, b, d, raw, done, jobs)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _get_client(scheduler: Any) -> tuple[Any, bool]:
@@ -730,6 +818,7 @@ def iter_predict_region(
     batch_size: int = 64,
     scheduler: Any = None,
     view_first: bool = False,
+    radiomics_jobs: int | None = None,
 ) -> Generator[Progress, None, RegionPrediction]:
     """Predict the spots inside ``box``, tile by tile, through a cache.
 
@@ -765,6 +854,13 @@ def iter_predict_region(
         :class:`RegionPrediction` of the box -- then predict the rest of the tiles' spots to complete
         the cache (stage ``"predict"``). A viewer shows the view after the cost of its own spots
         instead of that of every spot of the tiles it touches; the returned result is the same.
+    radiomics_jobs
+        Models fed with radiomics (RaPaCL-ST, ``model.radiomics_recipe``): worker processes that
+        segment and measure the spots of a tile (default: 2 when this machine has 2 cores or more,
+        with ``scheduler=None``; tiles sent to a scheduler measure their spots on that worker). Each
+        spot's radiomics are computed once per recipe and kept in the process-wide radiomics cache
+        (shared with the Cells widget), so panning back, another model with the same recipe or a
+        region measured before costs nothing.
 
     Yields
     ------
@@ -783,8 +879,24 @@ def iter_predict_region(
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise RapaclInputError(f"batch_size={batch_size!r} must be a positive integer")
     _check_scheduler(scheduler)
-    _check_model_for_spots(model, rs)
+    needs = _check_model_for_spots(model, rs)
     slide.require_mpp("spot prediction")
+    radiomics = None
+    if "radiomics" in needs:
+        from .inference import radiomics_recipe
+        from .radiomics import SpotFeatureCache, require_radiomics
+
+        require_radiomics()
+        recipe = radiomics_recipe(model)
+        radiomics = SpotFeatureCache(slide, **recipe.spot_feature_kwargs())
+        if radiomics_jobs is None:
+            radiomics_jobs = min(2, os.cpu_count() or 1) if scheduler is None else 1
+        if (
+            isinstance(radiomics_jobs, bool)
+            or not isinstance(radiomics_jobs, (int, np.integer))
+            or radiomics_jobs < 1
+        ):
+            raise RapaclInputError(f"radiomics_jobs={radiomics_jobs!r} must be a positive integer")
     clipped = None if box is None else _check_box(box, slide)
     store = _resolve_cache(cache)
     n_genes = int(model.config.n_genes)
@@ -797,7 +909,10 @@ def iter_predict_region(
 
     def task(members: np.ndarray) -> tuple:
         r_m = None if rs is None else np.ascontiguousarray(rs[members])
-        return xs[members], ys[members], r_m, int(batch_size), device
+        raw = known = None
+        if radiomics is not None:  # what this process already measured is not measured again
+            raw, known = radiomics.lookup(xs[members], ys[members])
+        return xs[members], ys[members], r_m, int(batch_size), device, raw, known, int(radiomics_jobs or 1)
 
     results: dict[tuple[int, int], np.ndarray] = {}
     keys: dict[tuple[int, int], tuple] = {}
@@ -852,10 +967,15 @@ def iter_predict_region(
 
     chunks_done = 0
     view_ready = not chunks  # a tile is finished once the view and its own rest are predicted
+    task_members = {("view", a, b): view[a:b] for a, b in chunks}
+    task_members.update({("tile", tile): r for tile, r in rest.items() if len(r)})
     runner = _run_tasks(model, slide, tasks, scheduler)
     try:
-        for tag, values in runner:
+        for tag, (values, raw) in runner:
             values = np.asarray(values, dtype=np.float32)
+            if radiomics is not None and raw is not None:  # measured on a worker: keep them here too
+                members = task_members[tag]
+                radiomics.store(xs[members], ys[members], raw)
             if tag[0] == "tile":
                 rest_values[tag[1]] = values
                 if view_ready:
@@ -868,7 +988,11 @@ def iter_predict_region(
             if view_ready:  # the box is complete: hand it out, then finish the tiles
                 rows = {**results, **{tile: assemble(tile, complete=False) for tile in pending}}
                 partial = RegionPrediction(
-                    index, _gather(index, tiles, rows, n_genes), total - cached, cached
+                    index,
+                    _gather(index, tiles, rows, n_genes),
+                    total - cached,
+                    cached,
+                    _box_radiomics(radiomics, xs, ys, index),
                 )
             yield Progress("predict view", chunks_done, len(chunks), result=partial)
             if view_ready:
@@ -877,7 +1001,24 @@ def iter_predict_region(
                         yield finish(tile)
     finally:
         runner.close()
-    return RegionPrediction(index, _gather(index, tiles, results, n_genes), total - cached, cached)
+    return RegionPrediction(
+        index,
+        _gather(index, tiles, results, n_genes),
+        total - cached,
+        cached,
+        _box_radiomics(radiomics, xs, ys, index),
+    )
+
+
+def _box_radiomics(radiomics: Any, xs: np.ndarray, ys: np.ndarray, index: np.ndarray) -> Any:
+    """The raw radiomics of the box's spots from the radiomics cache (NaN rows for spots whose tile
+    came from the prediction cache after their radiomics left the radiomics cache), or None."""
+    if radiomics is None:
+        return None
+    import pandas as pd
+
+    values, _known = radiomics.lookup(xs[index], ys[index])
+    return pd.DataFrame(values, columns=radiomics.columns)
 
 
 def _gather(

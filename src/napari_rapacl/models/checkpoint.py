@@ -83,7 +83,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
 
 
 def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model stored in a checkpoint; returns ``(model in eval mode, checkpoint dict)``."""
+    """Rebuild the model stored in a checkpoint; returns ``(model in eval mode, checkpoint dict)``.
+
+    A model fed with radiomics (RaPaCL-ST) gets ``model.radiomics_recipe``: the
+    :class:`~napari_rapacl.radiomics.RadiomicsRecipe` its checkpoint records (None, with
+    ``model.radiomics_recipe_error`` saying why, when it records none or one this code cannot
+    reproduce; prediction from a slide then refuses with that message)."""
     payload = read_checkpoint(path, map_location)
     entry = get_entry(payload["model"])
     config = entry.config_cls.from_dict(payload["config"], source=str(path))
@@ -93,4 +98,13 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[torc
     model = create_model(payload["model"], config=config)
     model.load_state_dict(payload["state_dict"])
     model.eval()
+    if "radiomics" in getattr(model, "predict_inputs", ()):
+        # how its radiomics were made, so prediction from a slide reproduces them (or says why not)
+        from ..radiomics import recipe_from_checkpoint
+
+        try:
+            model.radiomics_recipe = recipe_from_checkpoint(payload, str(path))
+        except RapaclInputError as exc:
+            model.radiomics_recipe = None
+            model.radiomics_recipe_error = str(exc)
     return model, payload

@@ -502,6 +502,16 @@ class RaPaCL(nn.Module):
             raise RapaclInputError(f"target must have shape {tuple(pred.shape)}, got {tuple(target.shape)}")
         return mse_loss_dict(pred, target.float())
 
+    def check_can_predict(self) -> None:
+        """Raise :class:`RapaclInputError` for a Stage 1 model: its gene head was never trained."""
+        if self.stage != 2:
+            raise RapaclInputError(
+                "this RaPaCL-ST model is a Stage 1 model (contrastive pre-alignment of image and "
+                "radiomics): its gene head was never trained, so it cannot predict expression. Train "
+                "Stage 2 from it (python -m training.run --config training/configs/rapacl_stage2_her2st.yaml "
+                "model.init_checkpoint=<this checkpoint>) and load the Stage 2 best.pt"
+            )
+
     def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, G) predicted expression from ``image`` and ``radiomics`` (call in eval mode).
 
@@ -510,12 +520,7 @@ class RaPaCL(nn.Module):
         RapaclInputError
             For a Stage 1 model: its gene head has never been trained.
         """
-        if self.stage != 2:
-            raise RapaclInputError(
-                "this RaPaCL model is a Stage 1 model (contrastive pre-alignment): its gene head was "
-                "never trained, so it cannot predict expression; train Stage 2 from its checkpoint "
-                "(stage=2, init_checkpoint=<stage 1 checkpoint>)"
-            )
+        self.check_can_predict()
         radiomics = self._radiomics(batch)
         return self(self._image(batch, radiomics.shape[0]), radiomics)
 

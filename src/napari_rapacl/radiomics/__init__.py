@@ -9,6 +9,9 @@
   ``"full"``; ``n_nuclei`` and the composition ``cell_label``.
 * :func:`iter_spot_features` -- all spots of a slide, parallel over processes and cached on disk.
 * :func:`composition_from_morphology` -- the documented morphology rule behind ``cell_label``.
+* :class:`RadiomicsRecipe` / :class:`NucleusSegmenter` -- how a radiomics-fed model's inputs are
+  made (segmentation, patch geometry, features, z-scoring), recorded in its checkpoint so that
+  prediction from a slide reproduces the training tables.
 
 pyradiomics is an optional dependency (``pip install "napari-rapacl[radiomics]"``; see the
 README for the no-build-isolation step). Importing this module does not need it; calling a
@@ -48,6 +51,8 @@ from ._core import (
     to_grey,
 )
 from ._pipeline import (
+    MEMORY_CACHE,
+    SpotFeatureCache,
     iter_spot_features,
     labels_from_cells,
     segment_identity,
@@ -55,9 +60,25 @@ from ._pipeline import (
     spot_feature_table,
 )
 from ._pool import shutdown_pools
+from ._recipe import (
+    DEFAULT_PATCH_MPP,
+    DEFAULT_PATCH_SIZE,
+    NucleusSegmenter,
+    RadiomicsRecipe,
+    recipe_from_checkpoint,
+    signed_log,
+)
 
 __all__ = [
     "COMPOSITION_CLASSES",
+    "DEFAULT_PATCH_MPP",
+    "DEFAULT_PATCH_SIZE",
+    "MEMORY_CACHE",
+    "NucleusSegmenter",
+    "RadiomicsRecipe",
+    "SpotFeatureCache",
+    "recipe_from_checkpoint",
+    "signed_log",
     "FEATURES_VERSION",
     "FEATURE_CLASSES",
     "FEATURE_SETS",

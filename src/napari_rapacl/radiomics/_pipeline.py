@@ -1,4 +1,11 @@
-"""Per-spot radiomics over a slide: segmentation + features per patch, parallel and cached on disk."""
+"""Per-spot radiomics over a slide: segmentation + features per patch, parallel, cached in memory and
+on disk.
+
+The in-memory cache is process-wide and keyed like the disk cache (slide content, patch geometry,
+radiomics config, feature set, segmentation identity, spot centre): the Cells widget, tiled RaPaCL-ST
+prediction and the training tables all compute spot radiomics through :func:`iter_spot_features`, so a
+spot measured by one with a given recipe is not measured again by another.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,8 @@ import hashlib
 import json
 import os
 import pickle
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +46,9 @@ SegmentFn = Callable[[np.ndarray, float], np.ndarray]
 # ------------------------------------------------------------------------------------------------
 
 
+_HASH_MEMO: dict[tuple, str] = {}
+
+
 def slide_content_hash(slide: Slide) -> str:
     """A cheap content hash of a slide (hex sha256).
 
@@ -52,12 +64,17 @@ def slide_content_hash(slide: Slide) -> str:
     h.update(json.dumps(meta, sort_keys=True).encode())
     path = slide.path
     if path is not None and Path(path).is_file():
-        size = Path(path).stat().st_size
+        st = Path(path).stat()
+        memo_key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, json.dumps(meta, sort_keys=True))
+        if memo_key in _HASH_MEMO:
+            return _HASH_MEMO[memo_key]
+        size = st.st_size
         h.update(f"file {size}\n".encode())
         with open(path, "rb") as fh:
             h.update(fh.read(HASH_BYTES))
             fh.seek(max(0, size - HASH_BYTES))
             h.update(fh.read(HASH_BYTES))
+        _HASH_MEMO[memo_key] = h.hexdigest()
     else:
         level0 = slide.levels[0]
         width = int(level0.shape[1])
@@ -98,13 +115,17 @@ def segment_identity(segment: str | SegmentFn, segment_key: str | None = None) -
     return f"callable:{module}.{name}"
 
 
-def _check_segment(segment: Any) -> str | SegmentFn:
+def _check_segment(segment: Any) -> SegmentFn:
+    """A method name becomes its :class:`NucleusSegmenter` (default parameters), so that ``"classical"``
+    and ``NucleusSegmenter("classical")`` are one identity in every cache."""
     if isinstance(segment, str):
         if not segment.strip():
             raise RapaclInputError(
                 "segment='' : name a segment_nuclei method (e.g. 'classical') or pass a callable"
             )
-        return segment
+        from ._recipe import NucleusSegmenter
+
+        return NucleusSegmenter(segment)
     if callable(segment):
         return segment
     raise RapaclInputError(
@@ -135,13 +156,71 @@ def _spot_job(
 # ------------------------------------------------------------------------------------------------
 
 
+class _MemoryCache:
+    """A thread-safe LRU of per-spot vectors, keyed by ``(settings key, x, y)``."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.max_entries = int(max_entries)
+        self._data: OrderedDict[tuple[str, float, float], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, float, float]) -> np.ndarray | None:
+        with self._lock:
+            vec = self._data.get(key)
+            if vec is not None:
+                self._data.move_to_end(key)
+            return vec
+
+    def put(self, key: tuple[str, float, float], vec: np.ndarray) -> None:
+        value = np.array(vec, dtype=np.float64, copy=True)
+        value.setflags(write=False)
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+
+#: Spot radiomics computed in this process (every caller of :func:`iter_spot_features` shares it).
+MEMORY_CACHE = _MemoryCache()
+
+
+def _settings(
+    slide: Slide, size: int, mpp: float, config: RadiomicsConfig, segment: Any, feature_set: str,
+    segment_key: str | None = None,
+) -> dict[str, Any]:
+    names = spot_feature_names(config, feature_set)
+    return {
+        "what": "napari-rapacl spot radiomics",
+        "slide": slide_content_hash(slide),
+        "size": int(size),
+        "mpp": float(mpp),
+        "config": config.to_dict(),
+        "feature_set": feature_set,
+        "segment": segment_identity(segment, segment_key),
+        "columns": names + ["n_nuclei", "cell_label"],
+    }
+
+
+def _settings_key(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class _Cache:
-    """One folder per settings hash; one ``.npy`` vector per spot, written atomically."""
+    """The memory cache, then one folder per settings hash with one ``.npy`` vector per spot, written
+    atomically."""
 
     def __init__(self, root: Path | None, settings: dict[str, Any], n_values: int):
         self.n_values = n_values
-        blob = json.dumps(settings, sort_keys=True, default=str).encode()
-        self.key = hashlib.sha256(blob).hexdigest()
+        self.key = _settings_key(settings)
         self.dir = None if root is None else Path(root).expanduser() / "radiomics" / self.key[:32]
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +234,9 @@ class _Cache:
         return self.dir / k[:2] / f"{k[2:34]}.npy"
 
     def get(self, x: float, y: float) -> np.ndarray | None:
+        vec = MEMORY_CACHE.get((self.key, float(x), float(y)))
+        if vec is not None and vec.shape == (self.n_values,):
+            return vec
         if self.dir is None:
             return None
         path = self._path(x, y)
@@ -164,9 +246,11 @@ class _Cache:
             return None
         if vec.shape != (self.n_values,) or vec.dtype != np.float64:
             return None
+        MEMORY_CACHE.put((self.key, float(x), float(y)), vec)
         return vec
 
     def put(self, x: float, y: float, vec: np.ndarray) -> None:
+        MEMORY_CACHE.put((self.key, float(x), float(y)), vec)
         if self.dir is None:
             return
         path = self._path(x, y)
@@ -178,6 +262,44 @@ class _Cache:
                 np.save(fh, value, allow_pickle=False)
 
         write_atomic(path, save)
+
+
+class SpotFeatureCache:
+    """Look up and store per-spot radiomics of one slide and recipe in the process-wide cache
+    (what :func:`iter_spot_features` computes and reuses), without computing anything.
+
+    Tiled RaPaCL-ST prediction uses it in the calling process to send only the spots that still
+    need radiomics to its workers, and to keep what they computed.
+    """
+
+    def __init__(
+        self,
+        slide: Slide,
+        *,
+        size: int = 224,
+        mpp: float = 0.5,
+        config: RadiomicsConfig | Mapping[str, Any] | None = None,
+        segment: str | SegmentFn = "classical",
+        feature_set: str = "rapacl72",
+    ) -> None:
+        config = check_config(config)
+        settings = _settings(slide, size, mpp, config, _check_segment(segment), feature_set)
+        self.columns: list[str] = settings["columns"]
+        self._cache = _Cache(None, settings, len(self.columns))
+
+    def lookup(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(values (n, n_columns) float64 -- NaN rows where unknown, known (n,) bool)``."""
+        values = np.full((len(x), len(self.columns)), np.nan)
+        known = np.zeros(len(x), dtype=bool)
+        for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
+            vec = self._cache.get(xi, yi)
+            if vec is not None:
+                values[i], known[i] = vec, True
+        return values, known
+
+    def store(self, x: np.ndarray, y: np.ndarray, values: np.ndarray) -> None:
+        for xi, yi, vec in zip(x, y, np.asarray(values, dtype=np.float64), strict=True):
+            self._cache.put(xi, yi, vec)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,19 +534,9 @@ def _iter_spot_features(
 ) -> Generator[Progress, None, pd.DataFrame]:
     from ..preprocess import iter_patches
 
-    names = spot_feature_names(config, feature_set)
-    columns = names + ["n_nuclei", "cell_label"]
-    seg_id = segment_identity(segment, segment_key)
-    settings = {
-        "what": "napari-rapacl spot radiomics",
-        "slide": slide_content_hash(slide),
-        "size": int(size),
-        "mpp": float(mpp),
-        "config": config.to_dict(),
-        "feature_set": feature_set,
-        "segment": seg_id,
-        "columns": columns,
-    }
+    settings = _settings(slide, size, mpp, config, segment, feature_set, segment_key)
+    columns = settings["columns"]
+    seg_id = settings["segment"]
     cache = _Cache(None if cache_dir is None else Path(cache_dir), settings, len(columns))
 
     n = len(barcodes)
@@ -480,6 +592,8 @@ def _iter_spot_features(
             "mpp": float(mpp),
             "slide_hash": settings["slide"],
             "segment": seg_id,
+            # the structured segmentation, for the recipe a model trained on this table records
+            "segmenter": segment.to_dict() if hasattr(segment, "to_dict") else None,
             "cell_label_source": label_source,
             "cell_label_classes": user_classes,
             "cache_hits": int(hits),
