@@ -39,6 +39,8 @@ import numpy as np
 
 from napari_rapacl import segmentation as seg
 from napari_rapacl.datasets import her2st
+from napari_rapacl.metrics import match_labels, nucleus_statistics
+from napari_rapacl.testing import synthetic_he_nuclei
 
 DIAMETER_UM = seg.DEFAULT_DIAMETER_UM
 MIN_AREA_UM2 = seg.DEFAULT_MIN_AREA_UM2
@@ -101,7 +103,7 @@ def bench_classical(items: list[dict], mpp: float, repeats: int) -> list[dict]:
         mpx = rgb.shape[0] * rgb.shape[1] / 1e6
         t_ours, labels = best_time(lambda rgb=rgb: seg.segment_nuclei(rgb, mpp), repeats)
         t_ref, _ = best_time(lambda rgb=rgb: skimage_reference(rgb, mpp), max(1, repeats // 2))
-        stats = seg.nucleus_statistics(labels, mpp, rgb)
+        stats = nucleus_statistics(labels, mpp, rgb)
         rows.append(
             {
                 "section": it["section"],
@@ -141,9 +143,9 @@ def bench_classical(items: list[dict], mpp: float, repeats: int) -> list[dict]:
 def bench_synthetic_quality() -> dict[str, float]:
     f1_ours, f1_ref = [], []
     for mpp, s in ((0.5, 1), (0.5, 2), (0.69, 3), (0.69, 4)):
-        rgb, truth = seg.synthetic_he_nuclei((768, 768), mpp=mpp, n_nuclei=80, n_touching_pairs=15, seed=s)
-        f1_ours.append(seg.match_labels(truth, seg.segment_nuclei(rgb, mpp)).f1)
-        f1_ref.append(seg.match_labels(truth, skimage_reference(rgb, mpp)).f1)
+        rgb, truth = synthetic_he_nuclei((768, 768), mpp=mpp, n_nuclei=80, n_touching_pairs=15, seed=s)
+        f1_ours.append(match_labels(truth, seg.segment_nuclei(rgb, mpp)).f1)
+        f1_ref.append(match_labels(truth, skimage_reference(rgb, mpp)).f1)
     out = {"classical_f1": float(np.mean(f1_ours)), "reference_f1": float(np.mean(f1_ref))}
     print(
         f"synthetic H&E (4 images, 110 nuclei each incl. 15 touching pairs), object F1 @ IoU 0.5: "
@@ -164,7 +166,7 @@ def bench_tiled(slide, cx: int, cy: int, size: int, mpp: float) -> dict[str, flo
     t = time.perf_counter()
     whole = seg.segment_nuclei(rgb, mpp)
     t_whole = time.perf_counter() - t
-    agree = seg.match_labels(whole, np.asarray(tiled))
+    agree = match_labels(whole, np.asarray(tiled))
     out = {
         "size": size,
         "tiled_mpx_per_s": mpx / t_tiled,

@@ -179,7 +179,7 @@ def test_predict_scheduler_and_tile_size_are_checked(synthetic, checkpoint, tmp_
 def nuclei(tmp_path_factory):
     """A 512 x 640 px synthetic H&E with known nuclei at 0.5 um/px, as a pyramidal OME-TIFF."""
     from napari_rapacl.io.slide import write_ome_tiff
-    from napari_rapacl.segmentation import synthetic_he_nuclei
+    from napari_rapacl.testing import synthetic_he_nuclei
 
     rgb, _ = synthetic_he_nuclei((512, 640), mpp=0.5, n_nuclei=50, n_touching_pairs=5, seed=3)
     return write_ome_tiff(tmp_path_factory.mktemp("nuclei") / "he.ome.tif", rgb, mpp=0.5, tile=128), rgb

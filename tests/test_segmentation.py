@@ -13,8 +13,11 @@ import pytest
 
 from napari_rapacl import segmentation as seg
 from napari_rapacl._errors import RapaclInputError
-from napari_rapacl.progress import Progress
 from napari_rapacl.io.slide import Slide
+from napari_rapacl.metrics import match_labels, nucleus_statistics
+from napari_rapacl.progress import Progress
+from napari_rapacl.segmentation import _cellpose, _classical
+from napari_rapacl.testing import synthetic_he_nuclei
 
 MPP = 0.5
 
@@ -22,7 +25,7 @@ MPP = 0.5
 @pytest.fixture(scope="module")
 def synthetic():
     """768 px at 0.5 um/px: 80 single nuclei, 15 touching pairs, a glass strip on the right."""
-    return seg.synthetic_he_nuclei(
+    return synthetic_he_nuclei(
         (768, 768), mpp=MPP, n_nuclei=80, n_touching_pairs=15, blank_fraction=0.1, seed=7
     )
 
@@ -53,10 +56,14 @@ def test_hand_written_filters_equal_scipy():
     a = np.random.default_rng(1).random((97, 130)).astype(np.float32)
     for sigma, truncate in ((0.6, 3.0), (1.4, 3.0), (2.7, 2.5)):
         np.testing.assert_allclose(
-            seg._gaussian(a, sigma, truncate), ndi.gaussian_filter(a, sigma, truncate=truncate), atol=1e-6
+            _classical._gaussian(a, sigma, truncate),
+            ndi.gaussian_filter(a, sigma, truncate=truncate),
+            atol=1e-6,
         )
     for half in (1, 2, 4):
-        np.testing.assert_array_equal(seg._max_filter(a, half), ndi.maximum_filter(a, size=2 * half + 1))
+        np.testing.assert_array_equal(
+            _classical._max_filter(a, half), ndi.maximum_filter(a, size=2 * half + 1)
+        )
 
 
 def test_match_labels_counts_objects():
@@ -68,16 +75,16 @@ def test_match_labels_counts_objects():
     pred[2:6, 2:6] = 5  # perfect
     pred[10:14, 10:12] = 7  # IoU 0.5: not a match (must exceed)
     pred[0:2, 15:20] = 9  # false positive
-    m = seg.match_labels(true, pred)
+    m = match_labels(true, pred)
     assert (m.n_true, m.n_pred, m.tp, m.fp, m.fn) == (3, 3, 1, 2, 2)
     assert m.f1 == pytest.approx(1 / 3)
-    assert seg.match_labels(true, true).f1 == 1.0
-    assert seg.match_labels(true, np.zeros_like(true)).f1 == 0.0
+    assert match_labels(true, true).f1 == 1.0
+    assert match_labels(true, np.zeros_like(true)).f1 == 0.0
 
 
 def test_synthetic_generator_is_deterministic_with_touching_pairs():
-    rgb1, lab1 = seg.synthetic_he_nuclei((256, 256), mpp=MPP, n_nuclei=10, n_touching_pairs=4, seed=3)
-    rgb2, lab2 = seg.synthetic_he_nuclei((256, 256), mpp=MPP, n_nuclei=10, n_touching_pairs=4, seed=3)
+    rgb1, lab1 = synthetic_he_nuclei((256, 256), mpp=MPP, n_nuclei=10, n_touching_pairs=4, seed=3)
+    rgb2, lab2 = synthetic_he_nuclei((256, 256), mpp=MPP, n_nuclei=10, n_touching_pairs=4, seed=3)
     np.testing.assert_array_equal(rgb1, rgb2)
     np.testing.assert_array_equal(lab1, lab2)
     assert lab1.max() == 18
@@ -94,12 +101,12 @@ def test_synthetic_generator_is_deterministic_with_touching_pairs():
 
 @pytest.mark.parametrize("mpp", [0.25, 0.5, 0.69])
 def test_classical_object_f1_on_synthetic_he(mpp):
-    rgb, truth = seg.synthetic_he_nuclei(
+    rgb, truth = synthetic_he_nuclei(
         (640, 640), mpp=mpp, n_nuclei=60, n_touching_pairs=12, blank_fraction=0.1, seed=11
     )
     labels = seg.segment_nuclei(rgb, mpp)
     assert_valid_labels(labels, truth.shape)
-    m = seg.match_labels(truth, labels, iou_threshold=0.5)
+    m = match_labels(truth, labels, iou_threshold=0.5)
     assert m.f1 >= 0.8, m
     assert m.mean_matched_iou > 0.7, m
 
@@ -149,7 +156,7 @@ def test_real_her2st_crop_gives_plausible_nuclei(data_dir):
     region = slide.read_region(x - 256, y - 256, x + 256, y + 256)
     labels = seg.segment_nuclei(region, slide.mpp)
     assert_valid_labels(labels, (512, 512))
-    stats = seg.nucleus_statistics(labels, slide.mpp, region)
+    stats = nucleus_statistics(labels, slide.mpp, region)
     # breast tissue: ~1000-8000 nuclei per mm^2, median nucleus ~15-100 um^2
     assert 1000 < stats["density_per_tissue_mm2"] < 8000, stats
     assert 15 < stats["median_area_um2"] < 100, stats
@@ -180,7 +187,7 @@ def test_grey_input_is_replicated_to_rgb(synthetic):
     labels = seg.segment_nuclei(grey, MPP)
     np.testing.assert_array_equal(labels, seg.segment_nuclei(np.repeat(grey[..., None], 3, axis=2), MPP))
     np.testing.assert_array_equal(labels, seg.segment_nuclei(grey[..., None], MPP))  # (H, W, 1)
-    assert seg.match_labels(truth, labels).f1 >= 0.7
+    assert match_labels(truth, labels).f1 >= 0.7
 
 
 def test_rgba_input_is_composited_over_white(synthetic):
@@ -193,7 +200,7 @@ def test_rgba_input_is_composited_over_white(synthetic):
 
 
 def test_wrong_dtype():
-    rgb, _ = seg.synthetic_he_nuclei((200, 200), mpp=MPP, n_nuclei=10, n_touching_pairs=0, seed=1)
+    rgb, _ = synthetic_he_nuclei((200, 200), mpp=MPP, n_nuclei=10, n_touching_pairs=0, seed=1)
     as_float = rgb.astype(np.float64) / 255.0
     np.testing.assert_array_equal(seg.segment_nuclei(as_float, MPP), seg.segment_nuclei(rgb, MPP))
     with pytest.raises(RapaclInputError, match=r"float.*\[0, 1\]"):
@@ -251,7 +258,7 @@ def border_image():
     along = np.linspace(40, 984, 9)
     centers = [(y, x) for y in lines for x in along] + [(y, x) for x in lines for y in along]
     centers += [(y, x) for y in lines for x in lines]
-    return seg.synthetic_he_nuclei(
+    return synthetic_he_nuclei(
         (1024, 1024), mpp=MPP, n_nuclei=60, n_touching_pairs=15, centers=centers, seed=3
     )
 
@@ -266,7 +273,7 @@ def test_tiled_equals_whole_with_objects_on_tile_borders(border_image):
     crossing |= set(np.unique(whole[511:513]).tolist()) | set(np.unique(whole[767:769]).tolist())
     crossing.discard(0)
     assert len(crossing) >= 20, "the test image must put objects on tile borders"
-    m = seg.match_labels(whole, tiled, iou_threshold=0.5)
+    m = match_labels(whole, tiled, iou_threshold=0.5)
     assert m.tp >= 0.95 * m.n_true and m.n_pred == m.n_true
     # no object split in two labels across a border: each whole object maps to one tiled label
     fg = (whole > 0) & (tiled > 0)
@@ -281,7 +288,7 @@ def test_tiled_equals_whole_with_objects_on_tile_borders(border_image):
         assert ndi.label(tiled[sl] == i, structure=np.ones((3, 3)))[1] == 1
     # in fact the threshold is global and the overlap wide, so the results are identical
     np.testing.assert_array_equal(whole > 0, tiled > 0)
-    assert seg.match_labels(truth, tiled).f1 >= 0.8
+    assert match_labels(truth, tiled).f1 >= 0.8
 
 
 def test_tiled_equals_whole_at_a_reduced_working_resolution(border_image):
@@ -294,7 +301,7 @@ def test_tiled_equals_whole_at_a_reduced_working_resolution(border_image):
     ).compute()
     assert whole.max() > 100
     np.testing.assert_array_equal(whole > 0, tiled > 0)
-    assert seg.match_labels(whole, tiled).tp == whole.max() == tiled.max()
+    assert match_labels(whole, tiled).tp == whole.max() == tiled.max()
 
 
 def test_iter_segment_region_yields_progress_per_tile_and_can_stop(border_image, tmp_path):
@@ -340,7 +347,7 @@ def test_tiled_memory_stays_bounded():
     """A 3072^2 region (27 MB RGB, 38 MB labels) is segmented holding far less than either."""
     import tracemalloc
 
-    rgb, _ = seg.synthetic_he_nuclei((512, 512), mpp=MPP, n_nuclei=40, n_touching_pairs=5, seed=1)
+    rgb, _ = synthetic_he_nuclei((512, 512), mpp=MPP, n_nuclei=40, n_touching_pairs=5, seed=1)
     big = da.tile(da.from_array(rgb, chunks=(512, 512, 3)), (6, 6, 1))  # lazy: computed per window
     slide = Slide((big,), (1.0,), mpp=MPP)
     seg.segment_region(slide, 0, 0, 512, 512, tile=256)  # warm-up: imports and lookup tables
@@ -361,7 +368,7 @@ def test_segment_region_at_level_1_and_region_offset(border_image):
     lv1 = seg.segment_region(slide, 0, 0, 1024, 1024, level=1, tile=256)
     assert lv1.shape == (512, 512)
     direct = seg.segment_nuclei(rgb[::2, ::2], 2 * MPP)
-    assert seg.match_labels(direct, lv1.compute()).f1 > 0.95
+    assert match_labels(direct, lv1.compute()).f1 > 0.95
     # a sub-box: the same as segmenting the crop itself
     sub = seg.segment_region(slide, 100, 200, 612, 712, tile=256).compute()
     np.testing.assert_array_equal(sub > 0, seg.segment_nuclei(rgb[200:712, 100:612], MPP) > 0)
@@ -445,14 +452,14 @@ def test_cellpose_damaged_model_file_is_named(cellpose_env, tmp_path):
     pytest.importorskip("cellpose")
     bad = tmp_path / "damaged.pth"
     bad.write_bytes(b"not a model" * 100)
-    rgb, _ = seg.synthetic_he_nuclei((128, 128), mpp=MPP, n_nuclei=5, n_touching_pairs=0, seed=0)
+    rgb, _ = synthetic_he_nuclei((128, 128), mpp=MPP, n_nuclei=5, n_touching_pairs=0, seed=0)
     with pytest.raises(RapaclInputError, match=r"damaged.pth is not a cellpose \d.x model file"):
         seg.segment_nuclei(rgb, MPP, "cellpose", model=bad)
 
 
 def test_cellpose_named_model_offline_fails_fast_without_download(cellpose_env, monkeypatch):
     pytest.importorskip("cellpose")
-    rgb, _ = seg.synthetic_he_nuclei((128, 128), mpp=MPP, n_nuclei=5, n_touching_pairs=0, seed=0)
+    rgb, _ = synthetic_he_nuclei((128, 128), mpp=MPP, n_nuclei=5, n_touching_pairs=0, seed=0)
     name = "nuclei" if seg.cellpose_major_version() == 3 else "cpsam"
     t = time.perf_counter()
     with pytest.raises(
@@ -462,7 +469,7 @@ def test_cellpose_named_model_offline_fails_fast_without_download(cellpose_env, 
     # not offline by configuration, but the download host does not answer: also refused at once
     monkeypatch.delenv("NAPARI_RAPACL_OFFLINE")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(seg, "_CELLPOSE_HOSTS", {3: "cellpose.invalid", 4: "cellpose.invalid"})
+    monkeypatch.setattr(_cellpose, "_CELLPOSE_HOSTS", {3: "cellpose.invalid", 4: "cellpose.invalid"})
     with pytest.raises(seg.CellposeModelUnavailableError, match="cellpose.invalid cannot be reached"):
         seg.segment_nuclei(rgb, MPP, "cellpose", model=name)
     assert time.perf_counter() - t < 8
@@ -470,7 +477,7 @@ def test_cellpose_named_model_offline_fails_fast_without_download(cellpose_env, 
 
 
 def test_cellpose_eval_through_the_real_api(cellpose_env, random_cellpose_model):
-    rgb, _ = seg.synthetic_he_nuclei((192, 192), mpp=0.27, n_nuclei=8, n_touching_pairs=2, seed=4)
+    rgb, _ = synthetic_he_nuclei((192, 192), mpp=0.27, n_nuclei=8, n_touching_pairs=2, seed=4)
     seg.clear_cellpose_cache()
     labels = seg.segment_nuclei(rgb, 0.27, "cellpose", model=random_cellpose_model, diameter_um=8.0)
     assert_valid_labels(labels, rgb.shape[:2])
@@ -493,12 +500,12 @@ def test_cellpose_named_model_found_in_the_local_models_folder(cellpose_env, ran
     shutil.copy(random_cellpose_model, cellpose_env / "nucleitorch_0")  # cellpose 3's file name
     assert seg.resolve_cellpose_model("nuclei") == cellpose_env / "nucleitorch_0"
     assert seg.resolve_cellpose_model(None) == cellpose_env / "nucleitorch_0"
-    rgb, _ = seg.synthetic_he_nuclei((128, 128), mpp=0.5, n_nuclei=5, n_touching_pairs=0, seed=5)
+    rgb, _ = synthetic_he_nuclei((128, 128), mpp=0.5, n_nuclei=5, n_touching_pairs=0, seed=5)
     assert_valid_labels(seg.segment_nuclei(rgb, 0.5, "cellpose", model="nuclei"), (128, 128))
 
 
 def test_cellpose_tiled_region(cellpose_env, random_cellpose_model):
-    rgb, _ = seg.synthetic_he_nuclei((128, 256), mpp=0.27, n_nuclei=6, n_touching_pairs=1, seed=6)
+    rgb, _ = synthetic_he_nuclei((128, 256), mpp=0.27, n_nuclei=6, n_touching_pairs=1, seed=6)
     slide = _slide(rgb, mpp=0.27)
     gen = seg.iter_segment_region(
         slide, 0, 0, 256, 128, method="cellpose", tile=128, overlap=32, model=random_cellpose_model
@@ -523,3 +530,13 @@ def test_importing_segmentation_stays_light():
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_package_api_and_moved_helpers():
+    """The package re-exports the public API; the label metrics and the synthetic generator live in
+    ``napari_rapacl.metrics`` and ``napari_rapacl.testing``, not here."""
+    for name in seg.__all__:
+        assert getattr(seg, name) is not None, name
+    assert seg.segment_nuclei.__module__ == "napari_rapacl.segmentation._api"
+    for moved in ("match_labels", "nucleus_statistics", "MatchResult", "synthetic_he_nuclei"):
+        assert not hasattr(seg, moved), moved

@@ -527,6 +527,7 @@ def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, q
 
     import napari_rapacl.segmentation as seg
     from napari_rapacl._napari._widgets import ROI, CellsWidget
+    from napari_rapacl.segmentation import _cellpose
 
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "cellpose-models"))
     monkeypatch.setenv("NAPARI_RAPACL_OFFLINE", "1")
@@ -536,7 +537,10 @@ def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, q
     seg.clear_cellpose_cache()
     loaded = []
     real = seg.load_cellpose_model
-    monkeypatch.setattr(seg, "load_cellpose_model", lambda m, *a, **k: loaded.append(m) or real(m, *a, **k))
+    # patched where segment_nuclei's cellpose path looks it up
+    monkeypatch.setattr(
+        _cellpose, "load_cellpose_model", lambda m, *a, **k: loaded.append(m) or real(m, *a, **k)
+    )
 
     viewer, image, points = her2st_viewer
     mpp = image.metadata["napari_rapacl"]["mpp"]

@@ -1,0 +1,79 @@
+"""Nucleus segmentation on H&E: a weight-free classical segmenter and cellpose, tiled over large regions.
+
+Two segmenters share one entry point, :func:`segment_nuclei` (an RGB region in, an int32 label image
+out, 0 = background, 1..n = nuclei): ``method="classical"`` (the offline default, no weights) and
+``method="cellpose"`` (the real cellpose 3.x / 4.x API, local or offline-checked models). Large
+regions of a lazy slide are segmented tile by tile and stitched by :func:`iter_segment_region` /
+:func:`segment_region`.
+
+The package's modules (import the public names from here):
+
+``_api``
+    :func:`segment_nuclei` and the input conventions.
+``_common``
+    Shared constants (:data:`SEGMENTATION_VERSION`, :data:`METHODS`, the default nucleus diameter and
+    size filter) and small helpers.
+``_stain``
+    Haematoxylin optical density (:func:`haematoxylin`) and the tissue mask (:func:`tissue_mask`).
+``_classical``
+    The classical segmenter (histogram threshold, marker watershed); its docstring describes the
+    algorithm.
+``_cellpose``
+    cellpose: model lookup (:func:`resolve_cellpose_model`), loading and cache
+    (:func:`load_cellpose_model`), offline detection (:class:`CellposeModelUnavailableError`).
+``_tiling``
+    The tiled whole-slide path: a global threshold, overlapping tiles, stitching into zarr.
+
+Label metrics (``match_labels``, ``nucleus_statistics``) are in :mod:`napari_rapacl.metrics`, the
+synthetic H&E generator (``synthetic_he_nuclei``) in :mod:`napari_rapacl.testing`.
+"""
+
+from __future__ import annotations
+
+from .._image import as_rgb_uint8
+from ..progress import Progress
+from ._api import segment_nuclei
+from ._cellpose import (
+    CellposeModelUnavailableError,
+    cellpose_major_version,
+    cellpose_models_dir,
+    clear_cellpose_cache,
+    load_cellpose_model,
+    resolve_cellpose_model,
+)
+from ._classical import MIN_CONTRAST, MIN_THRESHOLD
+from ._common import (
+    DEFAULT_DIAMETER_UM,
+    DEFAULT_MAX_AREA_UM2,
+    DEFAULT_MIN_AREA_UM2,
+    METHODS,
+    SEGMENTATION_VERSION,
+    Method,
+)
+from ._stain import TISSUE_OD, haematoxylin, tissue_mask
+from ._tiling import iter_segment_region, segment_region
+
+__all__ = [
+    "DEFAULT_DIAMETER_UM",
+    "DEFAULT_MAX_AREA_UM2",
+    "DEFAULT_MIN_AREA_UM2",
+    "METHODS",
+    "MIN_CONTRAST",
+    "MIN_THRESHOLD",
+    "SEGMENTATION_VERSION",
+    "TISSUE_OD",
+    "CellposeModelUnavailableError",
+    "Method",
+    "Progress",
+    "as_rgb_uint8",
+    "cellpose_major_version",
+    "cellpose_models_dir",
+    "clear_cellpose_cache",
+    "haematoxylin",
+    "iter_segment_region",
+    "load_cellpose_model",
+    "resolve_cellpose_model",
+    "segment_nuclei",
+    "segment_region",
+    "tissue_mask",
+]

@@ -1,0 +1,124 @@
+"""The one entry point of both segmenters, :func:`segment_nuclei`.
+
+Input conventions (:func:`as_rgb_uint8`): ``(H, W, 3)`` uint8 RGB; a grey ``(H, W)`` or ``(H, W, 1)``
+image is replicated to R = G = B (the haematoxylin channel then measures darkness); RGBA is
+composited over white (transparent pixels become background); float images in [0, 1] are scaled to
+uint8; any other dtype is refused. An all-white or flat region gives all-zero labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+import numpy as np
+
+from .._errors import RapaclInputError
+from .._image import as_rgb_uint8
+from ._cellpose import _cellpose
+from ._classical import MIN_CONTRAST, MIN_THRESHOLD, _classical, _make_params
+from ._common import (
+    DEFAULT_DIAMETER_UM,
+    DEFAULT_MAX_AREA_UM2,
+    DEFAULT_MIN_AREA_UM2,
+    METHODS,
+    Method,
+    _require_skimage,
+)
+from ._stain import TISSUE_OD
+
+
+def segment_nuclei(
+    region: Any,
+    mpp: float,
+    method: Method = "classical",
+    *,
+    diameter_um: float = DEFAULT_DIAMETER_UM,
+    min_area_um2: float = DEFAULT_MIN_AREA_UM2,
+    max_area_um2: float = DEFAULT_MAX_AREA_UM2,
+    model: str | os.PathLike | None = None,
+    gpu: bool = False,
+    threshold: float | None = None,
+    smooth_um: float = 0.7,
+    work_mpp: float | None = 0.5,
+    peak_spacing: float = 0.4,
+    blob_weight: float = 0.25,
+    tissue_od: float = TISSUE_OD,
+    min_threshold: float = MIN_THRESHOLD,
+    min_contrast: float = MIN_CONTRAST,
+    cellpose_input: Literal["auto", "haematoxylin", "rgb"] = "auto",
+    cellpose_kwargs: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Segment the nuclei of an H&E region.
+
+    Parameters
+    ----------
+    region
+        ``(H, W, 3)`` uint8 RGB (grey, RGBA and float in [0, 1] are converted, see
+        :func:`as_rgb_uint8`).
+    mpp
+        Microns per pixel of ``region`` (> 0).
+    method
+        ``"classical"`` (weight-free, the default) or ``"cellpose"``.
+    diameter_um
+        Typical nucleus diameter (um): sets the watershed marker spacing, or cellpose's ``diameter``
+        (converted to pixels with ``mpp``).
+    min_area_um2, max_area_um2
+        Objects outside this area range (um^2) are removed (both methods).
+    model, gpu
+        cellpose only: a model file or name (default ``"nuclei"`` on cellpose 3.x, ``"cpsam"`` on 4.x)
+        and whether to run on a GPU; see :func:`resolve_cellpose_model`.
+    threshold
+        classical only: a fixed haematoxylin threshold (``rgb2hed`` units) instead of Otsu's.
+    smooth_um, work_mpp, peak_spacing, blob_weight, tissue_od, min_threshold, min_contrast
+        classical only: Gaussian sigma (um); the coarsest working resolution (um/px; ``None`` = the
+        input's); marker spacing as a fraction of the nucleus radius; the weight of the smoothed
+        haematoxylin in the watershed score; the tissue optical density; the lowest Otsu threshold;
+        the smallest Otsu class separation (see :mod:`napari_rapacl.segmentation._classical`).
+    cellpose_input
+        cellpose only: ``"haematoxylin"`` (one channel, bright nuclei), ``"rgb"``, or ``"auto"``
+        (haematoxylin on 3.x, RGB on 4.x).
+    cellpose_kwargs
+        cellpose only: extra keyword arguments for ``CellposeModel.eval`` (``flow_threshold``,
+        ``cellprob_threshold``, ``batch_size``, ...).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` int32 labels: 0 = background, nuclei numbered 1..n without gaps. A region without
+        tissue, or a flat one, gives all zeros.
+
+    Raises
+    ------
+    RapaclInputError
+        Bad image shape or dtype, ``mpp <= 0``, an unknown method or inconsistent settings.
+    FileNotFoundError, CellposeModelUnavailableError
+        cellpose: the model file is missing, or a named model cannot be had offline.
+    """
+    if method not in METHODS:
+        raise RapaclInputError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    _require_skimage()
+    p = _make_params(
+        mpp,
+        diameter_um,
+        min_area_um2,
+        max_area_um2,
+        smooth_um=smooth_um,
+        work_mpp=work_mpp,
+        peak_spacing=peak_spacing,
+        blob_weight=blob_weight,
+        tissue_od=tissue_od,
+        min_threshold=min_threshold,
+        min_contrast=min_contrast,
+    )
+    if threshold is not None:
+        threshold = float(threshold)
+        if not math.isfinite(threshold):
+            raise RapaclInputError(f"threshold={threshold!r} must be finite")
+    rgb = as_rgb_uint8(region)
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        return np.zeros(rgb.shape[:2], dtype=np.int32)
+    if method == "classical":
+        return _classical(rgb, p, threshold)
+    return _cellpose(rgb, p, model, gpu, cellpose_input, cellpose_kwargs)
