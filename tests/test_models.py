@@ -134,10 +134,10 @@ def _synthetic_slide(tmp_path, size=1024, mpp=1.0):
 
 def test_fit_learns_a_learnable_gene_and_inference_generator_reports_progress(tmp_path):
     from napari_rapacl.inference import iter_predict_spots
-    from napari_rapacl.progress import Progress
     from napari_rapacl.metrics import pearson_per_gene
     from napari_rapacl.models.fit import fit_patch_regressor
     from napari_rapacl.preprocess import extract_patches
+    from napari_rapacl.progress import Progress
 
     slide = _synthetic_slide(tmp_path)
     rng = np.random.default_rng(0)

@@ -15,8 +15,8 @@ da = pytest.importorskip("dask.array")
 
 from napari_rapacl._errors import RapaclInputError  # noqa: E402
 from napari_rapacl.inference import predict_spots  # noqa: E402
-from napari_rapacl.progress import Progress  # noqa: E402
 from napari_rapacl.io.slide import Slide  # noqa: E402
+from napari_rapacl.progress import Progress  # noqa: E402
 from napari_rapacl.tiled import (  # noqa: E402
     TileCache,
     dense_geometry,

@@ -759,6 +759,58 @@ class _Trainer:
 
 
 # ------------------------------------------------------------------------------------------------
+# test-time predictions of a saved checkpoint
+# ------------------------------------------------------------------------------------------------
+def predict_checkpoint(
+    checkpoint: str | Path, sections: list[str], *, device: str = "cpu", data_dir: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """The training module's own test-time predictions of a checkpoint on her2st ``sections``.
+
+    The checkpoint's training config says how its inputs are made (patches, gene list, radiomics
+    tables and the z-scoring saved with it); the spots are those the trainer evaluates
+    (``data.max_spots`` applies). Returns ``{section: {"barcodes", "x", "y", "pred", "target"}}``
+    (``pred``/``target`` float32 ``(n_spots, n_genes)``), computed exactly as validation and test
+    are during training (:func:`predict_gathered`, one process).
+    """
+    from napari_rapacl.models.checkpoint import load_model
+
+    from .config import config_from_dict
+    from .data import load_her2st_section, load_section
+
+    payload = read_checkpoint(checkpoint)
+    if "train_config" not in payload:
+        raise RapaclInputError(f"{checkpoint}: holds no training config (not written by training.run)")
+    cfg = config_from_dict(dict(payload["train_config"]), f"{checkpoint}:train_config")
+    data = replace(cfg.data, data_dir=data_dir) if data_dir is not None else cfg.data
+    cfg = replace(cfg, data=data)
+    model, _ = load_model(checkpoint, map_location=device)
+    ctx = DistContext(device=torch.device(device))
+    model.to(ctx.device)
+    genes = [str(g) for g in payload["genes"]]
+    ictx = InputContext(data, model.config, genes, [], stats=dict(payload.get("input_stats") or {}))
+    keys = list(dict.fromkeys([*model.predict_inputs, "target"]))
+    autocast = lambda: torch.autocast(  # noqa: E731  (the trainer's own autocast settings)
+        device_type=ctx.device.type,
+        dtype=torch.bfloat16 if cfg.run.amp_dtype == "bfloat16" else torch.float16,
+        enabled=cfg.run.amp,
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for name in sections:
+        section = load_section(
+            load_her2st_section(name, data), genes, data, size=model.config.patch_size, mpp=model.config.mpp
+        )
+        pred, target = predict_gathered(model, SpotDataset([section], keys, ictx), cfg, ctx, autocast)
+        out[name] = {
+            "barcodes": [str(b) for b in section.barcodes],
+            "x": section.x,
+            "y": section.y,
+            "pred": pred,
+            "target": target,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
 def resolve_cli_config(config: str | None, overrides: list[str]) -> TrainConfig:
