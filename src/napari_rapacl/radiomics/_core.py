@@ -22,7 +22,6 @@ rtol 1e-6 (in practice ~1e-14). The speed comes from how pyradiomics is called:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from ._config import (
     COMPOSITION_CLASSES,
     MORPH_STATS,
     SHAPE2D_FEATURES,
+    TEXTURE_CLASSES,
     CompositionRule,
     RadiomicsConfig,
     check_config,
@@ -150,12 +150,15 @@ def derived_images(
     The names are pyradiomics' (``original``, ``wavelet-LH``, ``log-sigma-1-0-mm-3D``, ...).
     The filters see the whole ``grey`` image, as the extractor's do.
     """
+    grey = np.asarray(grey, dtype=np.float64)
+    if dict(config.image_types) == {"Original": {}}:  # pyradiomics' getOriginalImage yields its input
+        return [("original", grey)]
     import SimpleITK as sitk
 
     _radiomics()
     from radiomics import imageoperations
 
-    image = _sitk_image(np.asarray(grey, dtype=np.float64), spacing)
+    image = _sitk_image(grey, spacing)
     mask = sitk.GetImageFromArray(np.ones(grey.shape, dtype=np.uint32))
     mask.CopyInformation(image)
     base = config.pyradiomics_settings()
@@ -266,16 +269,22 @@ def _batch_firstorder_class() -> type:
             self.pixelSpacing = spacing
             self.voxelArrayShift = settings.get("voxelArrayShift", 0)
             self.targetVoxelArray = target
-            self._sorted = np.sort(target, axis=1)
-            self._counts = np.count_nonzero(~np.isnan(target), axis=1)
+            self._sorted_rows: tuple[np.ndarray, np.ndarray] | None = None
             self._pct: dict[float, np.ndarray] = {}
 
         def _initCalculation(self, voxelCoordinates: Any = None) -> None:
             pass
 
+        def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+            """Rows sorted (NaNs last) and their non-NaN counts; only order statistics need them."""
+            if self._sorted_rows is None:
+                target = self.targetVoxelArray
+                self._sorted_rows = (np.sort(target, axis=1), np.count_nonzero(~np.isnan(target), axis=1))
+            return self._sorted_rows
+
         def percentile(self, q: float) -> np.ndarray:
             if q not in self._pct:
-                self._pct[q] = row_percentiles(self._sorted, self._counts, q)
+                self._pct[q] = row_percentiles(*self._sorted(), q)
             return self._pct[q]
 
         def get10PercentileFeatureValue(self) -> np.ndarray:
@@ -288,7 +297,7 @@ def _batch_firstorder_class() -> type:
             return self.percentile(75) - self.percentile(25)
 
         def getMedianFeatureValue(self) -> np.ndarray:
-            return row_medians(self._sorted, self._counts)
+            return row_medians(*self._sorted())
 
     return _BatchFirstOrder
 
@@ -348,30 +357,50 @@ def batch_firstorder(
     out = {f: np.empty(n, dtype=np.float64) for f in features}
     if n == 0:
         return out
-    cls = _batch_firstorder_class()
     settings = dict(settings)
     for start in range(0, n, _FIRSTORDER_CHUNK):
         chunk = [np.asarray(v, dtype=np.float64).ravel() for v in values[start : start + _FIRSTORDER_CHUNK]]
-        width = max(len(v) for v in chunk)
-        target = np.full((len(chunk), width), np.nan)
-        p_rows = []
+        counts = [np.unique(np.digitize(v, _bin_edges(v, settings)), return_counts=True)[1] for v in chunk]
+        res = _firstorder_rows(chunk, counts, features, settings, spacing)
+        for f in features:
+            out[f][start : start + len(chunk)] = res[f]
+    return out
+
+
+def _firstorder_rows(
+    chunk: Sequence[np.ndarray],
+    counts: Sequence[np.ndarray],
+    features: Sequence[str],
+    settings: Mapping[str, Any],
+    spacing: Sequence[float],
+) -> dict[str, np.ndarray]:
+    """:func:`batch_firstorder` of ROIs whose discretised histograms are known.
+
+    ``chunk[i]`` are the grey values of ROI i, ``counts[i]`` the number of its values in each
+    occupied bin (ascending bin order, zero bins left out: ``numpy.unique(digitized,
+    return_counts=True)[1]``, what pyradiomics' first order computes ``p_i`` from).
+    """
+    cls = _batch_firstorder_class()
+    n = len(chunk)
+    width = max(len(v) for v in chunk)
+    if n == 1:
+        target = np.asarray(chunk[0], dtype=np.float64).reshape(1, -1)
+    else:
+        target = np.full((n, width), np.nan)
         for i, v in enumerate(chunk):
             target[i, : len(v)] = v
-            _, counts = np.unique(np.digitize(v, _bin_edges(v, settings)), return_counts=True)
-            p_rows.append(counts)
-        p_i = np.zeros((len(chunk), max(len(c) for c in p_rows)))
-        for i, c in enumerate(p_rows):
-            p_i[i, : len(c)] = c
-        p_i /= p_i.sum(axis=1, keepdims=True)
-        obj = cls(target, p_i, tuple(spacing), settings)
-        for f in features:
-            if f in _STAT_PERCENTILES:
-                val = obj.percentile(_STAT_PERCENTILES[f])
-            else:
-                val = getattr(obj, f"get{f}FeatureValue")()
-            out[f][start : start + len(chunk)] = np.broadcast_to(
-                np.asarray(val, dtype=np.float64), (len(chunk),)
-            )
+    p_i = np.zeros((n, max(len(c) for c in counts)))
+    for i, c in enumerate(counts):
+        p_i[i, : len(c)] = c
+    p_i /= p_i.sum(axis=1, keepdims=True)
+    obj = cls(target, p_i, tuple(spacing), dict(settings))
+    out: dict[str, np.ndarray] = {}
+    for f in features:
+        if f in _STAT_PERCENTILES:
+            val = obj.percentile(_STAT_PERCENTILES[f])
+        else:
+            val = getattr(obj, f"get{f}FeatureValue")()
+        out[f] = np.broadcast_to(np.asarray(val, dtype=np.float64), (n,))
     return out
 
 
@@ -389,50 +418,216 @@ def _bin_edges(values: np.ndarray, settings: Mapping[str, Any]) -> np.ndarray:
     return imageoperations.getBinEdges(np.array([v.min(), v.max()]), **settings)
 
 
-def _apply_binning(self: Any, matrix: np.ndarray) -> np.ndarray:
-    """``RadiomicsFeaturesBase._applyBinning`` (pyradiomics' ``binImage`` inside the mask) with the
-    bin edges from :func:`_bin_edges`; the discretised image and coefficients are the same."""
-    mask = self.maskArray
-    vals = matrix[mask]
-    out = np.zeros(matrix.shape, dtype="int")
-    out[mask] = np.digitize(vals, _bin_edges(vals, self.settings))
-    self.coefficients["grayLevels"] = np.unique(out[mask])
-    self.coefficients["Ng"] = int(np.max(self.coefficients["grayLevels"]))
-    return out
+class _BinnedRoi:
+    """One ROI of one image, discretised once for every feature class that reads it.
+
+    ``binned`` is pyradiomics' ``binImage`` of ``image`` inside ``mask`` (bins 1..Ng inside, 0
+    outside; int32, the type pyradiomics' C matrices read it as), ``gray_levels`` the occupied
+    bins (``numpy.unique`` of the ROI's bins), ``counts`` the number of pixels in each occupied bin
+    (first order's histogram), ``values`` the grey values inside the mask. Also stands in for the
+    SimpleITK image pyradiomics' classes keep (only ``GetSpacing`` is read, for weighting norms).
+    """
+
+    __slots__ = ("binned", "counts", "gray_levels", "image", "mask", "ng", "spacing", "values")
+
+    def __init__(
+        self, image: np.ndarray, mask: np.ndarray | None, settings: Mapping[str, Any], spacing: float = 1.0
+    ):
+        image = np.ascontiguousarray(image, dtype=np.float64)
+        if mask is None:
+            mask = np.ones(image.shape, dtype=bool)
+            values = image.ravel()
+        else:
+            mask = np.ascontiguousarray(mask, dtype=bool)
+            values = image[mask]
+        bins = np.digitize(values, _bin_edges(values, settings))
+        binned = np.zeros(image.shape, dtype=np.int32)
+        binned[mask] = bins
+        hist = np.bincount(bins)
+        self.gray_levels = np.flatnonzero(hist)
+        self.counts = hist[self.gray_levels]
+        self.ng = int(self.gray_levels[-1])
+        binned.flags.writeable = False  # shared by the feature classes, which only read it
+        mask.flags.writeable = False
+        self.image, self.mask, self.binned, self.values = image, mask, binned, values
+        self.spacing = float(spacing)
+
+    def GetSpacing(self) -> tuple[float, float]:  # noqa: N802 (SimpleITK's name)
+        return (self.spacing, self.spacing)
 
 
 @lru_cache(maxsize=1)
-def _feature_classes() -> dict[str, type]:
-    """pyradiomics' feature classes, subclassed to drop two pure overheads; the features are theirs.
+def _array_classes() -> dict[str, type]:
+    """pyradiomics' texture classes, fed a :class:`_BinnedRoi` instead of SimpleITK images.
 
-    * ``getFeatureNames``: pyradiomics enumerates a class's features with ``inspect.getmembers`` on
-      every instantiation (a quarter of the per-nucleus cost); the list never changes, so it is
-      computed once;
-    * ``_applyBinning``: see :func:`_bin_edges`.
+    Each class is pyradiomics' own (its ``__init__``, matrices in C, coefficients and
+    ``get*FeatureValue`` methods). Only the two steps of its initialisation that read SimpleITK
+    images and discretise them are replaced (``RadiomicsFeaturesBase.__init__``'s array reads and
+    ``_applyBinning``): the arrays are those a SimpleITK round trip would give, and the discretised
+    image is computed once per ROI (:class:`_BinnedRoi`) instead of once per class -- pyradiomics
+    bins each class's copy of the ROI identically. The feature-name list is computed once
+    (pyradiomics runs ``inspect.getmembers`` for every object).
     """
+    radiomics = _radiomics()
+    from radiomics import base
+
+    class _ArrayInput(base.RadiomicsFeaturesBase):
+        """``RadiomicsFeaturesBase.__init__`` (segment-based) on a :class:`_BinnedRoi`."""
+
+        def __init__(self, inputImage: _BinnedRoi, inputMask: Any = None, **kwargs: Any):  # noqa: N803
+            self.logger = logging.getLogger(self.__module__)
+            self.progressReporter = radiomics.getProgressReporter
+            self.settings = kwargs
+            self.label = kwargs.get("label", 1)
+            self.voxelBased = False
+            self.coefficients = {}
+            self.enabledFeatures = {}
+            self.featureValues = {}
+            self.featureNames = self.getFeatureNames()
+            self.inputImage = inputImage
+            self.inputMask = inputImage
+            self.imageArray = inputImage.image
+            self.maskArray = inputImage.mask
+
+        def _applyBinning(self, matrix: np.ndarray) -> np.ndarray:  # noqa: N802 (pyradiomics' name)
+            roi = self.inputImage
+            self.coefficients["grayLevels"] = roi.gray_levels
+            self.coefficients["Ng"] = roi.ng
+            return roi.binned
+
     out: dict[str, type] = {}
-    for name, cls in _radiomics().getFeatureClasses().items():
+    for name, cls in radiomics.getFeatureClasses().items():
+        if name not in TEXTURE_CLASSES:
+            continue
         cached = cls.getFeatureNames()
         members = {
             "getFeatureNames": classmethod(lambda c, _n=cached: dict(_n)),
-            "_applyBinning": _apply_binning,
+            "_applyBinning": _ArrayInput._applyBinning,
         }
-        sub = type(cls.__name__, (cls,), members)
+        # MRO: sub -> pyradiomics class -> _ArrayInput -> RadiomicsFeaturesBase, so the class's own
+        # super().__init__ lands in _ArrayInput
+        sub = type(cls.__name__, (cls, _ArrayInput), members)
         sub.__module__ = cls.__module__  # keeps the logger name (radiomics.<class>)
         out[name] = sub
     return out
 
 
-def _run_class(
-    cls_name: str, image: Any, mask: Any, settings: Mapping[str, Any], names: Sequence[str] | None
-) -> dict:
-    fc = _feature_classes()[cls_name](image, mask, **settings)
-    if names is None:
-        fc.enableAllFeatures()
-    else:
-        for nm in names:
-            fc.enableFeatureByName(nm)
-    return {k: float(v) for k, v in fc.execute().items()}
+def _roi_classes(
+    roi: _BinnedRoi,
+    request: Mapping[str, Sequence[str] | None],
+    settings: Mapping[str, Any],
+    errors: str = "default",
+) -> dict[str, dict[str, float]]:
+    """``{class: {feature: value}}`` of pyradiomics' classes on one discretised ROI.
+
+    ``request`` maps a class (``firstorder`` or a texture class) to its feature names (None: all
+    non-deprecated features). A class pyradiomics refuses for this ROI (an exception in its
+    initialisation) gives ``{}`` with ``errors="default"`` and raises with ``errors="raise"``; a
+    feature whose getter fails is NaN (pyradiomics' own rule).
+    """
+    out: dict[str, dict[str, float]] = {}
+    classes = _array_classes()
+    for cls_name, feats in request.items():
+        try:
+            if cls_name == "firstorder":
+                names = list(feature_names("firstorder")) if feats is None else list(feats)
+                res = _firstorder_rows([roi.values], [roi.counts], names, settings, roi.GetSpacing())
+                out[cls_name] = {f: float(res[f][0]) for f in names}
+                continue
+            fc = classes[cls_name](roi, None, **settings)
+            if feats is None:
+                fc.enableAllFeatures()
+            else:
+                for nm in feats:
+                    fc.enableFeatureByName(nm)
+            out[cls_name] = {k: float(v) for k, v in fc.execute().items()}
+        except Exception as exc:  # pyradiomics refuses some degenerate ROIs: use the defaults
+            if errors == "raise":
+                raise
+            logging.getLogger(__name__).debug("%s failed: %s", cls_name, exc)
+            out[cls_name] = {}
+    return out
+
+
+@lru_cache(maxsize=1)
+def _shape2d_class() -> type:
+    _radiomics()
+    from radiomics import shape2D
+
+    names = shape2D.RadiomicsShape2D.getFeatureNames()
+
+    class _Shape2D(shape2D.RadiomicsShape2D):
+        """pyradiomics' shape2D getters on coefficients computed by :func:`shape2d_features`."""
+
+        def __init__(self, **attrs: Any):
+            self.logger = logging.getLogger("radiomics.shape2D")
+            self.featureNames = names
+            self.__dict__.update(attrs)
+
+    return _Shape2D
+
+
+def shape2d_features(
+    labels: np.ndarray,
+    ids: Sequence[int],
+    slices: Sequence[tuple[slice, slice]],
+    spacing: float = 1.0,
+    features: Sequence[str] = SHAPE2D_FEATURES,
+) -> dict[str, np.ndarray]:
+    """pyradiomics shape2D features of the nuclei ``ids`` (bounding boxes ``slices``) of ``labels``.
+
+    The steps of ``RadiomicsShape2D._initSegmentBasedCalculation`` on each nucleus's mask, cropped
+    to its bounding box (what the extractor crops to) and padded by one pixel as pyradiomics pads
+    it -- perimeter, mesh surface and diameter from pyradiomics' C code (``cShape``), the
+    covariance of the pixel coordinates with pyradiomics' numpy operations -- then pyradiomics'
+    ``get*FeatureValue`` methods. No SimpleITK image and no class initialisation per nucleus. The
+    2 x 2 eigenvalue problems go to one ``numpy.linalg.eigvals`` call (the same LAPACK routine per
+    matrix as pyradiomics' one-matrix calls).
+
+    Returns ``{feature: (n,) float64}``.
+    """
+    _radiomics()
+    from radiomics import cShape
+
+    n = len(ids)
+    pixel_spacing = np.array((spacing, spacing), dtype=np.float64)  # GetSpacing()[::-1]
+    coeffs = np.empty((n, 3))
+    n_pix = np.empty(n, dtype=np.int64)
+    cov = np.empty((n, 2, 2))
+    pixel_coords = []
+    for k, (lab_id, (sy, sx)) in enumerate(zip(ids, slices, strict=True)):
+        m = np.zeros((sy.stop - sy.start + 2, sx.stop - sx.start + 2), dtype=bool)
+        m[1:-1, 1:-1] = labels[sy, sx] == lab_id
+        coords = np.where(m)
+        pixel_coords.append(coords)
+        coeffs[k] = cShape.calculate_coefficients2D(m, pixel_spacing)
+        n_pix[k] = len(coords[0])
+        physical = np.array(coords, dtype="int").transpose((1, 0)) * pixel_spacing[None, :]
+        physical -= np.mean(physical, axis=0)
+        physical /= np.sqrt(n_pix[k])
+        cov[k] = np.dot(physical.T.copy(), physical)
+    eig = np.linalg.eigvals(cov) if n else np.zeros((0, 2))
+    if np.iscomplexobj(eig):  # numpy keeps a stack complex if any matrix is; pyradiomics decides per matrix
+        eig = [np.linalg.eigvals(c) for c in cov]
+    cls = _shape2d_class()
+    out = {f: np.empty(n) for f in features}
+    for k in range(n):
+        ev = np.array(eig[k])
+        machine_errors = np.bitwise_and(ev < 0, ev > -1e-10)
+        if np.sum(machine_errors) > 0:
+            ev[machine_errors] = 0
+        ev.sort()
+        obj = cls(
+            pixelSpacing=pixel_spacing,
+            labelledPixelCoordinates=pixel_coords[k],
+            Perimeter=coeffs[k, 0],
+            Surface=coeffs[k, 1],
+            Diameter=coeffs[k, 2],
+            eigenValues=ev,
+        )
+        for f in features:
+            out[f][k] = getattr(obj, f"get{f}FeatureValue")()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,38 +643,47 @@ def find_nuclei(
     A nucleus is usable when it has at least ``min_area_px`` pixels and its bounding box is at
     least 2 x 2 (pyradiomics refuses 1-pixel-thin ROIs). Sorted by label id.
     """
+    ids, slices, areas, lab, index = _usable_nuclei(labels, min_area_px)
+    cents = np.empty((len(ids), 2), dtype=np.float64)
+    for k, (i, sl) in enumerate(zip(index, slices, strict=True)):
+        yy, xx = np.nonzero(lab[sl] == i)
+        cents[k] = (yy.mean() + sl[0].start, xx.mean() + sl[1].start)
+    return ids, slices, areas, cents
+
+
+def _usable_nuclei(
+    labels: np.ndarray, min_area_px: int
+) -> tuple[np.ndarray, list[tuple[slice, slice]], np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`find_nuclei` without centroids, plus the label image its bounding boxes index.
+
+    Returns ids, slices, areas, the label image (``labels``, or labels renumbered 1..n when ids
+    are too large for ``find_objects``) and each nucleus's value in that image.
+    """
     from scipy import ndimage as ndi
 
     lab = np.asarray(labels)
+    empty = np.zeros(0, np.int64)
     if lab.size == 0 or int(lab.max()) == 0:
-        return np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros((0, 2))
+        return empty, [], empty, lab, empty
     ids_present = None
     if int(lab.max()) > 2**22:  # find_objects allocates one entry per id up to the largest
         ids_present, inverse = np.unique(lab, return_inverse=True)
         lab = inverse.reshape(lab.shape).astype(np.int64)
     slices = ndi.find_objects(lab)
-    ids, keep, areas, cents = [], [], [], []
+    pixels = np.bincount(lab.ravel().astype(np.intp, copy=False), minlength=len(slices) + 1)
+    index, keep, areas = [], [], []
     for i, sl in enumerate(slices, start=1):
-        if sl is None:
+        if sl is None or sl[0].stop - sl[0].start < 2 or sl[1].stop - sl[1].start < 2:
             continue
-        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-        if h < 2 or w < 2:
-            continue
-        m = lab[sl] == i
-        area = int(np.count_nonzero(m))
+        area = int(pixels[i])
         if area < min_area_px:
             continue
-        yy, xx = np.nonzero(m)
-        ids.append(int(ids_present[i]) if ids_present is not None else i)
+        index.append(i)
         keep.append(sl)
         areas.append(area)
-        cents.append((yy.mean() + sl[0].start, xx.mean() + sl[1].start))
-    return (
-        np.asarray(ids, dtype=np.int64),
-        keep,
-        np.asarray(areas, dtype=np.int64),
-        np.asarray(cents, dtype=np.float64).reshape(-1, 2),
-    )
+    index_arr = np.asarray(index, dtype=np.int64)
+    ids = ids_present[index_arr].astype(np.int64) if ids_present is not None else index_arr
+    return ids, keep, np.asarray(areas, dtype=np.int64), lab, index_arr
 
 
 def _cells_block(
@@ -491,40 +695,33 @@ def _cells_block(
     spacing: float,
 ) -> dict[str, np.ndarray]:
     """The per-cell feature columns (pyradiomics names) for the nuclei ``ids`` / ``slices``."""
-    import SimpleITK as sitk
-
     _radiomics()
     settings = config.pyradiomics_settings()
     classes = config.cell_classes
     textures = [c for c in classes if c not in ("shape2D", "firstorder")]
-    n = len(ids)
     cols: dict[str, np.ndarray] = {}
     if "shape2D" in classes:
         shape_names = feature_names("shape2D")
+        shapes = shape2d_features(labels, ids, slices, spacing, shape_names)
         for nm in shape_names:
-            cols[f"original_shape2D_{nm}"] = np.empty(n)
+            cols[f"original_shape2D_{nm}"] = shapes[nm]
     fo_values: dict[str, list[np.ndarray]] = {name: [] for name, _ in images}
     tex_rows: list[dict[str, float]] = []
-    for k, (lab, sl) in enumerate(zip(ids, slices, strict=True)):
-        m = labels[sl] == lab
-        mask_img = sitk.GetImageFromArray(m.astype(np.uint32))
-        if spacing != 1.0:
-            mask_img.SetSpacing((spacing, spacing))
-        if "shape2D" in classes:
-            vals = _run_class("shape2D", mask_img, mask_img, settings, None)
-            for nm in shape_names:
-                cols[f"original_shape2D_{nm}"][k] = vals[nm]
-        if "firstorder" in classes:
-            for name, arr in images:
-                fo_values[name].append(arr[sl][m])
-        if textures:
-            row: dict[str, float] = {}
-            for name, arr in images:
-                img = _sitk_image(np.ascontiguousarray(arr[sl]), spacing)
-                for cls_name in textures:
-                    for feat, v in _run_class(cls_name, img, mask_img, settings, None).items():
-                        row[f"{name}_{cls_name}_{feat}"] = v
-            tex_rows.append(row)
+    if "firstorder" in classes or textures:
+        request = dict.fromkeys(textures)
+        for lab, sl in zip(ids, slices, strict=True):
+            m = labels[sl] == lab
+            if "firstorder" in classes:
+                for name, arr in images:
+                    fo_values[name].append(arr[sl][m])
+            if textures:
+                row: dict[str, float] = {}
+                for name, arr in images:
+                    roi = _BinnedRoi(arr[sl], m, settings, spacing)
+                    for cls_name, vals in _roi_classes(roi, request, settings, errors="raise").items():
+                        for feat, v in vals.items():
+                            row[f"{name}_{cls_name}_{feat}"] = v
+                tex_rows.append(row)
     if "firstorder" in classes:
         fo_names = feature_names("firstorder")
         for name, _ in images:
@@ -754,31 +951,27 @@ def spot_feature_names(
 
 def _roi_features(
     images: list[tuple[str, np.ndarray]],
-    mask: np.ndarray,
+    mask: np.ndarray | None,
     request: Mapping[str, Mapping[str, list[str]]],
     settings: Mapping[str, Any],
     prefix: str,
 ) -> dict[str, float]:
-    """pyradiomics features of one ROI, cropped to its bounding box as the extractor crops it."""
-    import SimpleITK as sitk
-
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    mask_img = sitk.GetImageFromArray(mask[sl].astype(np.uint32))
+    """pyradiomics features of one ROI (``mask``; None: the whole image), cropped to its bounding
+    box as the extractor crops it, discretised once per image for all its classes."""
+    sl: tuple[slice, ...] = (slice(None), slice(None))
+    if mask is not None:
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        mask = mask[sl]
     out: dict[str, float] = {}
     for name, arr in images:
         wanted = request.get(name)
         if not wanted:
             continue
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr[sl]))
-        for cls_name, feats in wanted.items():
-            try:
-                vals = _run_class(cls_name, img, mask_img, settings, feats)
-            except Exception as exc:  # pyradiomics refuses some degenerate ROIs: use the defaults
-                logging.getLogger(__name__).debug("%s %s %s failed: %s", prefix, name, cls_name, exc)
-                vals = {}
-            for f in feats:
+        roi = _BinnedRoi(arr[sl], mask, settings)
+        for cls_name, vals in _roi_classes(roi, wanted, settings).items():
+            for f in wanted[cls_name]:
                 out[f"{prefix}_{name}_{cls_name}_{f}"] = vals.get(f, np.nan)
     return out
 
@@ -800,6 +993,8 @@ def morph_stats(
     by_shape: dict[str, list[tuple[str, str]]] = {}
     for col, shape, stat in requests:
         by_shape.setdefault(shape, []).append((col, stat))
+    rows: list[np.ndarray] = []
+    row_items: list[list[tuple[str, str]]] = []
     for shape, items in by_shape.items():
         vals = np.asarray(shape_values.get(shape, np.zeros(0)), dtype=np.float64)
         vals = vals[np.isfinite(vals)]
@@ -807,10 +1002,14 @@ def morph_stats(
             for col, _ in items:
                 out[col] = 0.0
             continue
-        feats = sorted({_STAT_GETTERS.get(stat, stat) for _, stat in items})
-        res = batch_firstorder([vals], feats, {"binCount": int(bin_count), "voxelArrayShift": 0})
-        for col, stat in items:
-            out[col] = float(res[_STAT_GETTERS.get(stat, stat)][0])
+        rows.append(vals)
+        row_items.append(items)
+    if rows:  # one first-order object for all the shapes, one row each
+        feats = sorted({_STAT_GETTERS.get(stat, stat) for items in row_items for _, stat in items})
+        res = batch_firstorder(rows, feats, {"binCount": int(bin_count), "voxelArrayShift": 0})
+        for k, items in enumerate(row_items):
+            for col, stat in items:
+                out[col] = float(res[_STAT_GETTERS.get(stat, stat)][k])
     return out
 
 
@@ -859,36 +1058,52 @@ def spot_features(
     lab = check_labels(labels, rgb.shape[:2])
     if mpp is not None:
         mpp = _positive(mpp, "mpp")
-    names = spot_feature_names(config, feature_set)
-    union_req, patch_req, morph_req = _parse_names(names)
+    names, union_req, patch_req, morph_req = _spot_requests(config, feature_set)
     settings = config.pyradiomics_settings()
-    ids, slices, areas, _ = find_nuclei(lab, config.min_nucleus_area_px)
+    ids, slices, areas, lab_index, index = _usable_nuclei(lab, config.min_nucleus_area_px)
     images = derived_images(to_grey(rgb, config.grey), config, 1.0)
     values: dict[str, float] = {}
-    values.update(_roi_features(images, np.ones(lab.shape, dtype=bool), patch_req, settings, "patch"))
+    values.update(_roi_features(images, None, patch_req, settings, "patch"))
     shape_cols: dict[str, np.ndarray] = {}
     if len(ids):
-        union = np.isin(lab, ids)
+        keep = np.zeros(int(lab_index.max()) + 1, dtype=bool)
+        keep[index] = True
+        union = keep[lab_index]
         values.update(_roi_features(images, union, union_req, settings, "cellseg_all"))
-        shape_cfg = dataclasses.replace(config, cell_classes=("shape2D",))
-        cols = _cells_block(images[:1], lab, ids, slices, shape_cfg, 1.0)
-        shape_cols = {s: cols[f"original_shape2D_{s}"] for s in SHAPE2D_FEATURES}
+        shape_cols = shape2d_features(lab_index, index, slices, 1.0)
     values.update(morph_stats(shape_cols, morph_req, config.morph_bin_count))
-    data = np.array([values.get(c, 0.0) for c in names], dtype=np.float64)
+    extra = ["n_nuclei"] if mpp is None else ["n_nuclei", "cell_label"]
+    data = np.empty(len(names) + len(extra), dtype=np.float64)
+    data[: len(names)] = [values.get(c, 0.0) for c in names]
     data[~np.isfinite(data)] = 0.0
-    series = pd.Series(data, index=pd.Index(names), dtype=np.float64)
-    series["n_nuclei"] = float(len(ids))
+    data[len(names)] = float(len(ids))
     if mpp is not None:
-        label = composition_from_morphology(
+        data[-1] = composition_from_morphology(
             areas * mpp * mpp,
             shape_cols.get("Elongation", np.zeros(0)),
             lab.shape[0] * lab.shape[1] * mpp * mpp,
             config.composition,
         )
-        series["cell_label"] = float(label)
+    series = pd.Series(data, index=pd.Index(names + extra), dtype=np.float64)
     series.attrs["radiomics_config"] = config.to_dict()
     series.attrs["feature_set"] = feature_set
     return series
+
+
+def _spot_requests(
+    config: RadiomicsConfig, feature_set: str
+) -> tuple[list[str], dict, dict, list[tuple[str, str, str]]]:
+    """The feature names of :func:`spot_features` and their :func:`_parse_names` split (cached)."""
+    if feature_set == "rapacl72":  # the same for every config
+        return _rapacl72_requests()
+    names = spot_feature_names(config, feature_set)
+    return (names, *_parse_names(names))
+
+
+@lru_cache(maxsize=1)
+def _rapacl72_requests() -> tuple[list[str], dict, dict, list[tuple[str, str, str]]]:
+    names = list(rapacl72_names())
+    return (names, *_parse_names(names))
 
 
 # ------------------------------------------------------------------------------------------------
