@@ -456,6 +456,199 @@ class _BinnedRoi:
         return (self.spacing, self.spacing)
 
 
+# ------------------------------------------------------------------------------------------------
+# texture matrices in numpy (drop-in for three of pyradiomics' C functions on 2-D ROIs)
+# ------------------------------------------------------------------------------------------------
+
+
+class _NumpyMatrices:
+    """pyradiomics' ``_cmatrices`` module with ``calculate_glszm``, ``calculate_gldm`` and
+    ``calculate_ngtdm`` computed with numpy / scikit-image for 2-D, segment-based calls.
+
+    Same arguments, same arrays out (same shapes, dtypes and values: counts are integers, and the
+    NGTDM's sums of absolute differences are accumulated per grey level in the C code's raster
+    order, so they are bit-identical; tests compare them with the C functions). The neighbour
+    offsets are pyradiomics' own (``generate_angles``). Any other call -- 3-D arrays, ``force2D``,
+    voxel-based kernels, an empty mask, grey levels outside ``1..Ng`` inside the mask (which the C
+    code refuses) -- and every other function (GLCM, GLRLM, angles) goes to pyradiomics' C code.
+
+    Why: on a whole 224 x 224 patch these three take most of a spot's time in C, which walks the
+    image voxel by voxel with index arithmetic per neighbour; numpy does each neighbour offset as
+    one array operation and scikit-image labels all grey-level zones in one pass.
+    """
+
+    def __init__(self, c_module: Any):
+        self._c = c_module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._c, name)
+
+    def _inputs(self, image: Any, mask: Any, Ng: int, force2D: Any, extra: tuple) -> Any:  # noqa: N803
+        """``(levels with 0 outside the ROI, mask, levels inside)``, or None where C must run."""
+        if extra or force2D:
+            return None
+        image = np.asarray(image)
+        mask = np.asarray(mask, dtype=bool)
+        if image.ndim != 2 or mask.shape != image.shape or image.dtype.kind not in "iu":
+            return None
+        if not mask.any():  # the C code's answer (GLSZM refuses an empty ROI)
+            return None
+        levels = np.where(mask, image, 0).astype(np.int32, copy=False)
+        inside = levels[mask]
+        if int(inside.min()) < 1 or int(inside.max()) > Ng:
+            return None
+        return levels, mask, inside
+
+    def _offsets(self, shape: tuple[int, ...], distances: Any, bidirectional: bool = True) -> np.ndarray:
+        # pyradiomics' neighbour offsets for this size (raises its error for a 1 x 1 image)
+        return self._c.generate_angles(np.array(shape), np.asarray(distances), bidirectional, False, 0)
+
+    @staticmethod
+    def _shifted(padded: np.ndarray, pad: int, shape: tuple[int, ...], dy: int, dx: int) -> np.ndarray:
+        """``a[y + dy, x + dx]`` for every ``(y, x)`` of the unpadded array (0 beyond its edges)."""
+        return padded[pad + dy : pad + dy + shape[0], pad + dx : pad + dx + shape[1]]
+
+    def calculate_glszm(self, image, mask, Ng, Ns, force2D, force2Ddimension, *extra):  # noqa: N803
+        """Zones: 8-connected groups of pixels of one grey level (``skimage.measure.label``)."""
+        parsed = self._inputs(image, mask, Ng, force2D, extra)
+        if parsed is None:
+            return self._c.calculate_glszm(image, mask, Ng, Ns, force2D, force2Ddimension, *extra)
+        from skimage.measure import label
+
+        levels = parsed[0]
+        self._offsets(levels.shape, [1])
+        zones, n = label(levels, background=0, connectivity=2, return_num=True)
+        flat = zones.ravel()
+        sizes = np.bincount(flat, minlength=n + 1)[1:]
+        zone_level = np.zeros(n + 1, dtype=np.intp)
+        zone_level[flat] = levels.ravel()
+        max_region = max(int(sizes.max()) if n else 0, 1)
+        counts = np.bincount((zone_level[1:] - 1) * max_region + sizes - 1, minlength=Ng * max_region)
+        return counts.astype(np.float64).reshape(1, Ng, max_region)
+
+    def calculate_gldm(self, image, mask, distances, Ng, alpha, force2D, force2Ddimension, *extra):  # noqa: N803
+        """Dependence: neighbours in the ROI whose grey level differs by at most ``alpha``."""
+        parsed = self._inputs(image, mask, Ng, force2D, extra)
+        if parsed is None or isinstance(alpha, float):
+            args = (image, mask, distances, Ng, alpha, force2D, force2Ddimension, *extra)
+            return self._c.calculate_gldm(*args)
+        levels, mask, inside = parsed
+        offsets = self._offsets(levels.shape, distances)
+        pad = int(np.abs(offsets).max())
+        padded = np.pad(levels, pad)
+        dependence = np.zeros(levels.shape, dtype=np.uint8 if len(offsets) < 256 else np.intp)
+        for dy, dx in offsets:
+            nb = self._shifted(padded, pad, levels.shape, dy, dx)
+            if alpha == 0:  # a neighbour outside the ROI is 0, never equal to a level >= 1
+                dependence += nb == levels
+            else:
+                dependence += (nb > 0) & (np.abs(nb - levels) <= alpha)
+        width = 2 * len(offsets) + 1
+        index = (inside.astype(np.intp) - 1) * width + dependence[mask]
+        return np.bincount(index, minlength=Ng * width).astype(np.float64).reshape(1, Ng, width)
+
+    def calculate_ngtdm(self, image, mask, distances, Ng, force2D, force2Ddimension, *extra):  # noqa: N803
+        """Per grey level: pixel count and sum of |level - mean level of its neighbours in the ROI|."""
+        parsed = self._inputs(image, mask, Ng, force2D, extra)
+        if parsed is None:
+            return self._c.calculate_ngtdm(image, mask, distances, Ng, force2D, force2Ddimension, *extra)
+        levels, mask, inside = parsed
+        offsets = self._offsets(levels.shape, distances)
+        pad = int(np.abs(offsets).max())
+        padded = np.pad(levels, pad)
+        padded_mask = np.pad(mask, pad)
+        count = np.zeros(levels.shape, dtype=np.uint8 if len(offsets) < 256 else np.intp)
+        total = np.zeros(levels.shape, dtype=np.int32 if Ng * len(offsets) < 2**31 else np.int64)
+        for dy, dx in offsets:  # sums of integers: exact, as the C code's double sums are
+            count += self._shifted(padded_mask, pad, levels.shape, dy, dx)
+            total += self._shifted(padded, pad, levels.shape, dy, dx)
+        n = count[mask].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            diff = np.abs(np.where(n > 0, inside - total[mask] / n, 0.0))
+        index = inside.astype(np.intp) - 1
+        out = np.empty((1, Ng, 3), dtype=np.float64)
+        out[0, :, 0] = np.bincount(index, minlength=Ng)
+        out[0, :, 1] = np.bincount(index, weights=diff, minlength=Ng)  # raster order, as the C loop
+        out[0, :, 2] = np.arange(1, Ng + 1)
+        return out
+
+    def calculate_glrlm(self, image, mask, Ng, Nr, force2D, force2Ddimension, *extra):  # noqa: N803
+        """Runs: maximal stretches of equal grey level inside the ROI along each of the 4 directions."""
+        parsed = self._inputs(image, mask, Ng, force2D, extra)
+        if parsed is None:
+            return self._c.calculate_glrlm(image, mask, Ng, Nr, force2D, force2Ddimension, *extra)
+        levels = parsed[0]
+        angles = self._offsets(levels.shape, [1], bidirectional=False)
+        counts = np.zeros((len(angles), Ng * Nr), dtype=np.intp)
+        for a, (dy, dx) in enumerate(angles):
+            flat = _lines(levels, int(dy), int(dx))
+            change = np.empty(flat.size, dtype=bool)
+            change[0] = True
+            np.not_equal(flat[1:], flat[:-1], out=change[1:])
+            starts = np.flatnonzero(change)  # every stretch of one value, ROI or not
+            lengths = np.diff(starts, append=flat.size)
+            run_levels = flat[starts]
+            keep = run_levels > 0
+            run_levels, lengths = run_levels[keep], lengths[keep]
+            if lengths.size and int(lengths.max()) > Nr:
+                return self._c.calculate_glrlm(image, mask, Ng, Nr, force2D, force2Ddimension, *extra)
+            if lengths.size and int(lengths.max()) == 1 and not _multi_element(levels, int(dy), int(dx)):
+                continue  # pyradiomics drops an angle whose lines hold at most one ROI pixel each
+            index = (run_levels.astype(np.intp) - 1) * Nr + lengths - 1
+            counts[a] = np.bincount(index, minlength=Ng * Nr)
+        matrix = counts.reshape(len(angles), Ng, Nr).transpose(1, 2, 0)
+        return np.ascontiguousarray(matrix, dtype=np.float64)[None], angles
+
+
+def _lines(levels: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The image's lines along ``(dy, dx)`` (one of pyradiomics' 4 2-D run directions), one after
+    the other, each followed by a 0 so that no run continues from one line into the next."""
+    h, w = levels.shape
+    if dy == 0:
+        out = np.zeros((h, w + 1), dtype=levels.dtype)
+        out[:, :w] = levels
+    elif dx == 0:
+        out = np.zeros((w, h + 1), dtype=levels.dtype)
+        out[:, :h] = levels.T
+    else:
+        out = np.append(levels.ravel(), 0)[_diagonal_index(h, w, dx == dy)]
+    return out.ravel()
+
+
+@lru_cache(maxsize=16)
+def _diagonal_index(h: int, w: int, main: bool) -> np.ndarray:
+    """Gather index of :func:`_lines` for diagonals (``main``: along (1, 1), else (1, -1)); index
+    ``h * w`` is the appended 0 (positions beyond the image and the separator column)."""
+    yy, xx = np.mgrid[:h, :w]
+    line = xx - yy + h - 1 if main else xx + yy
+    index = np.full((h + w - 1, h + 1), h * w, dtype=np.intp)
+    index[line, yy] = yy * w + xx
+    index.flags.writeable = False
+    return index
+
+
+def _multi_element(levels: np.ndarray, dy: int, dx: int) -> bool:
+    """Whether some line along ``(dy, dx)`` holds more than one ROI pixel (pyradiomics' C code
+    keeps an angle only then)."""
+    h, w = levels.shape
+    n_lines = h if dy == 0 else w if dx == 0 else h + w - 1
+    per_line = _lines(levels, dy, dx).reshape(n_lines, -1)
+    return bool((np.count_nonzero(per_line, axis=1) > 1).any())
+
+
+#: texture class -> the method whose ``cMatrices`` calls go to :class:`_NumpyMatrices`
+_NUMPY_MATRIX_CLASSES = ("glrlm", "glszm", "gldm", "ngtdm")
+
+
+def _with_numpy_matrices(func: Any, matrices: _NumpyMatrices) -> Any:
+    """pyradiomics' own ``_calculateMatrix`` function, its name ``cMatrices`` bound to ``matrices``."""
+    import types
+
+    scope = dict(func.__globals__)
+    scope["cMatrices"] = matrices
+    return types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+
+
 @lru_cache(maxsize=1)
 def _array_classes() -> dict[str, type]:
     """pyradiomics' texture classes, fed a :class:`_BinnedRoi` instead of SimpleITK images.
@@ -495,6 +688,9 @@ def _array_classes() -> dict[str, type]:
             self.coefficients["Ng"] = roi.ng
             return roi.binned
 
+    from radiomics import cMatrices
+
+    matrices = _NumpyMatrices(cMatrices)
     out: dict[str, type] = {}
     for name, cls in radiomics.getFeatureClasses().items():
         if name not in TEXTURE_CLASSES:
@@ -504,6 +700,8 @@ def _array_classes() -> dict[str, type]:
             "getFeatureNames": classmethod(lambda c, _n=cached: dict(_n)),
             "_applyBinning": _ArrayInput._applyBinning,
         }
+        if name in _NUMPY_MATRIX_CLASSES:
+            members["_calculateMatrix"] = _with_numpy_matrices(cls._calculateMatrix, matrices)
         # MRO: sub -> pyradiomics class -> _ArrayInput -> RadiomicsFeaturesBase, so the class's own
         # super().__init__ lands in _ArrayInput
         sub = type(cls.__name__, (cls, _ArrayInput), members)
