@@ -209,15 +209,14 @@ def test_segment_writes_labels_and_a_cell_table(nuclei, tmp_path, capsys):
     assert list(table["label"]) == list(range(1, n + 1))
     ys, xs = np.nonzero(expected == 7)
     row = table.set_index("label").loc[7]
-    assert row["area_px"] == len(ys) and row["area_um2"] == pytest.approx(len(ys) * 0.25)
+    assert row["n_pixels"] == len(ys) and row["area_um2"] == pytest.approx(len(ys) * 0.25)
     # centroids in continuous level-0 px: region offset + pixel centre
-    assert row["x"] == pytest.approx(roi[0] + xs.mean() + 0.5) and row["y"] == pytest.approx(
-        roi[1] + ys.mean() + 0.5
-    )
+    assert row["centroid_x_px"] == pytest.approx(roi[0] + xs.mean() + 0.5)
+    assert row["centroid_y_px"] == pytest.approx(roi[1] + ys.mean() + 0.5)
     adata = ad.read_h5ad(outs[2])
     assert adata.n_obs == n and adata.n_vars == 0
-    np.testing.assert_allclose(adata.obsm["spatial"], table[["x", "y"]].to_numpy())
-    assert adata.uns["napari_rapacl"]["method"] == "classical"
+    np.testing.assert_allclose(adata.obsm["spatial"], table[["centroid_x_px", "centroid_y_px"]].to_numpy())
+    assert adata.uns["napari_rapacl"]["segmenter"]["method"] == "classical"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     # at pyramid level 1: labels on that level's grid, centroids still in level-0 px
     code, _, err = _main(capsys, *args, "--level", 1, "--out", tmp_path / "level1.csv")
@@ -225,9 +224,9 @@ def test_segment_writes_labels_and_a_cell_table(nuclei, tmp_path, capsys):
     expected1 = np.asarray(segment_region(open_slide(path), *roi, level=1, diameter_um=8.0))
     table1 = pd.read_csv(tmp_path / "level1.csv").set_index("label")
     ys, xs = np.nonzero(expected1 == 3)
-    assert table1.loc[3, "area_px"] == len(ys) and table1.loc[3, "area_um2"] == pytest.approx(len(ys))
-    assert table1.loc[3, "x"] == pytest.approx((roi[0] // 2 + xs.mean() + 0.5) * 2)
-    assert table1.loc[3, "y"] == pytest.approx((roi[1] // 2 + ys.mean() + 0.5) * 2)
+    assert table1.loc[3, "n_pixels"] == len(ys) and table1.loc[3, "area_um2"] == pytest.approx(len(ys))
+    assert table1.loc[3, "centroid_x_px"] == pytest.approx((roi[0] // 2 + xs.mean() + 0.5) * 2)
+    assert table1.loc[3, "centroid_y_px"] == pytest.approx((roi[1] // 2 + ys.mean() + 0.5) * 2)
     # an existing output is not replaced without --overwrite
     code, _, err = _main(capsys, *args, "--out", outs[1])
     assert code == 2 and "cells.csv" in err and "--overwrite" in err
@@ -240,6 +239,7 @@ def test_segment_features_match_cell_features(nuclei, tmp_path, capsys):
     import pandas as pd
 
     from napari_rapacl.io import open_slide
+    from napari_rapacl.jobs import feature_column
     from napari_rapacl.radiomics import cell_features
     from napari_rapacl.segmentation import segment_region
 
@@ -254,9 +254,11 @@ def test_segment_features_match_cell_features(nuclei, tmp_path, capsys):
     expected = cell_features(rgb[:256, :320], labels, mpp=0.5)
     assert len(expected) > 5
     cols = [c for c in expected.columns if c.startswith("original_")]
-    assert "original_shape2D_Perimeter" in cols and set(cols) <= set(table.columns)
+    named = [feature_column(c) for c in cols]  # units in the names: lengths in um, grey levels
+    assert "original_shape2D_Perimeter_um" in named and "original_firstorder_Mean_grey" in named
+    assert set(named) <= set(table.columns)
     np.testing.assert_allclose(
-        table.loc[expected.index, cols].to_numpy(), expected[cols].to_numpy(), rtol=1e-6
+        table.loc[expected.index, named].to_numpy(), expected[cols].to_numpy(), rtol=1e-6
     )
 
 

@@ -107,7 +107,7 @@ def test_spots_from_layer_data_restores_positions():
 
 
 # --------------------------------------------------------------------------------------------
-# the widgets' jobs (_napari/_jobs.py): Qt-free generators, drained here without a viewer
+# the jobs the widgets and the CLI share (napari_rapacl.jobs): Qt-free generators, drained here
 # --------------------------------------------------------------------------------------------
 def _drain(gen):
     from napari_rapacl.progress import run_to_completion
@@ -118,9 +118,9 @@ def _drain(gen):
 def test_cells_job_labels_and_radiomics_on_a_her2st_crop(data_dir):
     pytest.importorskip("skimage")
     pytest.importorskip("radiomics")
-    from napari_rapacl._napari._jobs import iter_cells
     from napari_rapacl._napari.layers import spots_in_box
     from napari_rapacl.datasets import her2st
+    from napari_rapacl.jobs import iter_cells
 
     sec = her2st("C2")
     s = sec.spots
@@ -138,26 +138,31 @@ def test_cells_job_labels_and_radiomics_on_a_her2st_crop(data_dir):
             res = stop.value
             break
     assert {"segment", "cell radiomics", "radiomics"} <= set(stages)
-    assert res.labels.shape == (400, 400) and res.labels.dtype == np.int32 and res.n_labels > 50
+    assert res.labels.shape == (400, 400) and res.labels.dtype == np.int32 and res.n_cells > 50
+    assert res.origin == (box[0], box[1]) and res.level == 0
     cells = res.cells
-    # one row per measured nucleus, whole: the tile seams (tile=256) do not cut or duplicate any
-    assert cells["index"].is_unique and set(cells["index"]) <= set(np.unique(res.labels)) - {0}
-    assert len(cells) >= 0.9 * res.n_labels
-    whole = _drain(iter_cells(sec.slide, box, radiomics=True, tile=1024))  # one tile, no seams
-    # centroids are level-0 px of the slide and fall on their own label
-    cy = np.round(cells["centroid_y_px"].to_numpy() - box[1]).astype(int)
-    cx = np.round(cells["centroid_x_px"].to_numpy() - box[0]).astype(int)
-    assert np.mean(res.labels[cy, cx] == cells["index"].to_numpy()) > 0.8
+    # one row per nucleus, measured whole and once: the tile seams (tile=256) cut or duplicate none
+    assert cells["label"].is_unique and set(cells["label"]) == set(np.unique(res.labels)) - {0}
+    assert cells["original_shape2D_Perimeter_um"].notna().mean() > 0.9  # units in the column names
+    assert {"area_um2", "original_firstorder_Mean_grey", "original_shape2D_Elongation"} <= set(cells)
+    np.testing.assert_allclose(
+        cells["area_um2"], cells["n_pixels"] * sec.slide.mpp**2, rtol=1e-12
+    )  # the pixel count of each label
+    whole = _drain(iter_cells(sec.slide, box, features=True, tile=1024))  # one tile, no seams
+    # centroids: continuous level-0 px of the slide (pixel p covers [p, p + 1)), on their own label
+    cy = np.floor(cells["centroid_y_px"].to_numpy() - box[1]).astype(int)
+    cx = np.floor(cells["centroid_x_px"].to_numpy() - box[0]).astype(int)
+    assert np.mean(res.labels[cy, cx] == cells["label"].to_numpy()) > 0.8
     assert res.spot_table.shape[0] == 1 and res.spot_table["n_nuclei"].iloc[0] > 0
     assert list(res.spot_index) == list(inside)
-    assert whole.cells is not None and abs(len(whole.cells) - len(cells)) <= 0.05 * len(cells)
+    assert abs(len(whole.cells) - len(cells)) <= 0.05 * len(cells)
 
 
 def test_cells_job_without_pyradiomics_still_gives_labels(data_dir, monkeypatch):
     pytest.importorskip("skimage")
     import napari_rapacl.radiomics as rad
-    from napari_rapacl._napari._jobs import iter_cells
     from napari_rapacl.datasets import her2st
+    from napari_rapacl.jobs import BASE_COLUMNS, iter_cells
 
     def missing():
         raise ImportError("radiomics features need pyradiomics (test)")
@@ -165,17 +170,18 @@ def test_cells_job_without_pyradiomics_still_gives_labels(data_dir, monkeypatch)
     monkeypatch.setattr(rad, "require_radiomics", missing)
     sec = her2st("C2")
     res = _drain(iter_cells(sec.slide, (5000, 6000, 5300, 6300)))
-    assert res.n_labels > 10 and res.cells is None and res.spot_table is None
+    assert res.n_cells > 10 and list(res.cells.columns) == list(BASE_COLUMNS) and res.spot_table is None
     assert any("pyradiomics" in m for m in res.messages)
 
 
 def test_predict_job_registry_and_checkpoint(tmp_path, data_dir):
     pytest.importorskip("torch")
     pytest.importorskip("timm")
-    from napari_rapacl._napari._jobs import checkpoint_path, iter_predict, load_model_choice
+    from napari_rapacl._napari._env import checkpoint_path
     from napari_rapacl.datasets import her2st
     from napari_rapacl.export import checkpoint_sha256
     from napari_rapacl.inference import predict_spots
+    from napari_rapacl.jobs import iter_predict, load_model_choice
     from napari_rapacl.models import create_model
     from napari_rapacl.models.checkpoint import save_checkpoint
     from napari_rapacl.tiled import TileCache
@@ -209,8 +215,8 @@ def test_predict_job_registry_and_checkpoint(tmp_path, data_dir):
 def test_pixnet_job_gives_a_dense_map_of_the_chosen_gene(tmp_path, data_dir):
     pytest.importorskip("torch")
     pytest.importorskip("timm")
-    from napari_rapacl._napari._jobs import iter_predict
     from napari_rapacl.datasets import her2st
+    from napari_rapacl.jobs import iter_predict
     from napari_rapacl.models import create_model
     from napari_rapacl.models.checkpoint import save_checkpoint
 
@@ -234,9 +240,16 @@ def test_pixnet_job_gives_a_dense_map_of_the_chosen_gene(tmp_path, data_dir):
 def test_export_job_writes_only_predicted_rows(tmp_path, data_dir):
     import anndata as ad
 
-    from napari_rapacl._napari._jobs import export_spots, iter_export, predicted_rows
-    from napari_rapacl._napari.layers import merge_columns
+    from napari_rapacl._napari.layers import export_arguments, merge_columns
     from napari_rapacl.datasets import her2st
+    from napari_rapacl.export import write_h5ad
+    from napari_rapacl.jobs import iter_export, predicted_rows, prediction_adata
+
+    def export_spots(path, data, meta, rows=None, provenance=None):
+        args = export_arguments(data, meta, rows=rows)
+        args["provenance"].update(provenance or {})
+        values, genes, spots = args.pop("values"), args.pop("genes"), args.pop("spots")
+        return write_h5ad(prediction_adata(values, genes, spots, **args), path)
 
     sec = her2st("C2")
     data, kwargs, _ = spots_layer_data(sec.spots, mpp=sec.slide.mpp, slide_path=str(sec.slide.path))
@@ -264,7 +277,8 @@ def test_export_job_writes_only_predicted_rows(tmp_path, data_dir):
     prov = adata.uns["napari_rapacl"]
     assert prov["model"] == "m" and list(prov["roi"]) == [1, 2, 3, 4] and list(prov["genes"]) == ["G1", "G2"]
     # a cancel at the job's yields writes nothing
-    gen = iter_export(tmp_path / "b.h5ad", data, meta)
+    args = export_arguments(data, meta)
+    gen = iter_export(tmp_path / "b.h5ad", args.pop("values"), args.pop("genes"), args.pop("spots"), **args)
     next(gen)
     next(gen)
     gen.close()
@@ -279,7 +293,7 @@ def test_avoid_llvm_clash_blocks_triton_only_when_llvm_is_loaded(monkeypatch):
     import io
     import sys
 
-    from napari_rapacl._napari import _jobs
+    from napari_rapacl._napari import _env as _jobs
 
     monkeypatch.delitem(sys.modules, "triton", raising=False)
     real_open = builtins.open
@@ -300,17 +314,18 @@ def test_avoid_llvm_clash_blocks_triton_only_when_llvm_is_loaded(monkeypatch):
 
 def test_open_job_places_a_slide_and_its_spots_together(data_dir, tmp_path):
     from napari_rapacl._errors import SpotsOutsideImageError
-    from napari_rapacl._napari._jobs import iter_open
+    from napari_rapacl._napari.layers import opened_layer_data
     from napari_rapacl.datasets import her2st
+    from napari_rapacl.jobs import iter_open
 
     jpg = data_dir / "her2st/data/ST-imgs/C/C2/5714_HE_BT_C2.jpg"
     selection = data_dir / "her2st/data/ST-spotfiles/C2_selection.tsv"
-    [(img, ikw, ikind), (pts, pkw, pkind)] = _drain(iter_open(jpg, selection))
+    [(img, ikw, ikind), (pts, pkw, pkind)] = opened_layer_data(_drain(iter_open(jpg, selection)))
     assert (ikind, pkind) == ("image", "points")
     # the JPEG has no pixel size: the ST array pitch gives it, to both layers (as the her2st sample)
     sample = her2st("C2")
     info = ikw["metadata"]["napari_rapacl"]
-    assert info["mpp"] == pytest.approx(sample.slide.mpp) and info["mpp_source"].startswith("spots")
+    assert info["mpp"] == pytest.approx(sample.slide.mpp) and info["mpp_source"] == "spot-grid"
     assert ikw["scale"] == pkw["scale"] == (info["mpp"], info["mpp"]) and ikw["units"] == ("um", "um")
     np.testing.assert_allclose(pts, np.column_stack([sample.spots.y, sample.spots.x]))
     np.testing.assert_allclose(pkw["size"], 2 * sample.spots.radius)
@@ -318,12 +333,12 @@ def test_open_job_places_a_slide_and_its_spots_together(data_dir, tmp_path):
     assert pkw["metadata"]["napari_rapacl"]["library_id"] == "C2"
     assert list(pkw["features"].columns[:2]) == ["barcode", "radius_px"]
     # a pixel size given by the user wins; the slide alone opens too
-    [(_, ikw2, _), (_, pkw2, _)] = _drain(iter_open(jpg, selection, mpp=0.25))
+    [(_, ikw2, _), (_, pkw2, _)] = opened_layer_data(_drain(iter_open(jpg, selection, mpp=0.25)))
     assert ikw2["scale"] == pkw2["scale"] == (0.25, 0.25)
-    [(_, alone, _)] = _drain(iter_open(jpg))
+    [(_, alone, _)] = opened_layer_data(_drain(iter_open(jpg)))
     assert alone["metadata"]["napari_rapacl"]["mpp"] is None
     # spots that are not in this slide's pixels: an error naming the slide, nothing returned
     csv = tmp_path / "far.csv"
     csv.write_text("x,y,radius\n10,10,5\n99999,20,5\n")
     with pytest.raises(SpotsOutsideImageError, match=r"1 of 2 spots.*5714_HE_BT_C2\.jpg"):
-        _drain(iter_open(jpg, csv))
+        opened_layer_data(_drain(iter_open(jpg, csv)))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
+
+from ._errors import RapaclInputError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -81,67 +82,50 @@ def _progress_logger(what: str):
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from ._errors import RapaclInputError
-    from .export import checkpoint_sha256, to_anndata, write_h5ad
-    from .io import open_slide, read_spots
-    from .models.checkpoint import load_model
+    from .export import write_h5ad
+    from .jobs import iter_predict, load_model_choice, open_inputs, result_adata
     from .progress import run_to_completion
-    from .tiled import iter_predict_region
 
-    slide = open_slide(args.slide, mpp=args.mpp)
-    spots = read_spots(args.spots, radius=args.radius)
-    if slide.mpp is None and spots.mpp is not None:
-        slide = slide.with_mpp(spots.mpp, "spot-grid")
-    spots.check_inside(slide.shape, name=str(args.slide))
+    opened = open_inputs(args.slide, args.spots, mpp=args.mpp, radius=args.radius)
+    slide, spots = opened.slide, opened.spots
     if args.roi is not None:
         x0, y0, x1, y1 = args.roi
-        keep = (spots.x >= x0) & (spots.x < x1) & (spots.y >= y0) & (spots.y < y1)
-        if not keep.any():
+        if not ((spots.x >= x0) & (spots.x < x1) & (spots.y >= y0) & (spots.y < y1)).any():
             raise RapaclInputError(f"--roi {args.roi}: no spot of {args.spots} lies inside it")
-        spots = spots.subset(np.flatnonzero(keep))
-    model, ckpt = load_model(args.checkpoint)
-    if args.model is not None and args.model != ckpt["model"]:
-        raise RapaclInputError(
-            f"--model {args.model!r} but {args.checkpoint} holds a {ckpt['model']!r} model"
-        )
-    # the spots are already restricted to the ROI: tile them all, no cache needed for one pass
+    loaded = load_model_choice(None, args.checkpoint)
+    if args.model is not None and args.model != loaded.name:
+        raise RapaclInputError(f"--model {args.model!r} but {args.checkpoint} holds a {loaded.name!r} model")
+    # one pass over the spots: no tile cache
     result = run_to_completion(
-        iter_predict_region(
-            model,
+        iter_predict(
+            loaded,
             slide,
-            spots.x,
-            spots.y,
-            radius=spots.radius,
-            tile_px=args.tile_px,
+            spots,
+            args.roi,
             cache=False,
             device=args.device,
+            tile_px=args.tile_px,
             batch_size=args.batch_size,
             scheduler=args.scheduler,
         ),
         _progress_logger("predict"),
     )
-    pred = result.values
-    adata = to_anndata(
-        pred,
-        list(ckpt["genes"]),
+    adata = result_adata(
+        result,
         spots,
         slide=slide,
-        library_id=args.library_id or slide.path.stem,
+        library_id=args.library_id or opened.name,
         provenance={
-            "model": ckpt["model"],
-            "checkpoint": str(args.checkpoint),
-            "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
-            "config": ckpt["config"],
             "roi": list(args.roi) if args.roi else "whole slide",
             "tile_px": args.tile_px,
             "scheduler": args.scheduler or "none",
         },
     )
     out = write_h5ad(adata, args.out)
+    extra = " with their spot radiomics" if result.radiomics is not None else ""
     print(
-        f"predicted {pred.shape[1]} genes at {pred.shape[0]} spots ({result.tiles_computed} tiles) -> {out}"
+        f"predicted {len(result.genes)} genes at {len(result.index)} spots{extra} "
+        f"({result.tiles_computed} tiles) -> {out}"
     )
     return 0
 
@@ -152,8 +136,6 @@ SEGMENT_OUTPUTS = (".zarr", ".h5ad", ".csv")
 
 
 def _segment_outputs(paths: list[str], overwrite: bool) -> dict[str, Path]:
-    from ._errors import RapaclInputError
-
     outs: dict[str, Path] = {}
     for text in paths:
         path = Path(text).expanduser()
@@ -173,96 +155,29 @@ def _segment_outputs(paths: list[str], overwrite: bool) -> dict[str, Path]:
     return outs
 
 
-def _cell_table(labels, level_ds: float, origin: tuple[int, int], mpp_level: float):
-    """Per-cell label, centroid (level-0 px) and area from a dask label image, one chunk at a time.
-
-    ``origin``: ``(x, y)`` of the label image's first pixel, in pixels of the segmented level.
-    """
-    import numpy as np
-    import pandas as pd
-
-    n = int(labels.max().compute())
-    count = np.zeros(n + 1, dtype=np.int64)
-    sum_y = np.zeros(n + 1, dtype=np.float64)
-    sum_x = np.zeros(n + 1, dtype=np.float64)
-    y = 0
-    for i, ch in enumerate(labels.chunks[0]):
-        x = 0
-        for j, cw in enumerate(labels.chunks[1]):
-            block = np.asarray(labels.blocks[i, j].compute(scheduler="synchronous"))
-            ys, xs = np.nonzero(block)
-            if len(ys):
-                ids = block[ys, xs]
-                count += np.bincount(ids, minlength=n + 1)
-                sum_y += np.bincount(ids, weights=ys + y, minlength=n + 1)
-                sum_x += np.bincount(ids, weights=xs + x, minlength=n + 1)
-            x += cw
-        y += ch
-    ids = np.flatnonzero(count[1:] > 0) + 1
-    cy = sum_y[ids] / count[ids]  # level px in the region, pixel centres at integers
-    cx = sum_x[ids] / count[ids]
-    return pd.DataFrame(
-        {
-            "label": ids.astype(np.int64),
-            # continuous level-0 coordinates (level pixel p covers [p, p + 1) * ds)
-            "x": (origin[0] + cx + 0.5) * level_ds,
-            "y": (origin[1] + cy + 0.5) * level_ds,
-            "area_px": count[ids],
-            "area_um2": count[ids] * mpp_level**2,
-        }
-    )
-
-
-def _cell_radiomics(slide, labels, table, origin, level: int, mpp_level: float, max_area_um2: float):
-    """pyradiomics features per cell, computed in windows around tile cores (bounded memory)."""
-    import numpy as np
-    import pandas as pd
-
-    from .radiomics import cell_features, require_radiomics
-
-    require_radiomics()
-    ds = slide.downsamples[level]
-    bx0, by0 = origin
-    h, w = labels.shape
-    margin = int(math.ceil(2.0 * math.sqrt(max_area_um2 / math.pi) / mpp_level)) + 8
-    core = 2048
-    # each cell belongs to the core holding its centroid (level px in the region)
-    cy = np.floor(table["y"].to_numpy() / ds - by0).astype(int)  # the level pixel holding the centroid
-    cx = np.floor(table["x"].to_numpy() / ds - bx0).astype(int)
-    frames = []
-    for ty in range(0, h, core):
-        for tx in range(0, w, core):
-            mine = (cy >= ty) & (cy < ty + core) & (cx >= tx) & (cx < tx + core)
-            if not mine.any():
-                continue
-            wy0, wy1 = max(0, ty - margin), min(h, ty + core + margin)
-            wx0, wx1 = max(0, tx - margin), min(w, tx + core + margin)
-            lab = np.asarray(labels[wy0:wy1, wx0:wx1].compute(scheduler="synchronous"))
-            lab = np.where(np.isin(lab, table["label"].to_numpy()[mine]), lab, 0).astype(np.int32)
-            rgb = np.asarray(
-                slide.levels[level][by0 + wy0 : by0 + wy1, bx0 + wx0 : bx0 + wx1].compute(scheduler="threads")
-            )
-            feats = cell_features(rgb, lab, mpp=mpp_level)
-            frames.append(feats.drop(columns=["centroid_y", "centroid_x", "area"], errors="ignore"))
-    if not frames:
-        return pd.DataFrame(index=pd.Index([], name="label"))
-    return pd.concat(frames).sort_index()
-
-
-def _segment(args: argparse.Namespace) -> int:
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Put the finished folder ``tmp`` at ``target``: the old one is renamed aside first and deleted
+    only once the new one is in place, so an interruption never leaves neither."""
     import os
     import shutil
     import uuid
 
-    import anndata as ad
-    import numpy as np
+    aside = None
+    if target.exists():
+        aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(target, aside)
+    os.replace(tmp, target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()
 
-    from ._atomic import write_atomic
-    from ._errors import RapaclInputError
-    from .export import write_h5ad
-    from .io import open_slide
+
+def _segment(args: argparse.Namespace) -> int:
+    import shutil
+    import uuid
+
+    from .jobs import iter_cells, open_inputs, write_cells
     from .progress import run_to_completion
-    from .segmentation import DEFAULT_MAX_AREA_UM2, SEGMENTATION_VERSION, iter_segment_region
+    from .radiomics import NucleusSegmenter
 
     outs = _segment_outputs(args.out, args.overwrite)
     if args.features and ".zarr" in outs and len(outs) == 1:
@@ -278,82 +193,52 @@ def _segment(args: argparse.Namespace) -> int:
         raise RapaclInputError(f"--diameter-um {args.diameter_um}: must be > 0 (microns)")
     if args.model is not None and args.method != "cellpose":
         raise RapaclInputError(f"--model {args.model!r} is only used with --method cellpose")
-    slide = open_slide(args.slide, mpp=args.mpp)
-    height, width = slide.shape
+    slide = open_inputs(args.slide, mpp=args.mpp).slide
     if not 0 <= args.level < len(slide.levels):
         raise RapaclInputError(f"--level {args.level}: {args.slide} has levels 0..{len(slide.levels) - 1}")
-    box = args.roi if args.roi is not None else (0.0, 0.0, float(width), float(height))
-    kwargs = {}
-    if args.diameter_um is not None:
-        kwargs["diameter_um"] = args.diameter_um
-    if args.method == "cellpose":
-        kwargs["model"] = args.model
-        kwargs["gpu"] = args.device == "cuda"
+    segmenter = NucleusSegmenter(
+        args.method,
+        **({"diameter_um": args.diameter_um} if args.diameter_um is not None else {}),
+        model=args.model,
+    )
     zarr_out = outs.get(".zarr")
     tmp = None
     if zarr_out is not None:
         tmp = zarr_out.parent / f".{zarr_out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         try:
-            labels = run_to_completion(
-                iter_segment_region(
-                    slide, *box, level=args.level, method=args.method, tile=args.tile, out=tmp, **kwargs
+            result = run_to_completion(
+                iter_cells(
+                    slide,
+                    args.roi,
+                    level=args.level,
+                    segmenter=segmenter,
+                    features=args.features,
+                    tile=args.tile,
+                    out=tmp,
+                    scheduler=args.scheduler,
+                    gpu=args.device == "cuda",
+                    hold_labels=False,
                 ),
                 _progress_logger("segment"),
             )
         except RapaclInputError as exc:
             raise RapaclInputError(f"{args.slide}: {exc}") from exc
-        mpp_level = slide.require_mpp("segmentation") * slide.downsamples[args.level]
-        ds = slide.downsamples[args.level]
-        level_h, level_w = slide.levels[args.level].shape[:2]  # as segmentation._level_box does
-        origin = (min(math.floor(box[0] / ds), level_w - 1), min(math.floor(box[1] / ds), level_h - 1))
-        table = _cell_table(labels, ds, origin, mpp_level)
-        provenance = {
-            "slide": str(args.slide),
-            "roi": [float(v) for v in box],
-            "level": int(args.level),
-            "mpp_level": float(mpp_level),
-            "method": args.method,
-            "model": args.model or "",
-            "diameter_um": args.diameter_um if args.diameter_um is not None else "default",
-            "segmentation_version": SEGMENTATION_VERSION,
-            "n_cells": len(table),
-        }
-        if args.features:
-            feats = _cell_radiomics(slide, labels, table, origin, args.level, mpp_level, DEFAULT_MAX_AREA_UM2)
-            table = table.join(feats, on="label", how="left")
         if zarr_out is not None:
             import zarr
 
             arr = zarr.open_array(str(tmp), mode="r+")
-            arr.attrs.update({"napari_rapacl": provenance})
-            if zarr_out.exists():
-                shutil.rmtree(zarr_out) if zarr_out.is_dir() else zarr_out.unlink()
-            os.replace(tmp, zarr_out)
+            arr.attrs.update({"napari_rapacl": result.provenance})
+            _replace_dir(tmp, zarr_out)
             tmp = None
-        if ".csv" in outs:
-            write_atomic(outs[".csv"], lambda tmp: table.to_csv(tmp, index=False))
-        if ".h5ad" in outs:
-            import pandas as pd
-
-            base = ["label", "x", "y", "area_px", "area_um2"]
-            feature_cols = [c for c in table.columns if c not in base]
-            obs = table[base].copy()
-            obs.index = pd.Index([f"cell_{v}" for v in table["label"]], name="cell_id")
-            X = (
-                table[feature_cols].to_numpy(np.float32)
-                if feature_cols
-                else np.zeros((len(table), 0), np.float32)
-            )
-            adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(feature_cols, dtype=str)))
-            adata.obsm["spatial"] = table[["x", "y"]].to_numpy(np.float64)
-            adata.uns["napari_rapacl"] = provenance
-            write_h5ad(adata, outs[".h5ad"])
+        for suffix in (".csv", ".h5ad"):
+            if suffix in outs:
+                write_cells(outs[suffix], result.cells, result.provenance)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     written = ", ".join(str(p) for p in outs.values())
-    print(f"segmented {len(table)} cells ({args.method}) -> {written}")
+    print(f"segmented {result.n_cells} cells ({segmenter.describe()}) -> {written}")
     return 0
 
 
@@ -419,14 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--features", action="store_true", help="add pyradiomics features per cell (table outputs)"
     )
     seg.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cellpose device")
+    seg.add_argument(
+        "--scheduler",
+        type=parse_scheduler,
+        default=None,
+        help="where the per-cell measurement windows run: none (this process, default), threads, "
+        "processes, synchronous, or a dask scheduler address (tcp://host:8786)",
+    )
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.set_defaults(func=_segment)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._errors import RapaclInputError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")

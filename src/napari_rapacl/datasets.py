@@ -244,17 +244,13 @@ def her2st(
         The slide's pixel size is set from the spot grid (``mpp_source == "spot-grid"``) and all
         spots are checked to lie inside it.
     """
-    from napari_rapacl.io.slide import open_slide
-    from napari_rapacl.io.spots import read_spots
+    from napari_rapacl.io import open_slide, place_spots, read_spots
 
     name = _section(section)
     files = her2st_files(name)
     root = _resolve(list(files.values()), data_dir, cache_dir, download)
     spots = read_spots(root / files["spots"], counts=root / files["counts"])
-    slide = open_slide(root / files["image"])
-    if spots.mpp is not None:
-        slide = slide.with_mpp(spots.mpp, "spot-grid")
-    spots.check_inside(slide.shape, name=str(root / files["image"]))
+    slide = place_spots(open_slide(root / files["image"]), spots)
     return Her2stSection(name=name, slide=slide, spots=spots)
 
 

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 
 def her2st_layers(section: str) -> list:
-    from ..datasets import her2st
-    from .layers import slide_layer_data, spots_layer_data
+    from ..jobs import iter_open_sample
+    from ..progress import run_to_completion
+    from .layers import opened_layer_data
 
-    sec = her2st(section)
-    return [
-        slide_layer_data(sec.slide, name=f"her2st {section}"),
-        spots_layer_data(
-            sec.spots,
-            mpp=sec.slide.mpp,
-            name=f"her2st {section} spots",
-            library_id=section,
-            slide_path=str(sec.slide.path),
-        ),
-    ]
+    return opened_layer_data(run_to_completion(iter_open_sample(section)))
 
 
 def her2st_c2() -> list:

@@ -1,5 +1,5 @@
-"""Dock widgets. They only wire napari layers to the package's compute functions (``_jobs``, ``tiled``,
-``segmentation``, ``radiomics``, ``export``).
+"""Dock widgets. They only wire napari layers to the package's jobs (:mod:`napari_rapacl.jobs`, the same
+functions the command line runs).
 
 Long work runs as a generator in a ``thread_worker`` (a progress bar in napari's activity dock; the UI
 thread never waits on it). *Cancel* calls ``worker.quit()``, which stops the generator at its next
@@ -34,6 +34,7 @@ from magicgui.widgets import (
     create_widget,
 )
 
+from ..jobs._cells import BASE_COLUMNS
 from .layers import (
     META_KEY,
     SPOT_COLUMNS,
@@ -395,7 +396,8 @@ class LoadWidget(_JobWidget):
 
     def start(self, *_):
         """Open in a worker thread (a sample may need a download); returns the worker, or None."""
-        from ._jobs import checkpoint_path, iter_open, iter_open_sample
+        from ..jobs import iter_open, iter_open_sample
+        from ._env import checkpoint_path
 
         if self._refuse_if_busy():
             return None
@@ -420,9 +422,11 @@ class LoadWidget(_JobWidget):
             iter_open, slide, spots, mpp=mpp, desc=f"open {slide.name}", on_done=self._on_done
         )
 
-    def _on_done(self, layer_data):
+    def _on_done(self, opened):
+        from .layers import opened_layer_data
+
         self.layers = []
-        for data, kwargs, kind in layer_data:
+        for data, kwargs, kind in opened_layer_data(opened):
             name = kwargs.get("name")
             if name in self._viewer.layers:
                 self._viewer.layers.remove(name)
@@ -483,7 +487,9 @@ class CellsWidget(_JobWidget):
 
     def start(self, *_):
         """Start segmenting in a worker thread; returns the worker (tests wait on it), or None."""
-        from ._jobs import avoid_llvm_clash, checkpoint_path, iter_cells
+        from ..jobs import iter_cells
+        from ..radiomics import NucleusSegmenter
+        from ._env import avoid_llvm_clash, checkpoint_path
 
         if self._refuse_if_busy():
             return None
@@ -495,6 +501,8 @@ class CellsWidget(_JobWidget):
             box = self._region(self._scope.value, image, self._roi.value)
             slide = slide_from_layer(image)
             slide.require_mpp("nucleus segmentation")
+            model = checkpoint_path(self._cp_model.value) if self._method.value == "cellpose" else None
+            segmenter = NucleusSegmenter(self._method.value, float(self._diameter.value), model)
         except Exception as exc:  # a message for the user, not a traceback
             self._say(f"cannot segment: {exc}")
             return None
@@ -504,16 +512,13 @@ class CellsWidget(_JobWidget):
         if points is not None and self._radiomics.value:
             spots = spots_from_layer_data(points.data, points.features, slide.mpp)
             index = spots_in_box(points.data, box)
-        settings = {"method": self._method.value, "diameter_um": float(self._diameter.value)}
-        self._pending = (image, points, box, slide.mpp, settings)
+        self._pending = (image, points, box, slide.mpp)
         return self._launch(
             iter_cells,
             slide,
             box,
-            method=self._method.value,
-            diameter_um=float(self._diameter.value),
-            cellpose_model=checkpoint_path(self._cp_model.value),
-            radiomics=bool(self._radiomics.value),
+            segmenter=segmenter,
+            features=bool(self._radiomics.value),
             spots=spots,
             spot_index=index,
             desc=f"nuclei in {box}",
@@ -521,20 +526,22 @@ class CellsWidget(_JobWidget):
         )
 
     def _on_done(self, res):
-        image, points, box, mpp, settings = self._pending
+        image, points, box, mpp = self._pending
         name = f"nuclei {box[0]},{box[1]}-{box[2]},{box[3]}"
-        meta = {"slide": image.name, **settings}
-        data, kwargs, _ = labels_layer_data(
-            res.labels, res.box, mpp, name=name, features=res.cells, metadata=meta
-        )
+        meta = {"slide": image.name, "provenance": res.provenance, **res.segmenter.to_dict()}
+        h, w = res.labels.shape
+        region = (res.origin[0], res.origin[1], res.origin[0] + w, res.origin[1] + h)  # level 0
+        cells = res.cells.copy()
+        cells.insert(0, "index", cells["label"].to_numpy())  # napari: feature row <-> label id
+        data, kwargs, _ = labels_layer_data(res.labels, region, mpp, name=name, features=cells, metadata=meta)
         if name in self._viewer.layers:
             self._viewer.layers.remove(name)
         layer = self._viewer.add_labels(data, **kwargs)
         if points is not None and points in self._viewer.layers:  # spots stay on top of the nuclei
             self._viewer.layers.move(self._viewer.layers.index(layer), self._viewer.layers.index(points))
-        parts = [f"{res.n_labels} nuclei in {res.box}"]
-        if res.cells is not None:
-            parts.append(f"radiomics of {len(res.cells)} cells")
+        parts = [f"{res.n_cells} nuclei in {tuple(int(v) for v in res.box)}"]
+        if res.cells.shape[1] > len(BASE_COLUMNS):
+            parts.append(f"radiomics of {res.n_cells} cells")
         if points is not None and res.spot_table is not None:
             cols = [str(c) for c in res.spot_table.columns]
             values = res.spot_table.to_numpy(dtype=np.float32)
@@ -568,14 +575,14 @@ class PredictWidget(_JobWidget):
     tile_px = 1024
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        from ..models import list_models
+        from ..jobs import user_models
         from ..tiled import TileCache
 
         self._viewer = viewer
         keep_units_consistent(viewer)
         self._image = create_widget(annotation="napari.layers.Image", label="slide")
         self._spots = create_widget(annotation="napari.layers.Points", label="spots")
-        models = list_models()
+        models = user_models()  # the *_tiny test variants stay out of the user interface
         self._model = ComboBox(
             label="model", choices=models, value="stnet" if "stnet" in models else models[0]
         )
@@ -611,7 +618,7 @@ class PredictWidget(_JobWidget):
 
     # -- model -------------------------------------------------------------------------------
     def _choice(self):
-        from ._jobs import checkpoint_path
+        from ._env import checkpoint_path
 
         ckpt = checkpoint_path(self._checkpoint.value)
         if ckpt is not None:
@@ -623,7 +630,7 @@ class PredictWidget(_JobWidget):
     def _on_checkpoint(self, *_):
         """A checkpoint names its model: show it in the model picker (read from the YAML beside it)."""
         from ..models.checkpoint import config_path_for
-        from ._jobs import checkpoint_path
+        from ._env import checkpoint_path
 
         ckpt = checkpoint_path(self._checkpoint.value)
         self._model.enabled = ckpt is None
@@ -639,7 +646,8 @@ class PredictWidget(_JobWidget):
         """Build the chosen model in the background (imports, weights, the hash that keys its cached
         tiles), so that a click on Predict starts predicting at once; the job waits for it in its
         worker thread when it is not ready yet. A choice that cannot load is reported by Predict."""
-        from ._jobs import avoid_llvm_clash, preload_model
+        from ..jobs import preload_model
+        from ._env import avoid_llvm_clash
 
         try:
             key, choice = self._choice()
@@ -653,7 +661,8 @@ class PredictWidget(_JobWidget):
     # -- run ---------------------------------------------------------------------------------
     def start(self, *_):
         """Start predicting in a worker thread; returns the worker (tests wait on it), or None."""
-        from ._jobs import avoid_llvm_clash, iter_predict
+        from ..jobs import iter_predict
+        from ._env import avoid_llvm_clash
 
         if self._refuse_if_busy():
             return None
@@ -739,7 +748,7 @@ class PredictWidget(_JobWidget):
 
     def _show_spots(self, res):
         """Merge predictions into the spots layer's features (one assignment) and colour the spots."""
-        from ._jobs import LoadedModel
+        from ..jobs import LoadedModel
 
         points, box, key, mpp, device, t0 = self._pending
         loaded: LoadedModel = res.loaded
@@ -752,6 +761,11 @@ class PredictWidget(_JobWidget):
         if reset:  # drop the previous model's genes (this model's are reset to NaN below)
             base = base.drop(columns=[g for g in info.get("genes") or [] if g in base and g not in genes])
         features = merge_columns(base, res.index, res.values, genes, reset=reset)
+        rad_cols = list(info.get("radiomics_columns") or [])
+        if res.radiomics is not None:  # the spot radiomics that fed the model (RaPaCL-ST)
+            cols = [str(c) for c in res.radiomics.columns]
+            features = merge_columns(features, res.index, res.radiomics.to_numpy(np.float32), cols)
+            rad_cols = list(dict.fromkeys([*rad_cols, *cols]))
         prov = {} if reset else dict(info.get("provenance") or {})
         regions = [] if reset else list(prov.get("regions", []))
         regions.append([int(v) for v in box])
@@ -760,7 +774,7 @@ class PredictWidget(_JobWidget):
         gene = colored_by(points)
         cmap = getattr(points.face_colormap, "name", "viridis")
         points.features = features
-        info.update(genes=list(genes), provenance=prov, model_id=model_id)
+        info.update(genes=list(genes), provenance=prov, model_id=model_id, radiomics_columns=rad_cols)
         points.metadata = {**points.metadata, META_KEY: info}
         if gene not in genes:  # first prediction: colour by the first gene
             gene, cmap = genes[0], "viridis"
@@ -996,34 +1010,81 @@ class GeneWidget(Container):
 # --------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------
+SPOTS_EXPORT, CELLS_EXPORT = "spot predictions (.h5ad)", "nuclei: cell table (.h5ad / .csv)"
+
+
 class ExportWidget(_JobWidget):
-    """Write the predictions of a spots layer (all predicted spots, or those inside a Shapes ROI) to an
-    AnnData ``.h5ad`` with provenance (model, checkpoint sha256, regions, genes), atomically."""
+    """Write, atomically, either the predictions of a spots layer (all predicted spots, or those inside
+    a Shapes ROI) to an AnnData ``.h5ad`` with provenance (model, checkpoint sha256, regions, genes) and
+    the spot radiomics that fed the model in ``obsm['radiomics']``, or the cell table of a nuclei layer
+    (one row per nucleus, features with units) to ``.h5ad`` or ``.csv`` -- with the same functions as
+    ``napari-rapacl predict`` and ``napari-rapacl segment``."""
 
     run_text = "Export"
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
         keep_units_consistent(viewer)
+        self._what = ComboBox(label="export", choices=[SPOTS_EXPORT, CELLS_EXPORT], value=SPOTS_EXPORT)
         self._spots = create_widget(annotation="napari.layers.Points", label="spots")
+        self._cells = _nullable("napari.layers.Labels", "nuclei")
         self._scope = ComboBox(label="scope", choices=["all predicted", ROI], value="all predicted")
         self._roi = _nullable("napari.layers.Shapes", "ROI")
-        self._path = FileEdit(label="file", mode="w", filter="*.h5ad")
-        super().__init__(widgets=[self._spots, self._scope, self._roi, self._path, *self._init_job()])
+        self._path = FileEdit(label="file", mode="w", filter="*.h5ad *.csv")
+        super().__init__(
+            widgets=[
+                self._what,
+                self._spots,
+                self._cells,
+                self._scope,
+                self._roi,
+                self._path,
+                *self._init_job(),
+            ]
+        )
+        self._what.changed.connect(self._on_what)
+        self._on_what(self._what.value)
         self.written: Path | None = None
+
+    def _on_what(self, value):
+        spots = value == SPOTS_EXPORT
+        for w in (self._spots, self._scope, self._roi):
+            w.visible = spots
+        self._cells.visible = not spots
 
     def start(self, *_):
         """Export in a worker thread; returns the worker, or None (the status says why)."""
-        from ._jobs import checkpoint_path, iter_export, predicted_rows
+        from ._env import checkpoint_path
+
+        path = checkpoint_path(self._path.value)
+        if self._what.value == CELLS_EXPORT:
+            return self._start_cells(path)
+        return self._start_spots(path)
+
+    def _start_cells(self, path):
+        from ..jobs import iter_write_cells
+
+        layer = self._cells.value
+        if layer is None or layer.metadata.get(META_KEY, {}).get("kind") != "nuclei":
+            self._say("choose a nuclei layer (made by Cells)")
+            return None
+        if path is None or path.suffix.lower() not in (".h5ad", ".csv"):
+            self._say("choose a .h5ad or .csv file to write")
+            return None
+        cells = layer.features.drop(columns=["index"], errors="ignore").copy()
+        info = layer.metadata.get(META_KEY, {})
+        provenance = dict(info.get("provenance") or {})
+        return self._launch(
+            iter_write_cells, path, cells, provenance, desc=f"export {path.name}", on_done=self._on_done
+        )
+
+    def _start_spots(self, path):
+        from ..jobs import iter_export
+        from .layers import export_arguments
 
         points = self._spots.value
-        path = checkpoint_path(self._path.value)
         if points is None:
             self._say("choose a spots layer")
-            return None
-        genes = [g for g in points.metadata.get(META_KEY, {}).get("genes") or [] if g in points.features]
-        if not len(predicted_rows(points.features, genes)):
-            self._say(f"cannot export: layer {points.name!r} holds no predicted genes yet (run Predict)")
             return None
         if path is None or path.suffix.lower() != ".h5ad":
             self._say("choose a .h5ad file to write")
@@ -1040,20 +1101,16 @@ class ExportWidget(_JobWidget):
                 return None
             rows = spots_in_box(points.data, box)
             extra["roi"] = list(box)
-        meta = {
-            "name": points.name,
-            "features": points.features.copy(),
-            "metadata": {META_KEY: dict(points.metadata.get(META_KEY, {}))},
-        }
+        meta = {"name": points.name, "features": points.features, "metadata": points.metadata}
+        try:
+            args = export_arguments(np.asarray(points.data), meta, rows=rows)  # copies: the job owns them
+        except ValueError as exc:
+            self._say(f"cannot export: {exc} (run Predict)")
+            return None
+        args["provenance"].update(extra)
+        values, genes, spots = args.pop("values"), args.pop("genes"), args.pop("spots")
         return self._launch(
-            iter_export,
-            path,
-            np.array(points.data, copy=True),
-            meta,
-            rows=rows,
-            provenance=extra,
-            desc=f"export {path.name}",
-            on_done=self._on_done,
+            iter_export, path, values, genes, spots, **args, desc=f"export {path.name}", on_done=self._on_done
         )
 
     def _on_done(self, written):

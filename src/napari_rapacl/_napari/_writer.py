@@ -12,9 +12,13 @@ def write_spots_h5ad(path: str, data: Any, meta: dict) -> list[str]:
     named in the layer metadata (when it still exists) provides the hires/lowres images that scanpy's
     and squidpy's spatial plots draw under the spots. The file is written atomically.
     """
-    from ._jobs import export_spots
+    from ..export import write_h5ad
+    from ..jobs import prediction_adata
+    from .layers import export_arguments
 
     try:
-        return [str(export_spots(path, data, meta))]
+        args = export_arguments(data, meta)
     except ValueError as exc:
         raise ValueError(f"cannot write {path}: {exc}") from exc
+    values, genes, spots = args.pop("values"), args.pop("genes"), args.pop("spots")
+    return [str(write_h5ad(prediction_adata(values, genes, spots, **args), path))]

@@ -19,6 +19,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from ..io.slide import Slide
     from ..io.spots import Spots
+    from ..jobs import Opened
 
 META_KEY = "napari_rapacl"
 #: feature columns that describe a spot rather than a predicted gene
@@ -150,6 +151,70 @@ def spots_layer_data(
         kwargs["border_color"] = "yellow"
     data = np.column_stack([spots.y, spots.x]).astype(np.float64)
     return data, kwargs, "points"
+
+
+def opened_layer_data(opened: Opened) -> list[tuple]:
+    """Layer-data tuples of a slide and its spots opened together (:class:`~napari_rapacl.jobs.Opened`):
+    a multiscale Image in um and, when there are spots, a Points layer on it."""
+    layers = [slide_layer_data(opened.slide, name=opened.name)]
+    if opened.spots is not None:
+        layers.append(
+            spots_layer_data(
+                opened.spots,
+                mpp=opened.slide.mpp,
+                name=f"{opened.name} spots",
+                library_id=opened.library_id or opened.name,
+                slide_path=str(opened.slide.path) if opened.slide.path else None,
+            )
+        )
+    return layers
+
+
+def radiomics_columns(meta: dict) -> list[str]:
+    """The spot-radiomics columns a spots layer's features hold (Cells widget, RaPaCL-ST prediction)."""
+    info = meta.get("metadata", {}).get(META_KEY, {})
+    return [c for c in info.get("radiomics_columns") or [] if c in meta["features"].columns]
+
+
+def export_arguments(data: np.ndarray, meta: dict, *, rows: np.ndarray | None = None) -> dict[str, Any]:
+    """The arguments of :func:`napari_rapacl.jobs.prediction_adata` for a spots layer's predictions
+    (``meta``: the layer's ``features``, ``metadata`` and ``name``): its predicted genes at the spots
+    that have a value for every gene (within ``rows`` when given), their spot radiomics when every one
+    of those spots has them, the slide's path for the images, the library id and the provenance.
+
+    Raises ValueError when the layer holds no prediction (in the chosen rows).
+    """
+    from ..jobs import predicted_rows
+
+    info = meta.get("metadata", {}).get(META_KEY, {})
+    features = meta["features"]
+    genes = [g for g in info.get("genes", []) if g in features.columns]
+    if not genes:
+        raise ValueError(
+            f"layer {meta.get('name')!r} holds no predicted genes "
+            "(run a prediction first; metadata['napari_rapacl']['genes'] is empty)"
+        )
+    ready = predicted_rows(features, genes)
+    rows = ready if rows is None else np.intersect1d(np.asarray(rows, dtype=np.int64), ready)
+    if len(rows) == 0:
+        raise ValueError(f"layer {meta.get('name')!r}: no spot in the chosen scope has been predicted yet")
+    spots = spots_from_layer_data(np.asarray(data), features, info.get("mpp")).subset(rows)
+    radiomics = None
+    cols = radiomics_columns(meta)
+    if cols:
+        frame = features[cols].iloc[rows].reset_index(drop=True)
+        if np.isfinite(frame.to_numpy(dtype=np.float64)).all():
+            radiomics = frame
+    return {
+        "values": features[genes].to_numpy(dtype=np.float32)[rows],
+        "genes": genes,
+        "spots": spots,
+        "slide": info.get("slide_path"),
+        "mpp": info.get("mpp"),
+        "library_id": str(info.get("library_id") or meta.get("name") or "sample"),
+        "provenance": dict(info.get("provenance") or {}),
+        "radiomics": radiomics,
+    }
 
 
 def color_kwargs(features: pd.DataFrame, gene: str, colormap: str = "viridis") -> dict[str, Any]:

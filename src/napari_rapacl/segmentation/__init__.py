@@ -51,7 +51,7 @@ from ._common import (
     Method,
 )
 from ._stain import TISSUE_OD, haematoxylin, tissue_mask
-from ._tiling import iter_segment_region, segment_region
+from ._tiling import iter_segment_region, region_origin, segment_region
 
 __all__ = [
     "DEFAULT_DIAMETER_UM",
@@ -74,6 +74,7 @@ __all__ = [
     "load_cellpose_model",
     "resolve_cellpose_model",
     "segment_nuclei",
+    "region_origin",
     "segment_region",
     "tissue_mask",
 ]

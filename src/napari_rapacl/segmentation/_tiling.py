@@ -112,6 +112,15 @@ def _level_box(
     return _Box(by0, bx0, by1, bx1), (fx0, fy0, fx1, fy1)
 
 
+def region_origin(
+    slide: Slide, box: tuple[float, float, float, float], level: int = 0, clip: bool = True
+) -> tuple[int, int]:
+    """``(x, y)`` in pixels of ``level`` of the first label pixel :func:`iter_segment_region` returns for
+    the level-0 ``box`` (after clipping it to the slide when ``clip``)."""
+    b, _ = _level_box(slide, *box, level, clip)
+    return b.x0, b.y0
+
+
 def _read(slide: Slide, level: int, box: _Box, ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
     """Rows ya:yb, columns xa:xb of the region (region-relative, level px) as uint8 RGB."""
     arr = slide.levels[level][box.y0 + ya : box.y0 + yb, box.x0 + xa : box.x0 + xb]

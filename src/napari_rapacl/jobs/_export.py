@@ -1,0 +1,107 @@
+"""Writing spot predictions as AnnData (``.h5ad``): one builder for the CLI and the viewer."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..progress import Progress
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..io.slide import Slide
+    from ..io.spots import Spots
+    from ._predict import PredictResult
+
+#: ``obsm`` key of the raw per-spot radiomics that fed a radiomics model (RaPaCL-ST).
+RADIOMICS_KEY = "radiomics"
+
+
+def predicted_rows(features: pd.DataFrame, genes: list[str]) -> np.ndarray:
+    """Rows whose every gene column holds a value (spots predicted so far)."""
+    if not genes:
+        return np.zeros(0, dtype=np.int64)
+    values = features[genes].to_numpy(dtype=np.float64)
+    return np.flatnonzero(np.isfinite(values).all(axis=1))
+
+
+def prediction_adata(
+    values: np.ndarray,
+    genes: Sequence[str],
+    spots: Spots,
+    *,
+    slide: Slide | str | Path | None = None,
+    mpp: float | None = None,
+    library_id: str = "sample",
+    provenance: Mapping[str, Any] | None = None,
+    radiomics: pd.DataFrame | None = None,
+) -> AnnData:
+    """The AnnData of spot predictions (:func:`napari_rapacl.export.to_anndata`: ``X``, ``obsm
+    ['spatial']``, ``uns['spatial']`` with the slide's images, provenance in ``uns['napari_rapacl']``)
+    plus, for a radiomics-fed model, the spot radiomics that fed it in ``obsm['radiomics']`` (a
+    DataFrame, one column per feature, raw values).
+
+    ``slide`` may be a path (opened here with ``mpp``, for its thumbnails); a path that no longer
+    exists gives an AnnData without images.
+    """
+    from ..export import to_anndata
+
+    if isinstance(slide, (str, Path)):
+        from ..io.slide import open_slide
+
+        slide = open_slide(slide, mpp=mpp) if Path(slide).exists() else None
+    prov = dict(provenance or {})
+    prov["genes"] = [str(g) for g in genes]
+    adata = to_anndata(
+        np.asarray(values, dtype=np.float32),
+        list(genes),
+        spots,
+        slide=slide,
+        library_id=library_id,
+        provenance=prov,
+    )
+    if radiomics is not None:
+        frame = pd.DataFrame(radiomics).reset_index(drop=True)
+        if len(frame) != adata.n_obs:
+            raise ValueError(f"{len(frame)} rows of spot radiomics for {adata.n_obs} spots")
+        frame.index = adata.obs_names
+        frame.columns = [str(c) for c in frame.columns]
+        adata.obsm[RADIOMICS_KEY] = frame.astype(np.float64)
+    return adata
+
+
+def result_adata(
+    result: PredictResult,
+    spots: Spots,
+    *,
+    slide: Slide | None = None,
+    library_id: str = "sample",
+    provenance: Mapping[str, Any] | None = None,
+) -> AnnData:
+    """:func:`prediction_adata` of a :class:`PredictResult` (its spots, values and radiomics)."""
+    return prediction_adata(
+        result.values,
+        result.genes,
+        spots.subset(result.index),
+        slide=slide,
+        library_id=library_id,
+        provenance=result.provenance(**(provenance or {})),
+        radiomics=result.radiomics,
+    )
+
+
+def iter_export(path: str | Path, *args: Any, **kwargs: Any) -> Generator[Progress, None, Path]:
+    """:func:`prediction_adata` written to ``path`` atomically, as a job: the AnnData is built (slide
+    thumbnails read) between two yields, so a cancel up to then writes nothing; no yield follows the
+    atomic write, which either completes (and is reported) or leaves no file."""
+    from ..export import write_h5ad
+
+    yield Progress("export", 0, 2)
+    adata = prediction_adata(*args, **kwargs)
+    yield Progress("export", 1, 2)
+    return write_h5ad(adata, path)

@@ -1,0 +1,84 @@
+"""Opening a slide and its spots, placed together (one pixel size, spots checked to lie on it)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..progress import Progress
+
+if TYPE_CHECKING:
+    from ..io.slide import Slide
+    from ..io.spots import Spots
+
+
+@dataclass
+class Opened:
+    """A slide and (optionally) its spots, in one pixel size.
+
+    ``name`` names the slide for people (layer names, AnnData library ids); ``library_id`` is the
+    spots' library (the spot file's name, or the her2st section)."""
+
+    slide: Slide
+    spots: Spots | None
+    name: str
+    library_id: str | None = None
+
+
+def spots_library_id(path: str | Path) -> str:
+    """A library id from a spot file or Space Ranger folder name (``C2_selection.tsv`` -> ``C2``)."""
+    name = Path(path).name
+    if name.endswith("_selection.tsv"):
+        return name[: -len("_selection.tsv")]
+    return Path(name).stem if Path(path).suffix else name
+
+
+def open_inputs(
+    slide_path: str | Path,
+    spots_path: str | Path | None = None,
+    *,
+    mpp: float | None = None,
+    radius: float | None = None,
+) -> Opened:
+    """Open a slide lazily and, optionally, its spots, placed together with
+    :func:`napari_rapacl.io.place_spots`: ``mpp`` (um per level-0 px) overrides the slide's metadata,
+    else the slide's own, else the spots' (Visium scale factors, ST array pitch); spots whose centres
+    lie outside the slide raise an error naming both files."""
+    from ..io import open_slide, place_spots, read_spots
+
+    slide = open_slide(slide_path, mpp=mpp)
+    spots = None
+    library_id = None
+    if spots_path is not None:
+        spots = read_spots(spots_path, radius=radius)
+        slide = place_spots(slide, spots)
+        library_id = spots_library_id(spots_path)
+    name = slide.path.stem if slide.path is not None else "slide"
+    return Opened(slide, spots, name, library_id)
+
+
+def iter_open(
+    slide_path: str | Path,
+    spots_path: str | Path | None = None,
+    *,
+    mpp: float | None = None,
+    radius: float | None = None,
+) -> Generator[Progress, None, Opened]:
+    """:func:`open_inputs` as a job (the viewer runs it in a worker thread)."""
+    yield Progress("open", 0, 1)
+    opened = open_inputs(slide_path, spots_path, mpp=mpp, radius=radius)
+    yield Progress("open", 1, 1)
+    return opened
+
+
+def iter_open_sample(section: str) -> Generator[Progress, None, Opened]:
+    """The her2st ``section`` (slide and spots, with counts), from the local mirror or the cache
+    (downloaded once, with a checksum, when neither has it)."""
+    from ..datasets import her2st
+
+    yield Progress("open sample", 0, 1)
+    sec = her2st(section)
+    yield Progress("open sample", 1, 1)
+    return Opened(sec.slide, sec.spots, f"her2st {sec.name}", sec.name)

@@ -1,0 +1,166 @@
+"""Predicting expression at the spots of a region (or all spots) of a slide."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..progress import Progress
+from ._models import LoadedModel, load_model_choice
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..io.slide import Slide
+    from ..io.spots import Spots
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class PredictResult:
+    """Predictions at the spots inside ``box`` (rows ``index`` of the spots) and, for dense models,
+    the map of ``dense_gene`` over the box; for radiomics-fed models, the raw spot radiomics the
+    predictions used (``radiomics``, one row per ``index``)."""
+
+    loaded: LoadedModel
+    box: Box
+    index: np.ndarray
+    values: np.ndarray
+    tiles_computed: int
+    tiles_cached: int
+    dense: Any = None  # tiled.DenseMap
+    dense_gene: str | None = None
+    seconds: dict = field(default_factory=dict)
+    partial: bool = False  # handed out before the end: the box's spots, tiles and dense map still to come
+    radiomics: pd.DataFrame | None = None
+
+    @property
+    def genes(self) -> list[str]:
+        return self.loaded.genes
+
+    def provenance(self, **extra: Any) -> dict[str, Any]:
+        """The model's provenance plus how this prediction was made (``extra`` added)."""
+        prov = self.loaded.provenance()
+        prov.update(extra)
+        return prov
+
+
+def _resolve_model(model_choice: Any) -> Generator[Progress, None, LoadedModel]:
+    if isinstance(model_choice, LoadedModel):
+        return model_choice
+    yield Progress("load model", 0, 1)
+    building = isinstance(model_choice, Future)  # being built in the background (preload_model)
+    loaded = model_choice.result() if building else load_model_choice(*model_choice)
+    yield Progress("load model", 1, 1)
+    return loaded
+
+
+def iter_predict(
+    model_choice: tuple[str | None, str | Path | None] | LoadedModel | Future,
+    slide: Slide,
+    spots: Spots,
+    box: Box | None = None,
+    *,
+    cache: Any = None,
+    device: str = "auto",
+    dense: bool = False,
+    dense_gene: str | None = None,
+    tile_px: int = 2048,
+    batch_size: int = 64,
+    scheduler: Any = None,
+    view_first: bool = False,
+    radiomics_jobs: int | None = None,
+) -> Generator[Progress, None, PredictResult]:
+    """Predict the spots inside ``box`` (level-0 px; None = every spot) tile by tile.
+
+    The model is ``(registry name, checkpoint)`` (loaded here), a :class:`LoadedModel`, or the Future
+    of one (:func:`preload_model`). Spots are predicted through
+    :func:`napari_rapacl.tiled.iter_predict_region` (tiles already in ``cache`` cost nothing;
+    ``cache=False`` for one pass; RaPaCL-ST's radiomics are computed per tile with the checkpoint's
+    recipe); with ``dense`` and a dense model (PixNet) the map of ``dense_gene`` (the model's first
+    gene when None or not one of its genes) is added (:func:`~napari_rapacl.tiled.iter_predict_dense`).
+
+    With ``view_first`` the spots of the box are predicted before the rest of their tiles, and yielded
+    as soon as they are known: a ``Progress`` whose ``result`` is a ``PredictResult`` with
+    ``partial=True`` (the box's spots, no dense map yet), which a viewer can show at once.
+    """
+    from ..tiled import iter_predict_dense, iter_predict_region
+
+    t0 = time.perf_counter()
+    loaded = yield from _resolve_model(model_choice)
+    t1 = time.perf_counter()
+    height, width = slide.shape
+    region_box = (0.0, 0.0, float(width), float(height)) if box is None else box
+    spot_job = iter_predict_region(
+        loaded.model,
+        slide,
+        spots.x,
+        spots.y,
+        radius=spots.radius,
+        box=box,
+        tile_px=tile_px,
+        cache=cache,
+        device=device,
+        batch_size=batch_size,
+        scheduler=scheduler,
+        view_first=view_first,
+        radiomics_jobs=radiomics_jobs,
+    )
+    try:
+        while True:
+            try:
+                progress = next(spot_job)
+            except StopIteration as stop:
+                region = stop.value
+                break
+            if progress.result is not None:  # the box's spots, before the rest of their tiles
+                shown = _predict_result(
+                    loaded,
+                    region_box,
+                    progress.result,
+                    seconds={"load": t1 - t0, "view": time.perf_counter() - t1},
+                    partial=True,
+                )
+                progress = Progress(progress.stage, progress.done, progress.total, result=shown)
+            yield progress
+    finally:
+        spot_job.close()  # a cancel (GeneratorExit here) stops the tiles too
+    t2 = time.perf_counter()
+    dense_map = None
+    if dense and loaded.is_dense:
+        if dense_gene not in loaded.genes:
+            dense_gene = loaded.genes[0]
+        channel = loaded.genes.index(dense_gene)  # by index: a model need not carry its gene names
+        dense_map = yield from iter_predict_dense(
+            loaded.model, slide, region_box, tile_px=tile_px, cache=cache, device=device, genes=[channel]
+        )
+    t3 = time.perf_counter()
+    return _predict_result(
+        loaded,
+        region_box,
+        region,
+        dense=dense_map,
+        dense_gene=dense_gene if dense_map is not None else None,
+        seconds={"load": t1 - t0, "spots": t2 - t1, "dense": t3 - t2},
+    )
+
+
+def _predict_result(loaded: LoadedModel, box: Box, region: Any, **extra: Any) -> PredictResult:
+    """A :class:`PredictResult` from a :class:`~napari_rapacl.tiled.RegionPrediction` of ``box``."""
+    return PredictResult(
+        loaded=loaded,
+        box=tuple(int(v) for v in box),
+        index=np.asarray(region.index, dtype=np.int64),
+        values=np.asarray(region.values, dtype=np.float32),
+        tiles_computed=int(region.tiles_computed),
+        tiles_cached=int(region.tiles_cached),
+        radiomics=region.radiomics,
+        **extra,
+    )
