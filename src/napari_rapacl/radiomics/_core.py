@@ -493,11 +493,13 @@ class _NumpyMatrices:
             return None
         if not mask.any():  # the C code's answer (GLSZM refuses an empty ROI)
             return None
-        levels = np.where(mask, image, 0).astype(np.int32, copy=False)
-        inside = levels[mask]
+        inside = image[mask]
         if int(inside.min()) < 1 or int(inside.max()) > Ng:
             return None
-        return levels, mask, inside
+        # the smallest type that holds the levels: the neighbour comparisons run on bytes
+        dtype = np.uint8 if Ng < 2**8 else np.uint16 if Ng < 2**16 else np.int64
+        levels = np.where(mask, image, 0).astype(dtype, copy=False)
+        return levels, mask, inside.astype(dtype, copy=False)
 
     def _offsets(self, shape: tuple[int, ...], distances: Any, bidirectional: bool = True) -> np.ndarray:
         # pyradiomics' neighbour offsets for this size (raises its error for a 1 x 1 image)
@@ -542,7 +544,7 @@ class _NumpyMatrices:
             if alpha == 0:  # a neighbour outside the ROI is 0, never equal to a level >= 1
                 dependence += nb == levels
             else:
-                dependence += (nb > 0) & (np.abs(nb - levels) <= alpha)
+                dependence += (nb > 0) & (np.abs(nb.astype(np.int64) - levels) <= alpha)
         width = 2 * len(offsets) + 1
         index = (inside.astype(np.intp) - 1) * width + dependence[mask]
         return np.bincount(index, minlength=Ng * width).astype(np.float64).reshape(1, Ng, width)
@@ -579,9 +581,12 @@ class _NumpyMatrices:
             return self._c.calculate_glrlm(image, mask, Ng, Nr, force2D, force2Ddimension, *extra)
         levels = parsed[0]
         angles = self._offsets(levels.shape, [1], bidirectional=False)
+        h, w = levels.shape
+        padded = np.zeros((h, w + 1), dtype=levels.dtype)  # a 0 after each row ends its runs
+        padded[:, :w] = levels
         counts = np.zeros((len(angles), Ng * Nr), dtype=np.intp)
         for a, (dy, dx) in enumerate(angles):
-            flat = _lines(levels, int(dy), int(dx))
+            flat = _run_lines(padded, int(dy), int(dx))
             change = np.empty(flat.size, dtype=bool)
             change[0] = True
             np.not_equal(flat[1:], flat[:-1], out=change[1:])
@@ -600,40 +605,30 @@ class _NumpyMatrices:
         return np.ascontiguousarray(matrix, dtype=np.float64)[None], angles
 
 
-def _lines(levels: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """The image's lines along ``(dy, dx)`` (one of pyradiomics' 4 2-D run directions), one after
-    the other, each followed by a 0 so that no run continues from one line into the next."""
-    h, w = levels.shape
+def _run_lines(padded: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """All lines of the image along ``(dy, dx)`` (one of pyradiomics' 4 2-D run directions), one
+    after the other with a 0 between any two, from the image with a 0 column appended (``padded``).
+
+    In ``padded.ravel()`` a step along ``(dy, dx)`` is a fixed stride (1, w + 1, w + 2 or w), and a
+    line that leaves the image lands on a 0 of the appended column; so the columns of the flat
+    array folded at that stride hold the lines, separated by zeros.
+    """
+    flat = padded.ravel()
     if dy == 0:
-        out = np.zeros((h, w + 1), dtype=levels.dtype)
-        out[:, :w] = levels
-    elif dx == 0:
-        out = np.zeros((w, h + 1), dtype=levels.dtype)
-        out[:, :h] = levels.T
-    else:
-        out = np.append(levels.ravel(), 0)[_diagonal_index(h, w, dx == dy)]
-    return out.ravel()
-
-
-@lru_cache(maxsize=16)
-def _diagonal_index(h: int, w: int, main: bool) -> np.ndarray:
-    """Gather index of :func:`_lines` for diagonals (``main``: along (1, 1), else (1, -1)); index
-    ``h * w`` is the appended 0 (positions beyond the image and the separator column)."""
-    yy, xx = np.mgrid[:h, :w]
-    line = xx - yy + h - 1 if main else xx + yy
-    index = np.full((h + w - 1, h + 1), h * w, dtype=np.intp)
-    index[line, yy] = yy * w + xx
-    index.flags.writeable = False
-    return index
+        return flat
+    stride = padded.shape[1] + dx
+    rows = -(-flat.size // stride) + 1  # and a row of zeros: no run continues into the next column
+    folded = np.zeros(rows * stride, dtype=flat.dtype)
+    folded[: flat.size] = flat
+    return folded.reshape(rows, stride).T.ravel()
 
 
 def _multi_element(levels: np.ndarray, dy: int, dx: int) -> bool:
     """Whether some line along ``(dy, dx)`` holds more than one ROI pixel (pyradiomics' C code
     keeps an angle only then)."""
-    h, w = levels.shape
-    n_lines = h if dy == 0 else w if dx == 0 else h + w - 1
-    per_line = _lines(levels, dy, dx).reshape(n_lines, -1)
-    return bool((np.count_nonzero(per_line, axis=1) > 1).any())
+    ys, xs = np.nonzero(levels)
+    line = ys if dy == 0 else xs if dx == 0 else xs - ys if dx == dy else xs + ys
+    return bool(np.bincount(line - line.min()).max() > 1) if line.size else False
 
 
 #: texture class -> the method whose ``cMatrices`` calls go to :class:`_NumpyMatrices`
@@ -789,8 +784,8 @@ def shape2d_features(
 
     n = len(ids)
     pixel_spacing = np.array((spacing, spacing), dtype=np.float64)  # GetSpacing()[::-1]
+    spacing_row = pixel_spacing[None, :]
     coeffs = np.empty((n, 3))
-    n_pix = np.empty(n, dtype=np.int64)
     cov = np.empty((n, 2, 2))
     pixel_coords = []
     for k, (lab_id, (sy, sx)) in enumerate(zip(ids, slices, strict=True)):
@@ -799,30 +794,27 @@ def shape2d_features(
         coords = np.where(m)
         pixel_coords.append(coords)
         coeffs[k] = cShape.calculate_coefficients2D(m, pixel_spacing)
-        n_pix[k] = len(coords[0])
-        physical = np.array(coords, dtype="int").transpose((1, 0)) * pixel_spacing[None, :]
-        physical -= np.mean(physical, axis=0)
-        physical /= np.sqrt(n_pix[k])
+        n_pix = len(coords[0])
+        physical = np.array(coords, dtype="int").transpose((1, 0)) * spacing_row
+        physical -= np.add.reduce(physical, axis=0) / n_pix  # numpy.mean's own two steps
+        physical /= np.sqrt(n_pix)
         cov[k] = np.dot(physical.T.copy(), physical)
     eig = np.linalg.eigvals(cov) if n else np.zeros((0, 2))
     if np.iscomplexobj(eig):  # numpy keeps a stack complex if any matrix is; pyradiomics decides per matrix
         eig = [np.linalg.eigvals(c) for c in cov]
-    cls = _shape2d_class()
-    out = {f: np.empty(n) for f in features}
-    for k in range(n):
-        ev = np.array(eig[k])
+    rows = [np.array(e) for e in eig]
+    for ev in rows:  # pyradiomics' clean-up, per nucleus
         machine_errors = np.bitwise_and(ev < 0, ev > -1e-10)
         if np.sum(machine_errors) > 0:
             ev[machine_errors] = 0
         ev.sort()
-        obj = cls(
-            pixelSpacing=pixel_spacing,
-            labelledPixelCoordinates=pixel_coords[k],
-            Perimeter=coeffs[k, 0],
-            Surface=coeffs[k, 1],
-            Diameter=coeffs[k, 2],
-            eigenValues=ev,
-        )
+    cls = _shape2d_class()
+    out = {f: np.empty(n) for f in features}
+    obj = cls(pixelSpacing=pixel_spacing)
+    for k in range(n):
+        obj.labelledPixelCoordinates = pixel_coords[k]
+        obj.Perimeter, obj.Surface, obj.Diameter = coeffs[k]
+        obj.eigenValues = rows[k]
         for f in features:
             out[f][k] = getattr(obj, f"get{f}FeatureValue")()
     return out
