@@ -309,6 +309,211 @@ def test_cell_features_parallel_equals_serial(monkeypatch):
     pd.testing.assert_frame_equal(serial, parallel)
 
 
+def _roi_crop(mask: np.ndarray) -> tuple[slice, slice]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _c_and_numpy_matrices_agree(
+    levels: np.ndarray, mask: np.ndarray, ng: int, distances=(1,), alpha=0
+) -> int:
+    """Every numpy matrix of ``_NumpyMatrices`` equals pyradiomics' C one (or both refuse the ROI).
+
+    Returns how many of the four were computed (not refused)."""
+    from radiomics import cMatrices
+
+    from napari_rapacl.radiomics._core import _NumpyMatrices
+
+    fast = _NumpyMatrices(cMatrices)
+    d = np.asarray(distances)
+    calls = {
+        "calculate_glrlm": (levels, mask, ng, max(levels.shape), False, 0),
+        "calculate_glszm": (levels, mask, ng, int(mask.sum()), False, 0),
+        "calculate_gldm": (levels, mask, d, ng, alpha, False, 0),
+        "calculate_ngtdm": (levels, mask, d, ng, False, 0),
+    }
+    computed = 0
+    for name, args in calls.items():
+        try:
+            ref = getattr(cMatrices, name)(*args)
+        except Exception as exc:  # the C code refuses the ROI: so must the numpy path
+            with pytest.raises(type(exc)):
+                getattr(fast, name)(*args)
+            continue
+        got = getattr(fast, name)(*args)
+        if name == "calculate_glrlm":  # (matrix, angles)
+            np.testing.assert_array_equal(got[1], ref[1])
+            assert got[1].dtype == ref[1].dtype
+            got, ref = got[0], ref[0]
+        assert got.dtype == ref.dtype and got.shape == ref.shape, (name, got.shape, ref.shape)
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, ref, err_msg=name)  # bit for bit
+        computed += 1
+    return computed
+
+
+def test_numpy_texture_matrices_equal_pyradiomics_c(her2st_patches):
+    """GLRLM, GLSZM, GLDM and NGTDM matrices from numpy equal pyradiomics' C matrices exactly:
+    real her2st ROIs (whole patch, union of nuclei, single nuclei), edge cases, random ROIs."""
+    from napari_rapacl.radiomics._core import _BinnedRoi, _usable_nuclei
+
+    patches, labels = her2st_patches
+    checked = 0
+    for grey_mode, bin_width in (("luminance", 25.0), ("haematoxylin", 10.0)):
+        settings = rad.RadiomicsConfig(grey=grey_mode, bin_width=bin_width).pyradiomics_settings()
+        for patch, lab in zip(patches, labels, strict=True):
+            grey = rad.to_grey(patch, grey_mode)
+            ids, slices, *_ = _usable_nuclei(lab, 10)
+            union = np.isin(lab, ids)
+            rois = [(grey, None), (grey[_roi_crop(union)], union[_roi_crop(union)])]
+            rois += [(grey[sl], lab[sl] == i) for i, sl in zip(ids[:5], slices[:5], strict=True)]
+            for image, mask in rois:
+                roi = _BinnedRoi(image, mask, settings)
+                checked += _c_and_numpy_matrices_agree(roi.binned, roi.mask, roi.ng)
+    assert checked == 2 * 3 * 7 * 4
+
+    settings = rad.RadiomicsConfig().pyradiomics_settings()
+    grey = rad.to_grey(patches[0])
+    edge: list[tuple[np.ndarray, np.ndarray | None]] = []
+    edge.append((np.full((64, 64), 120.0), None))  # constant patch: one grey level
+    disc = _disc_labels((64, 64), [(30, 30)], [8]) > 0
+    edge.append((np.full((64, 64), 120.0)[_roi_crop(disc)], disc[_roi_crop(disc)]))  # constant nucleus
+    edge.append((grey[_roi_crop(disc)], disc[_roi_crop(disc)]))  # one nucleus
+    one = np.zeros((9, 9), bool)
+    one[4, 4] = True
+    edge.append((grey[:9, :9], one))  # a 1-pixel nucleus in its neighbourhood
+    edge.append((grey[4:5, 4:5], one[4:5, 4:5]))  # ... cropped to itself (pyradiomics refuses it)
+    diagonal = np.eye(12, dtype=bool)  # one ROI pixel per row and column: angles dropped
+    edge.append((grey[:12, :12], diagonal))
+    edge.append((grey[:12, :12], diagonal[::-1]))
+    edge.append((grey[:1, :40], np.ones((1, 40), bool)))  # a single row
+    edge.append((grey[:40, :1], np.ones((40, 1), bool)))  # a single column
+    for image, mask in edge:
+        roi = _BinnedRoi(image, mask, settings)
+        _c_and_numpy_matrices_agree(roi.binned, roi.mask, roi.ng)
+    # empty ROI and grey levels outside 1..Ng: the C code's answers (errors included)
+    _c_and_numpy_matrices_agree(np.zeros((6, 6), np.int32), np.zeros((6, 6), bool), 3)
+    bad = np.full((6, 6), 5, np.int32)
+    _c_and_numpy_matrices_agree(bad, np.ones((6, 6), bool), 3)
+
+    rng = np.random.default_rng(11)
+    computed = 0
+    for trial in range(600):
+        h, w = (int(v) for v in rng.integers(1, 14, size=2))
+        ng = int(rng.integers(1, 7))
+        levels = rng.integers(1, ng + 1, size=(h, w)).astype(np.int32)
+        mask = rng.random((h, w)) < rng.uniform(0.05, 1.0)
+        if trial % 4 == 0:
+            levels[~mask] = rng.integers(0, 9)  # values outside the ROI must not matter
+        distances = (1,) if trial % 5 else (1, 2)
+        computed += _c_and_numpy_matrices_agree(levels, mask, ng, distances, alpha=int(trial % 3 == 0))
+    assert computed > 2000
+
+
+def test_shape2d_features_equal_pyradiomics(her2st_patches):
+    """The per-nucleus shape2D values behind ``morph_*`` and ``cell_features`` are pyradiomics'
+    RadiomicsShape2D on each nucleus's bounding box (what the extractor crops to)."""
+    import radiomics
+
+    from napari_rapacl.radiomics._core import _usable_nuclei, shape2d_features
+
+    patches, labels = her2st_patches
+    cls = radiomics.getFeatureClasses()["shape2D"]
+    settings = rad.RadiomicsConfig().pyradiomics_settings()
+    for lab in labels[:2]:
+        ids, slices, *_ = _usable_nuclei(lab, 10)
+        for spacing in (1.0, 0.5, 0.37):
+            got = shape2d_features(lab, ids, slices, spacing)
+            for k, (i, sl) in enumerate(zip(ids, slices, strict=True)):
+                mask = _sitk((lab[sl] == i).astype(np.uint32), spacing)
+                fc = cls(mask, mask, **settings)
+                fc.enableAllFeatures()
+                ref = fc.execute()
+                for f, v in ref.items():
+                    assert got[f][k] == pytest.approx(float(v), rel=1e-12, abs=1e-300), (i, f)
+
+
+def _pyradiomics_72(patch: np.ndarray, lab: np.ndarray, cfg: rad.RadiomicsConfig) -> dict[str, float]:
+    """The 72 values from pyradiomics alone: the extractor on the union of nuclei and on each
+    nucleus (shape2D), its classes on the whole patch (the extractor refuses a mask without
+    background), and its first-order class on the list of per-nucleus shape values (morph_*)."""
+    import radiomics
+    import SimpleITK as sitk
+
+    names = list(rad.rapacl72_names())
+    settings = cfg.pyradiomics_settings()
+    classes = radiomics.getFeatureClasses()
+    grey = rad.to_grey(patch)
+    image = _sitk(grey)
+    out: dict[str, float] = {}
+    ones = _sitk(np.ones(lab.shape, np.uint32))
+    for n in names[40:49]:
+        _, cls, feat = n[len("patch_") :].split("_", 2)
+        fc = classes[cls](image, ones, **settings)
+        fc.enableFeatureByName(feat)
+        out[n] = float(fc.execute()[feat])
+    ids = rad.find_nuclei(lab, cfg.min_nucleus_area_px)[0]
+    if len(ids):
+        groups: dict[str, list[str]] = {}
+        for n in names[:40]:
+            _, cls, feat = n[len("cellseg_all_") :].split("_", 2)
+            groups.setdefault(cls, []).append(feat)
+        union = _sitk(np.isin(lab, ids).astype(np.uint32))
+        for k, v in _extractor(groups, cfg).execute(image, union, label=1).items():
+            out[f"cellseg_all_{k}"] = float(v)
+        shape_ext = _extractor({"shape2D": None}, cfg)
+        mask = _sitk(lab.astype(np.uint32))
+        shapes: dict[str, list[float]] = {}
+        for i in ids:
+            for k, v in shape_ext.execute(image, mask, label=int(i)).items():
+                shapes.setdefault(k.rsplit("_", 1)[-1].lower(), []).append(float(v))
+        getters = {"p10": "10Percentile", "p90": "90Percentile"}
+        for n in names[49:]:
+            _, shape, stat = n.split("_", 2)
+            vals = np.array(shapes[shape])
+            if stat in ("p25", "p75"):  # numpy.nanpercentile, pyradiomics' percentile function
+                out[n] = float(np.nanpercentile(vals, int(stat[1:])))
+                continue
+            row = sitk.GetImageFromArray(vals.reshape(1, -1))
+            fc = classes["firstorder"](
+                row,
+                sitk.GetImageFromArray(np.ones((1, vals.size), np.uint32)),
+                binCount=cfg.morph_bin_count,
+                voxelArrayShift=0,
+            )
+            feat = getters.get(stat) or next(f for f in fc.featureNames if f.lower() == stat)
+            fc.enableFeatureByName(feat)
+            out[n] = float(fc.execute()[feat])
+    return {n: (v if np.isfinite(v) else 0.0) for n, v in out.items()}
+
+
+def test_spot_features_equal_plain_pyradiomics(her2st_patches):
+    """All 72 values of spot_features equal pyradiomics' own (rtol 1e-9) on real her2st patches and
+    edge cases: no nuclei, one nucleus, a 1-pixel nucleus, a constant patch."""
+    patches, labels = her2st_patches
+    cfg = rad.RadiomicsConfig()
+    names = list(rad.rapacl72_names())
+    lab1 = _disc_labels((64, 64), [(30, 30)], [8])
+    lab_px = lab1.copy()
+    lab_px[5, 50] = 2  # a 1-pixel nucleus: not usable (pyradiomics refuses it), the disc is
+    lab_const = _disc_labels((64, 64), [(16, 16), (40, 44), (50, 12)], [6, (4, 9), 5])
+    cases = [(p, lab) for p, lab in zip(patches, labels, strict=True)]
+    cases += [
+        (patches[0], np.zeros_like(labels[0])),  # tissue, no nuclei
+        (_he_like(lab1), lab1),  # one nucleus
+        (_he_like(lab_px), lab_px),
+        (np.full((64, 64, 3), 150, np.uint8), lab_const),  # constant patch
+    ]
+    for k, (patch, lab) in enumerate(cases):
+        got = rad.spot_features(patch, lab, cfg)
+        ref = _pyradiomics_72(patch, lab, cfg)
+        expected = np.array([ref.get(n, 0.0) for n in names])
+        np.testing.assert_allclose(
+            got[names].to_numpy(), expected, rtol=1e-9, atol=1e-12, err_msg=f"case {k}"
+        )
+    assert rad.spot_features(*cases[5], cfg)["n_nuclei"] == 1
+
+
 # --------------------------------------------------------------------------------------------
 # per-spot features
 # --------------------------------------------------------------------------------------------
@@ -387,6 +592,26 @@ def test_full_feature_set(her2st_patches):
     np.testing.assert_allclose(s[list(rad.rapacl72_names())], s72[list(rad.rapacl72_names())], rtol=1e-9)
     with pytest.raises(RapaclInputError, match="feature_set"):
         rad.spot_features(patches[1], labels[1], cfg, "all")
+    # every feature of every class equals pyradiomics': the extractor on the union of nuclei (LoG
+    # image included), the classes on the whole patch of each image
+    import radiomics
+
+    from napari_rapacl.radiomics._core import derived_images
+
+    ids = rad.find_nuclei(labels[1], cfg.min_nucleus_area_px)[0]
+    union = _sitk(np.isin(labels[1], ids).astype(np.uint32))
+    grey = rad.to_grey(patches[1])
+    ext = _extractor(dict.fromkeys(cfg.spot_classes), cfg)
+    ref = {f"cellseg_all_{k}": float(v) for k, v in ext.execute(_sitk(grey), union, label=1).items()}
+    ones = _sitk(np.ones(labels[1].shape, np.uint32))
+    for image_name, arr in derived_images(grey, cfg):
+        for cls in cfg.spot_classes:
+            fc = radiomics.getFeatureClasses()[cls](_sitk(arr), ones, **cfg.pyradiomics_settings())
+            fc.enableAllFeatures()
+            ref.update({f"patch_{image_name}_{cls}_{k}": float(v) for k, v in fc.execute().items()})
+    assert set(ref) == {n for n in names if not n.startswith("morph_")}
+    expected = np.array([ref[n] if np.isfinite(ref[n]) else 0.0 for n in ref])
+    np.testing.assert_allclose(s[list(ref)].to_numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_empty_patch_defaults():
