@@ -422,10 +422,11 @@ class _BinnedRoi:
     """One ROI of one image, discretised once for every feature class that reads it.
 
     ``binned`` is pyradiomics' ``binImage`` of ``image`` inside ``mask`` (bins 1..Ng inside, 0
-    outside; int32, the type pyradiomics' C matrices read it as), ``gray_levels`` the occupied
-    bins (``numpy.unique`` of the ROI's bins), ``counts`` the number of pixels in each occupied bin
-    (first order's histogram), ``values`` the grey values inside the mask. Also stands in for the
-    SimpleITK image pyradiomics' classes keep (only ``GetSpacing`` is read, for weighting norms).
+    outside; bytes when Ng < 256, else int32; the values are what matters, pyradiomics' C matrices
+    read them as int32), ``gray_levels`` the occupied bins (``numpy.unique`` of the ROI's bins),
+    ``counts`` the number of pixels in each occupied bin (first order's histogram), ``values`` the
+    grey values inside the mask. Also stands in for the SimpleITK image pyradiomics' classes keep
+    (only ``GetSpacing`` is read, for weighting norms).
     """
 
     __slots__ = ("binned", "counts", "gray_levels", "image", "mask", "ng", "spacing", "values")
@@ -441,12 +442,12 @@ class _BinnedRoi:
             mask = np.ascontiguousarray(mask, dtype=bool)
             values = image[mask]
         bins = np.digitize(values, _bin_edges(values, settings))
-        binned = np.zeros(image.shape, dtype=np.int32)
-        binned[mask] = bins
         hist = np.bincount(bins)
         self.gray_levels = np.flatnonzero(hist)
         self.counts = hist[self.gray_levels]
         self.ng = int(self.gray_levels[-1])
+        binned = np.zeros(image.shape, dtype=np.uint8 if self.ng < 2**8 else np.int32)
+        binned[mask] = bins
         binned.flags.writeable = False  # shared by the feature classes, which only read it
         mask.flags.writeable = False
         self.image, self.mask, self.binned, self.values = image, mask, binned, values
@@ -479,14 +480,29 @@ class _NumpyMatrices:
 
     def __init__(self, c_module: Any):
         self._c = c_module
+        self._last: tuple = (None, None, None, None)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._c, name)
 
     def _inputs(self, image: Any, mask: Any, Ng: int, force2D: Any, extra: tuple) -> Any:  # noqa: N803
-        """``(levels with 0 outside the ROI, mask, levels inside)``, or None where C must run."""
+        """``(levels with 0 outside the ROI, mask, levels inside)``, or None where C must run.
+
+        The classes of one ROI pass the same read-only arrays (:class:`_BinnedRoi`): the last
+        answer is kept for them.
+        """
         if extra or force2D:
             return None
+        last_image, last_mask, last_ng, parsed = self._last
+        if image is last_image and mask is last_mask and Ng == last_ng:
+            return parsed
+        parsed = self._parse(image, mask, Ng)
+        if all(isinstance(a, np.ndarray) and not a.flags.writeable for a in (image, mask)):
+            self._last = (image, mask, Ng, parsed)
+        return parsed
+
+    @staticmethod
+    def _parse(image: Any, mask: Any, Ng: int) -> Any:  # noqa: N803
         image = np.asarray(image)
         mask = np.asarray(mask, dtype=bool)
         if image.ndim != 2 or mask.shape != image.shape or image.dtype.kind not in "iu":
@@ -499,7 +515,10 @@ class _NumpyMatrices:
         # the smallest type that holds the levels: the neighbour comparisons run on bytes
         dtype = np.uint8 if Ng < 2**8 else np.uint16 if Ng < 2**16 else np.int64
         levels = np.where(mask, image, 0).astype(dtype, copy=False)
-        return levels, mask, inside.astype(dtype, copy=False)
+        inside = inside.astype(dtype, copy=False)
+        for a in (levels, mask, inside):  # shared by the calls of one ROI, which only read them
+            a.flags.writeable = False
+        return levels, mask, inside
 
     def _offsets(self, shape: tuple[int, ...], distances: Any, bidirectional: bool = True) -> np.ndarray:
         # pyradiomics' neighbour offsets for this size (raises its error for a 1 x 1 image)
