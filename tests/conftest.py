@@ -51,3 +51,64 @@ def artifacts_dir() -> Path:
     path = Path(os.environ.get("NAPARI_RAPACL_ARTIFACTS", REPO / "test-artifacts"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def rapacl_run(tmp_path_factory, data_dir):
+    """A tiny RaPaCL-ST trained the way the product trains it, on real her2st sections.
+
+    ``python -m training.radiomics_tables`` writes the radiomics tables of C2, C3 and C4 (every spot:
+    classical nuclei + RaPaCL-ST's 72 features, recipe in the parquet metadata); ``training.run``
+    trains ``rapacl_tiny`` Stage 1, then Stage 2 from it (1 epoch each; train C3, select on C4, test
+    C2; 40 spots per section). Returns the tables' path template and both ``best.pt``.
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    pytest.importorskip("radiomics")
+    import sys
+    from types import SimpleNamespace
+
+    import yaml
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from training.config import load_config
+    from training.radiomics_tables import write_section_table
+    from training.run import train
+
+    root = tmp_path_factory.mktemp("rapacl_run")
+    for section in ("C2", "C3", "C4"):
+        write_section_table(section, root / "tables", n_jobs=2, cache_dir=None)
+    template = str(root / "tables" / "her2st_{section}.parquet")
+    base = yaml.safe_load((REPO / "training" / "configs" / "stnet_tiny_test.yaml").read_text())
+    for stage in (1, 2):
+        cfg = {
+            **base,
+            "model": {
+                "name": "rapacl_tiny",
+                "stage": stage,
+                "config": {"dropout": 0.0, "warmup_epochs": 0, "ramp_epochs": 1},
+            },
+            "data": {
+                **base["data"],
+                "train": ["C3"],
+                "val": ["C4"],
+                "test": ["C2"],
+                "max_spots": 40,
+                "cache_dir": str(root / "patches"),
+                "radiomics_table": template,
+                "radiomics_columns": "rapacl72",
+                "radiomics_signed_log": ["Energy", "NonUniformity"],
+                "cell_label_column": "cell_label",
+            },
+            "optim": {**base["optim"], "epochs": 1},
+            "run": {**base["run"], "out_dir": str(root / f"stage{stage}"), "find_unused_parameters": True},
+        }
+        if stage == 2:
+            cfg["model"]["init_checkpoint"] = str(root / "stage1" / "best.pt")
+        path = root / f"stage{stage}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        train(load_config(path, []))
+    return SimpleNamespace(
+        root=root, tables=template, stage1=root / "stage1" / "best.pt", stage2=root / "stage2" / "best.pt"
+    )

@@ -140,11 +140,14 @@ def test_her2st_segment_predict_genes_export(
     assert grey[lab > 0].mean() < grey[lab == 0].mean() - 30
     feats = labels.features
     assert (
-        "index" in feats and "original_shape2D_MeshSurface" in feats and "original_firstorder_Mean" in feats
+        "index" in feats
+        and "original_shape2D_MeshSurface_um2" in feats
+        and "original_firstorder_Mean_grey" in feats
+        and "area_um2" in feats
     )
     assert len(feats) > 0.9 * lab.max() and set(feats["index"]) <= set(np.unique(lab))
     # per-cell first-order mean (luminance) of the nuclei is dark, like the slide under them
-    assert feats["original_firstorder_Mean"].median() < grey[lab == 0].mean()
+    assert feats["original_firstorder_Mean_grey"].median() < grey[lab == 0].mean()
     inside = spots_in_box(points.data, box)
     assert len(inside) >= 3
     n_nuclei = points.features["n_nuclei"].to_numpy()

@@ -482,7 +482,7 @@ def test_load_widget_opens_files_and_the_sample(make_napari_viewer, qtbot, data_
     assert tuple(image.scale) == tuple(points.scale) == (mpp, mpp) and 0.5 < mpp < 2
     assert tuple(str(u) for u in image.units) == ("micrometer", "micrometer")
     np.testing.assert_allclose(points.size, 2 * points.features["radius_px"].to_numpy())  # data px
-    assert "187 spots" in widget.status and "um/px (spots" in widget.status
+    assert "187 spots" in widget.status and "um/px (spot-grid)" in widget.status
     # the spots sit on the tissue: mean intensity under them darker than the slide's background
     level = image.data[-1]
     ds = image.downsample_factors[-1][0]
@@ -581,10 +581,17 @@ def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, q
 @pytest.mark.gui
 @pytest.mark.realdata
 def test_predict_widget_builds_the_chosen_model_in_the_background(her2st_viewer, qtbot, tmp_path):
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import save_checkpoint
+
     viewer, image, points = her2st_viewer
-    widget = _predict_widget(viewer, image, points, scope="visible region", model="stnet_tiny")
-    first = widget.preloaded  # started when the picker changed to stnet_tiny
-    assert widget._preload_key == ("registry", "stnet_tiny")
+    widget = _predict_widget(viewer, image, points, scope="visible region")
+    # the picker offers what a user can run: the production models, not the *_tiny test variants
+    assert set(widget._model.choices) == {"nh2st", "pixnet", "rapacl", "stnet"}
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", create_model("stnet_tiny", n_genes=3), genes=["A", "B", "C"])
+    widget._checkpoint.value = str(ckpt)
+    first = widget.preloaded  # started when the checkpoint was chosen
+    assert widget._preload_key[:2] == ("checkpoint", str(ckpt.resolve()))
     qtbot.waitUntil(first.done, timeout=120_000)
     loaded = first.result()
     assert loaded.name == "stnet_tiny" and hasattr(loaded.model, "_rapacl_model_key")  # hashed too
@@ -599,6 +606,8 @@ def test_predict_widget_builds_the_chosen_model_in_the_background(her2st_viewer,
     res = widget.last_result
     assert res.loaded is loaded and res.seconds["load"] < 0.5  # the click did not build a model
     # another model: built in the background as soon as it is picked
+    widget._checkpoint.value = ""
+    widget._model.value = "nh2st"
     widget._model.value = "stnet"
     assert widget.preloaded is not first and widget._preload_key == ("registry", "stnet")
     # a checkpoint that is not there: nothing is built, Predict says why

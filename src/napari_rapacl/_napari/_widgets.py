@@ -632,14 +632,20 @@ class PredictWidget(_JobWidget):
         from ..models.checkpoint import config_path_for
         from ._env import checkpoint_path
 
+        from ..jobs import user_models
+
         ckpt = checkpoint_path(self._checkpoint.value)
         self._model.enabled = ckpt is None
         if ckpt is None or not config_path_for(ckpt).is_file():
+            if ckpt is None and list(self._model.choices) != user_models():
+                self._model.choices = user_models()
             return
         import yaml
 
         name = (yaml.safe_load(config_path_for(ckpt).read_text()) or {}).get("model")
-        if name in self._model.choices:
+        if isinstance(name, str) and name:
+            if name not in self._model.choices:  # a checkpoint's own model is shown, whatever it is
+                self._model.choices = [*user_models(), name]
             self._model.value = name
 
     def _preload_model(self, *_):
