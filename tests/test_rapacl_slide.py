@@ -346,7 +346,8 @@ def test_viewer_predicts_rapacl_like_training_and_like_the_cli(
     qtbot.waitUntil(lambda: not export.busy, timeout=120_000)
     roi = ",".join(str(int(v)) for v in box)
     out = tmp_path / "cells_cli.h5ad"
-    assert _cli(["segment", "--slide", args[2], "--roi", roi, "--features", "--out", out]) == 0
+    seg = ["segment", "--slide", args[2], "--mpp", repr(mpp), "--roi", roi, "--features", "--out", out]
+    assert _cli(seg) == 0  # the JPEG has no pixel size: the viewer's came from the spot grid
     viewer_cells, cli_cells = ad.read_h5ad(tmp_path / "cells_viewer.h5ad"), ad.read_h5ad(out)
     assert viewer_cells.n_obs > 100 and list(viewer_cells.obs_names) == list(cli_cells.obs_names)
     assert list(viewer_cells.var_names) == list(cli_cells.var_names)

@@ -223,6 +223,8 @@ def _segment(args: argparse.Namespace) -> int:
                 _progress_logger("segment"),
             )
         except RapaclInputError as exc:
+            if str(args.slide) in str(exc) or Path(args.slide).name in str(exc):
+                raise
             raise RapaclInputError(f"{args.slide}: {exc}") from exc
         if zarr_out is not None:
             import zarr
@@ -308,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler",
         type=parse_scheduler,
         default=None,
-        help="where the per-cell measurement windows run: none (this process, default), threads, "
-        "processes, synchronous, or a dask scheduler address (tcp://host:8786)",
+        help="where the tile windows are segmented and the cells measured: none (this process, default), "
+        "threads, processes, synchronous, or a dask scheduler address (tcp://host:8786)",
     )
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.set_defaults(func=_segment)

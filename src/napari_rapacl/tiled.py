@@ -63,7 +63,7 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Generator, Hashable
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +92,7 @@ __all__ = [
     "model_key",
     "predict_dense",
     "predict_region",
+    "run_tasks",
     "slide_key",
     "spot_tiles",
 ]
@@ -771,6 +772,56 @@ def _run_distributed(model, slide, tasks, scheduler) -> Generator[tuple[Any, np.
         for tag, args in tasks:
             fut = client.submit(_predict_tile, model_future, ref, *args, pure=False)
             futures[fut] = tag
+        for fut in as_completed(list(futures)):
+            yield futures[fut], fut.result()
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
+        if owned:
+            client.close()
+
+
+def run_tasks(
+    fn: Callable[..., Any], tasks: list[tuple[Any, tuple]], scheduler: Any = None
+) -> Generator[tuple[Any, Any], None, None]:
+    """Run ``fn(*args)`` for every ``(tag, args)`` and yield ``(tag, result)`` as tasks finish.
+
+    ``scheduler``: None or ``"synchronous"`` (this thread, in order), ``"threads"``, ``"processes"``
+    (spawned; ``fn`` and its arguments must be picklable, module-level) or a ``dask.distributed``
+    Client, cluster or scheduler address (as for :func:`iter_predict_region`). Closing the generator
+    cancels the tasks not started yet.
+    """
+    _check_scheduler(scheduler)
+    if not tasks:
+        return
+    if scheduler is None or scheduler == "synchronous":
+        for tag, args in tasks:
+            yield tag, fn(*args)
+        return
+    if scheduler in ("threads", "processes"):
+        import concurrent.futures as cf
+        import multiprocessing
+
+        if scheduler == "threads":
+            pool: cf.Executor = cf.ThreadPoolExecutor(max_workers=_local_workers())
+        else:
+            n = min(_local_workers(), len(tasks))
+            pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            futures = {pool.submit(fn, *args): tag for tag, args in tasks}
+            for fut in cf.as_completed(futures):
+                yield futures[fut], fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return
+    from distributed import as_completed
+
+    client, owned = _get_client(scheduler)
+    futures: dict = {}
+    try:
+        for tag, args in tasks:
+            futures[client.submit(fn, *args, pure=False)] = tag
         for fut in as_completed(list(futures)):
             yield futures[fut], fut.result()
     finally:

@@ -583,8 +583,9 @@ class PredictWidget(_JobWidget):
         self._image = create_widget(annotation="napari.layers.Image", label="slide")
         self._spots = create_widget(annotation="napari.layers.Points", label="spots")
         models = user_models()  # the *_tiny test variants stay out of the user interface
+        self._checkpoint_model: str | None = None  # the model a chosen checkpoint holds
         self._model = ComboBox(
-            label="model", choices=models, value="stnet" if "stnet" in models else models[0]
+            label="model", choices=self._model_choices, value="stnet" if "stnet" in models else models[0]
         )
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", mode="r")
         self._scope = ComboBox(label="region", choices=[VISIBLE, ROI, ALL], value=VISIBLE)
@@ -627,26 +628,30 @@ class PredictWidget(_JobWidget):
             return ("checkpoint", str(ckpt.resolve()), ckpt.stat().st_mtime_ns), (None, ckpt)
         return ("registry", self._model.value), (self._model.value, None)
 
+    def _model_choices(self, _widget=None) -> list[str]:
+        """The production models, plus the model of the chosen checkpoint (whatever it is)."""
+        from ..jobs import user_models
+
+        models = user_models()
+        extra = self._checkpoint_model
+        return models + [extra] if extra and extra not in models else models
+
     def _on_checkpoint(self, *_):
         """A checkpoint names its model: show it in the model picker (read from the YAML beside it)."""
         from ..models.checkpoint import config_path_for
         from ._env import checkpoint_path
 
-        from ..jobs import user_models
-
         ckpt = checkpoint_path(self._checkpoint.value)
         self._model.enabled = ckpt is None
-        if ckpt is None or not config_path_for(ckpt).is_file():
-            if ckpt is None and list(self._model.choices) != user_models():
-                self._model.choices = user_models()
-            return
-        import yaml
+        name = None
+        if ckpt is not None and config_path_for(ckpt).is_file():
+            import yaml
 
-        name = (yaml.safe_load(config_path_for(ckpt).read_text()) or {}).get("model")
-        if isinstance(name, str) and name:
-            if name not in self._model.choices:  # a checkpoint's own model is shown, whatever it is
-                self._model.choices = [*user_models(), name]
-            self._model.value = name
+            name = (yaml.safe_load(config_path_for(ckpt).read_text()) or {}).get("model")
+        self._checkpoint_model = name if isinstance(name, str) and name else None
+        self._model.reset_choices()
+        if self._checkpoint_model is not None:
+            self._model.value = self._checkpoint_model
 
     def _preload_model(self, *_):
         """Build the chosen model in the background (imports, weights, the hash that keys its cached

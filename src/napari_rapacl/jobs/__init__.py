@@ -21,6 +21,7 @@ its own.
 
 from __future__ import annotations
 
+from ..tiled import run_tasks
 from ._cells import (
     BASE_COLUMNS,
     CellsResult,
@@ -35,7 +36,6 @@ from ._export import RADIOMICS_KEY, iter_export, predicted_rows, prediction_adat
 from ._models import LoadedModel, default_genes, load_model_choice, preload_model, user_models
 from ._open import Opened, iter_open, iter_open_sample, open_inputs, spots_library_id
 from ._predict import PredictResult, iter_predict
-from ._run import run_tasks
 
 __all__ = [
     "BASE_COLUMNS",

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..progress import Progress
-from ._run import run_tasks
+from ..tiled import run_tasks
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -237,8 +237,9 @@ def iter_cells(
     ``out``: None keeps the labels in memory, as a numpy array with ``hold_labels`` (a viewer's region)
     or else as a dask array over a compressed in-memory zarr (whole slides); a ``.zarr`` folder path
     writes them there. When pyradiomics is missing the labels and centroids are still returned and
-    ``messages`` says why there are no features. ``scheduler`` runs the per-cell measurement windows
-    (:func:`iter_cell_table`); ``n_jobs`` worker processes measure the spots.
+    ``messages`` says why there are no features. ``scheduler`` runs the segmentation's tile windows
+    and the per-cell measurement windows (:func:`~napari_rapacl.tiled.run_tasks`; the result does not
+    depend on it); ``n_jobs`` worker processes measure the spots.
     """
     from ..radiomics import NucleusSegmenter
     from ..segmentation import SEGMENTATION_VERSION, iter_segment_region, region_origin
@@ -250,7 +251,15 @@ def iter_cells(
     if seg.method == "cellpose":
         seg_kwargs.update(model=seg.model, gpu=bool(gpu))
     labels = yield from iter_segment_region(
-        slide, *box, level=level, method=seg.method, tile=tile, clip=True, out=out, **seg_kwargs
+        slide,
+        *box,
+        level=level,
+        method=seg.method,
+        tile=tile,
+        clip=True,
+        out=out,
+        scheduler=scheduler,
+        **seg_kwargs,
     )
     if out is None and hold_labels:
         labels = np.asarray(labels, dtype=np.int32)  # a viewer's region: held (it is shown)

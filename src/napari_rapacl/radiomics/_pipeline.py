@@ -194,7 +194,12 @@ MEMORY_CACHE = _MemoryCache()
 
 
 def _settings(
-    slide: Slide, size: int, mpp: float, config: RadiomicsConfig, segment: Any, feature_set: str,
+    slide: Slide,
+    size: int,
+    mpp: float,
+    config: RadiomicsConfig,
+    segment: Any,
+    feature_set: str,
     segment_key: str | None = None,
 ) -> dict[str, Any]:
     names = spot_feature_names(config, feature_set)

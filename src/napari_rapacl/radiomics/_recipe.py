@@ -339,8 +339,7 @@ def recipe_from_checkpoint(payload: Mapping[str, Any], source: str) -> Radiomics
         raise RapaclInputError(
             f"{source}: this {payload.get('model', 'model')!r} checkpoint does not record how its "
             "radiomics were made (segmentation method and version, patch size and um/px, feature set "
-            "and settings, z-scoring statistics), so they cannot be reproduced from a slide; "
-            + RETRAIN_HINT
+            "and settings, z-scoring statistics), so they cannot be reproduced from a slide; " + RETRAIN_HINT
         )
     merged = {
         **recipe,

@@ -127,6 +127,49 @@ def _read(slide: Slide, level: int, box: _Box, ya: int, yb: int, xa: int, xb: in
     return np.ascontiguousarray(np.asarray(arr.compute(scheduler="threads")))
 
 
+def _segment_window(
+    slide: Any,
+    level: int,
+    box: _Box,
+    window: tuple[int, int, int, int],
+    method: str,
+    mpp_level: float,
+    threshold: float | None,
+    segment_kwargs: dict[str, Any],
+) -> np.ndarray:
+    """The labels of one tile window (region-relative level px ``wy0, wy1, wx0, wx1``): the unit of work
+    of :func:`iter_segment_region`, run here or on a scheduler's worker."""
+    from ..tiled import _SlideRef
+
+    if isinstance(slide, _SlideRef):
+        slide = slide.resolve()
+    rgb = _read(slide, level, box, *window)
+    if method == "classical":
+        if threshold is not None and math.isinf(threshold):
+            return np.zeros(rgb.shape[:2], dtype=np.int32)
+        return segment_nuclei(rgb, mpp_level, "classical", threshold=threshold, **segment_kwargs)
+    return segment_nuclei(rgb, mpp_level, "cellpose", **segment_kwargs)
+
+
+def _windows_in_order(
+    slide: Slide, tasks: list[tuple[int, tuple]], scheduler: Any, in_flight: int
+) -> Generator[tuple[int, np.ndarray], None, None]:
+    """``(i, labels)`` of the tile windows in task order, computed here (``scheduler=None``) or on a
+    scheduler, at most ``in_flight`` windows at a time (bounded memory: results are stitched in order)."""
+    if scheduler is None or scheduler == "synchronous":
+        for i, args in tasks:
+            yield i, _segment_window(slide, *args)
+        return
+    from ..tiled import _SlideRef, run_tasks
+
+    ref = slide if scheduler == "threads" else _SlideRef.of(slide)
+    for start in range(0, len(tasks), in_flight):
+        chunk = tasks[start : start + in_flight]
+        done = dict(run_tasks(_segment_window, [(i, (ref, *args)) for i, args in chunk], scheduler))
+        for i, _ in chunk:
+            yield i, done.pop(i)
+
+
 def _open_output(
     out: Any, shape: tuple[int, int], chunk: int, overwrite: bool
 ) -> tuple[Any, Path | None, Path | None]:
@@ -175,6 +218,7 @@ def iter_segment_region(
     overwrite: bool = False,
     clip: bool = False,
     sample_tiles: int = 16,
+    scheduler: Any = None,
     **segment_kwargs: Any,
 ) -> Generator[Progress, None, da.Array]:
     """Segment the nuclei of a slide region tile by tile; yields :class:`Progress`, returns the labels.
@@ -210,6 +254,10 @@ def iter_segment_region(
     sample_tiles
         classical: the global threshold is Otsu's on the histogram of at most this many tile cores
         (evenly spaced over the grid; all tiles when there are no more).
+    scheduler
+        Where the tile windows are segmented: None (here), ``"threads"``, ``"processes"`` or a
+        ``dask.distributed`` Client / cluster / scheduler address (:func:`napari_rapacl.tiled.run_tasks`);
+        the windows are stitched here, in tile order, so the labels do not depend on it.
     **segment_kwargs
         Passed to :func:`segment_nuclei` (``diameter_um``, ``min_area_um2``, ``max_area_um2``, ``model``,
         ``gpu``, ``threshold``, ...).
@@ -325,18 +373,13 @@ def iter_segment_region(
     try:
         next_label = 0
         yield Progress("segment", 0, len(cores))
-        for i, (ty, tx) in enumerate(cores):
+        tasks = [
+            (i, (level, box, window(ty, tx), method, mpp_level, threshold, segment_kwargs))
+            for i, (ty, tx) in enumerate(cores)
+        ]
+        for i, labels in _windows_in_order(slide, tasks, scheduler, in_flight=16):
+            ty, tx = cores[i]
             wy0, wy1, wx0, wx1 = window(ty, tx)
-            rgb = _read(slide, level, box, wy0, wy1, wx0, wx1)
-            if method == "classical":
-                if math.isinf(threshold):
-                    labels = np.zeros(rgb.shape[:2], dtype=np.int32)
-                else:
-                    labels = segment_nuclei(
-                        rgb, mpp_level, "classical", threshold=threshold, **segment_kwargs
-                    )
-            else:
-                labels = segment_nuclei(rgb, mpp_level, "cellpose", **segment_kwargs)
             n = int(labels.max())
             if n:
                 ys, xs = np.nonzero(labels)
