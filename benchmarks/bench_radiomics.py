@@ -9,20 +9,25 @@ Measures (patches: 224 px at 0.5 um/px around her2st spots, nuclei from the clas
    :func:`napari_rapacl.radiomics.cell_features` (serial), their ratio, and the largest relative
    difference of the values; then a large region (about 1.1 x 1.1 mm) with 1 and 2 processes;
 2. the RaPaCL-ST 72-feature set: patches/s of a plain loop (one extractor call per nucleus for the
-   shape features behind ``morph_*``, one on the union of nuclei, the whole-patch classes), of
+   shape features behind ``morph_*``, one on the union of nuclei, pyradiomics' classes on the
+   whole patch), of the previous implementation of :func:`spot_features` (``--previous``, a git
+   revision: its ``radiomics/_core.py`` is loaded from git and run in this process), of
    :func:`spot_features`, and end to end (read + segment + features) with
    :func:`iter_spot_features` on 1 and 2 processes, and from its cache.
 
-Ratios are the point (the machine is shared, absolute numbers move with its load). Writes
-``benchmarks/results/radiomics.json``. Not a test: nothing here asserts a speed.
+Ratios are the point (the machine is shared, absolute numbers move with its load): each reference
+runs in the same process, interleaved with the code it is compared with, best of several runs.
+Writes ``benchmarks/results/radiomics.json``. Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +64,41 @@ def _self_cpu() -> float:
     return t.user + t.system
 
 
+def _interleaved_best(fns: dict, repeat: int) -> dict[str, float]:
+    """Best time of each function over ``repeat`` rounds, the functions taking turns in each round
+    (so a change in the machine's load hits them alike)."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
+
+
+def _previous_core(rev: str):
+    """``napari_rapacl/radiomics/_core.py`` of git revision ``rev`` as a module (None if git or the
+    revision is not there). Its relative imports resolve in today's package (``_config`` etc.)."""
+    path = "src/napari_rapacl/radiomics/_core.py"
+    try:
+        text = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"  (previous implementation {rev} not available: {exc})")
+        return None
+    tmp = Path(tempfile.mkdtemp()) / "_core_previous.py"
+    tmp.write_text(text)
+    spec = importlib.util.spec_from_file_location("napari_rapacl.radiomics._core_previous", tmp)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # it may no longer match today's package
+        print(f"  (previous implementation {rev} does not load: {exc!r})")
+        return None
+    return module
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -78,6 +118,13 @@ def main() -> None:
     )
     ap.add_argument("--e2e-spots", type=int, default=36, help="spots of the end-to-end runs")
     ap.add_argument("--region-px", type=int, default=2240, help="side of the large region (px at 0.5 um/px)")
+    ap.add_argument(
+        "--previous",
+        default="2a7ee66",
+        help="git revision whose spot_features is the reference (the implementation before the "
+        "speed-up of the 72-feature set); '' to skip",
+    )
+    ap.add_argument("--repeat", type=int, default=5, help="rounds of the interleaved 72-feature timing")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "radiomics.json")
     args = ap.parse_args()
 
@@ -86,10 +133,11 @@ def main() -> None:
     from napari_rapacl import radiomics as rad
     from napari_rapacl.datasets import her2st
     from napari_rapacl.preprocess import extract_patches
-    from napari_rapacl.radiomics._core import _parse_names, _roi_features
+    from napari_rapacl.radiomics._core import _parse_names
     from napari_rapacl.segmentation import segment_nuclei
 
     rad.require_radiomics()
+    import radiomics
     from radiomics import featureextractor
 
     mpp = 0.5
@@ -203,10 +251,14 @@ def main() -> None:
                 shapes.setdefault(key.split("_")[-1], []).append(float(v))
         union = sitk.GetImageFromArray(np.isin(lab, ids).astype(np.uint32))
         out = {f"cellseg_all_{k}": float(v) for k, v in ext_union.execute(image, union, label=1).items()}
-        # the whole-patch mask cannot go through the extractor (an all-one mask "has no labels")
-        out.update(
-            _roi_features([("original", grey)], np.ones(lab.shape, bool), patch_req, settings, "patch")
-        )
+        # the whole-patch mask cannot go through the extractor (an all-one mask "has no labels"):
+        # pyradiomics' classes on it
+        ones = sitk.GetImageFromArray(np.ones(lab.shape, np.uint32))
+        for cls_name, feats in patch_req["original"].items():
+            fc = radiomics.getFeatureClasses()[cls_name](image, ones, **settings)
+            for f in feats:
+                fc.enableFeatureByName(f)
+            out.update({f"patch_original_{cls_name}_{k}": float(v) for k, v in fc.execute().items()})
         out.update(
             rad.morph_stats({k: np.array(v) for k, v in shapes.items()}, morph_req, cfg.morph_bin_count)
         )
@@ -220,46 +272,90 @@ def main() -> None:
         plain_rows.extend(plain72(patches[k], labels[k]) for k in range(n72))
 
     t_plain72 = _best(run_plain72, 2)
-    rows: list = []
+    previous = _previous_core(args.previous) if args.previous else None
+    impls = {"current": rad.spot_features}
+    if previous is not None:
+        impls["previous"] = previous.spot_features
+    rows: dict[str, list] = {k: [] for k in impls}
 
-    def run72() -> None:
-        rows.clear()
-        rows.extend(rad.spot_features(p, lab, cfg, mpp=mpp) for p, lab in zip(patches, labels, strict=True))
+    def runner(key: str):
+        def run() -> None:
+            rows[key] = [impls[key](p, lab, cfg, mpp=mpp) for p, lab in zip(patches, labels, strict=True)]
 
-    t72 = _best(run72)
+        return run
+
+    for key in impls:  # warm-up
+        impls[key](patches[0], labels[0], cfg, mpp=mpp)
+    t72 = _interleaved_best({k: runner(k) for k in impls}, args.repeat)
     worst72 = max(
-        abs(rows[k][c] - plain_rows[k][c]) / max(abs(plain_rows[k][c]), 1e-12)
+        abs(rows["current"][k][c] - plain_rows[k][c]) / max(abs(plain_rows[k][c]), 1e-12)
         for k in range(n72)
         for c in names
     )
-    plain72_rate, fast72_rate = n72 / t_plain72, len(patches) / t72
+    plain72_rate, fast72_rate = n72 / t_plain72, len(patches) / t72["current"]
     print("\nRaPaCL-ST 72-feature set (features only, nuclei given)")
     print(f"  plain pyradiomics loop : {plain72_rate:7.2f} patches/s ({n72} patches)")
-    print(f"  spot_features serial   : {fast72_rate:7.2f} patches/s  -> {fast72_rate / plain72_rate:.1f}x")
-    print(f"  max relative difference: {worst72:.2e}")
+    prev72_rate = worst_prev = None
+    if previous is not None:
+        prev72_rate = len(patches) / t72["previous"]
+        worst_prev = max(
+            float(np.max(np.abs(a.to_numpy() - b.to_numpy()) / np.maximum(np.abs(b.to_numpy()), 1e-12)))
+            for a, b in zip(rows["current"], rows["previous"], strict=True)
+        )
+        print(
+            f"  previous implementation: {prev72_rate:7.2f} patches/s "
+            f"(spot_features of {args.previous}, same process, interleaved)"
+        )
+    vs_loop = f"{fast72_rate / plain72_rate:.1f}x the loop"
+    vs_prev = f", {fast72_rate / prev72_rate:.2f}x the previous" if prev72_rate else ""
+    print(f"  spot_features serial   : {fast72_rate:7.2f} patches/s  -> {vs_loop}{vs_prev}")
+    if prev72_rate:
+        print(f"  max relative difference to the previous implementation: {worst_prev:.2e}")
+    print(f"  max relative difference to the plain loop: {worst72:.2e}")
 
     # end to end: read + segment + 72 features, serial / 2 processes / cached
+    from napari_rapacl.radiomics import _pipeline
+
+    memory = getattr(_pipeline, "MEMORY_CACHE", None)  # process-wide cache of spot vectors
+
+    def fresh(fn):
+        """``fn`` with the in-memory cache emptied first (else every run after the first is a hit)."""
+
+        def run() -> None:
+            if memory is not None:
+                memory.clear()
+            fn()
+
+        return run
+
     sec0 = sections[0]
     spots = sec0.spots.subset(np.linspace(0, len(sec0.spots) - 1, args.e2e_spots).round().astype(int))
     slide = sections[0].slide
     e2e: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         kw = {"size": 224, "mpp": mpp, "config": cfg, "segment": "classical"}
-        rad.spot_feature_table(slide, spots.subset([0, 1]), n_jobs=1, **kw)  # warm-up
-        e2e["serial"] = len(spots) / _best(lambda: rad.spot_feature_table(slide, spots, n_jobs=1, **kw), 2)
+        fresh(lambda: rad.spot_feature_table(slide, spots.subset([0, 1]), n_jobs=1, **kw))()  # warm-up
+        e2e["serial"] = len(spots) / _best(
+            fresh(lambda: rad.spot_feature_table(slide, spots, n_jobs=1, **kw)), 3
+        )
         e2e["2 processes"] = len(spots) / _best(
-            lambda: rad.spot_feature_table(slide, spots, n_jobs=2, **kw), 2
+            fresh(lambda: rad.spot_feature_table(slide, spots, n_jobs=2, **kw)), 3
         )
         rad.spot_feature_table(slide, spots, n_jobs=1, cache_dir=tmp, **kw)
-        e2e["cached"] = len(spots) / _best(
-            lambda: rad.spot_feature_table(slide, spots, cache_dir=tmp, **kw), 3
+        e2e["cached (disk)"] = len(spots) / _best(
+            fresh(lambda: rad.spot_feature_table(slide, spots, cache_dir=tmp, **kw)), 3
         )
+        if memory is not None:
+            e2e["cached (memory)"] = len(spots) / _best(
+                lambda: rad.spot_feature_table(slide, spots, cache_dir=tmp, **kw), 3
+            )
     what = "read + classical segmentation + 72 features"
     print(f"\nend to end, {len(spots)} spots of {sections[0].name} ({what})")
     for k, v in e2e.items():
-        print(f"  {k:12s}: {v:8.2f} patches/s")
+        print(f"  {k:15s}: {v:8.2f} patches/s")
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in load)} (1, 5, 15 min)")
     result = {
         "command": "NAPARI_RAPACL_DATA_DIR=../shared/data python benchmarks/bench_radiomics.py "
         + " ".join(sys.argv[1:]),
@@ -298,6 +394,14 @@ def main() -> None:
             "spot_features_serial_patches_per_s": round(fast72_rate, 2),
             "ratio": round(fast72_rate / plain72_rate, 2),
             "max_rel_diff": worst72,
+            "previous_implementation": None
+            if prev72_rate is None
+            else {
+                "revision": args.previous,
+                "patches_per_s": round(prev72_rate, 2),
+                "ratio": round(fast72_rate / prev72_rate, 2),
+                "max_rel_diff": worst_prev,
+            },
             "end_to_end_patches_per_s": {k: round(v, 2) for k, v in e2e.items()},
         },
     }

@@ -1,23 +1,33 @@
 """Per-cell and per-spot radiomics with pyradiomics: the computing core.
 
 The feature values are pyradiomics' own (its feature classes and ``get*FeatureValue`` methods,
-with the extractor's settings); tests compare them with ``RadiomicsFeatureExtractor.execute`` to
-rtol 1e-6 (in practice ~1e-14). The speed comes from how pyradiomics is called:
+with the extractor's settings); tests compare them with ``RadiomicsFeatureExtractor.execute`` and
+pyradiomics' classes to rtol 1e-6 per cell and 1e-9 per spot (in practice they are bit-identical).
+The speed comes from how pyradiomics is called:
 
-* each nucleus is cropped to its bounding box before SimpleITK images are built -- the extractor
-  does the same crop (``cropToTumorMask``, no padding) after checking the whole image, so the
-  feature classes see identical arrays;
-* the shape2D and texture classes run per nucleus on those crops without the extractor's per-call
-  overhead (mask checks and label statistics over the whole image, casts, logging);
-* first-order statistics of all the nuclei come from **one** ``RadiomicsFirstOrder`` object whose
-  arrays hold one row per nucleus (NaN-padded, the layout of pyradiomics' voxel-based mode); its
+* each ROI (a nucleus, the union of nuclei, the whole patch) is cropped to its bounding box -- the
+  extractor does the same crop (``cropToTumorMask``, no padding) after checking the whole image, so
+  the feature classes see identical arrays;
+* no SimpleITK image is made: the texture classes are pyradiomics' own, fed the arrays a SimpleITK
+  round trip would give (:func:`_array_classes`), and one ROI is discretised once for all its
+  classes (:class:`_BinnedRoi`; pyradiomics bins each class's copy identically), its bin edges found
+  from the (min, max) pair instead of Python's element-wise ``min``/``max`` (:func:`_bin_edges`);
+* the GLRLM, GLSZM, GLDM and NGTDM matrices of 2-D ROIs are computed with numpy / scikit-image by
+  drop-ins for pyradiomics' C functions, called from pyradiomics' own ``_calculateMatrix``
+  (:class:`_NumpyMatrices`; same arrays bit for bit, tested against the C code); the C code walks
+  the image voxel by voxel, numpy does one array operation per neighbour offset;
+* shape2D runs per nucleus as pyradiomics' initialisation does (its C ``cShape`` on the padded mask,
+  its covariance arithmetic, its getters) without a class or SimpleITK set-up per nucleus
+  (:func:`shape2d_features`);
+* first-order statistics of many ROIs come from **one** ``RadiomicsFirstOrder`` object whose
+  arrays hold one row per ROI (NaN-padded, the layout of pyradiomics' voxel-based mode); its
   getters reduce along rows; order statistics (percentiles, median) are evaluated on sorted rows
   with numpy's exact arithmetic (:func:`row_percentiles`) instead of numpy's per-row Python loop;
-* the feature classes are subclassed only to cache their feature-name list (pyradiomics runs
-  ``inspect.getmembers`` per object) and to find bin edges from the (min, max) pair instead of
-  Python's element-wise ``min``/``max`` (:func:`_bin_edges`, same edges);
+  the per-spot shape statistics (``morph_*``) of all shapes share one such object;
+* feature-name lists are cached (pyradiomics runs ``inspect.getmembers`` per object);
 * derived images (wavelet, LoG, ...) are computed once per region, not once per nucleus (the
-  extractor filters the whole image it is given, so the values are the same).
+  extractor filters the whole image it is given, so the values are the same); the Original image
+  is the grey image itself (pyradiomics' ``getOriginalImage`` yields its input).
 """
 
 from __future__ import annotations
