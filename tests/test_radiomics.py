@@ -772,6 +772,7 @@ def test_user_given_cell_labels_majority():
 
 def test_iter_spot_features_cache_hit_does_no_work(her2st_c2, tmp_path, monkeypatch):
     spots = her2st_c2.spots.subset(np.arange(0, 30, 5))
+    _pipeline.MEMORY_CACHE.clear()  # process-wide: another test may have measured these spots
     calls = {"n": 0}
     real_job = _pipeline._spot_job
 
@@ -801,6 +802,9 @@ def test_iter_spot_features_cache_hit_does_no_work(her2st_c2, tmp_path, monkeypa
     files = list((tmp_path / "radiomics").rglob("*.npy"))
     assert len(files) == len(spots) and not list(tmp_path.rglob("*.tmp"))
 
+    memory = _pipeline.MEMORY_CACHE
+    assert len(memory) >= len(spots)  # the process-wide copy of the entries
+    memory.clear()  # what follows is about the disk cache
     t0 = time.perf_counter()
     second = rad.spot_feature_table(her2st_c2.slide, spots, **kwargs)
     t_second = time.perf_counter() - t0
@@ -814,6 +818,7 @@ def test_iter_spot_features_cache_hit_does_no_work(her2st_c2, tmp_path, monkeypa
     assert calls["n"] == len(spots) + 1
     # a damaged entry is recomputed
     files[0].write_bytes(b"garbage")
+    memory.clear()
     rad.spot_feature_table(her2st_c2.slide, spots, **kwargs)
     assert calls["n"] == len(spots) + 2
 
