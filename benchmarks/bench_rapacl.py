@@ -45,6 +45,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--view-px", type=int, default=2048)
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="image encoder of rapacl (timm name; default: the registry's, densenet121 as in the paper)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -68,11 +73,25 @@ def main() -> None:
         (spots.x >= box[0]) & (spots.x < box[2]) & (spots.y >= box[1]) & (spots.y < box[3])
     )
     rapacl = _load_with_key("rapacl", None)  # the widget's background build (+ radiomics workers)
+    if args.backbone:  # the same model with another image encoder (random weights, default recipe)
+        import dataclasses
+
+        from napari_rapacl.models import create_model
+        from napari_rapacl.radiomics import RadiomicsRecipe
+        from napari_rapacl.tiled import model_key
+
+        model = create_model("rapacl", stage=2, backbone=args.backbone).eval()
+        model.radiomics_recipe = RadiomicsRecipe()
+        model_key(model)
+        rapacl = dataclasses.replace(
+            rapacl, model=model, config=model.config.to_dict(), key=("registry", "rapacl", id(model))
+        )
     stnet = _load_with_key("stnet", None)
     recipe = rapacl.recipe
     time.sleep(3.0)  # the radiomics workers finish importing (the widget builds while the user looks)
     print(
-        f"her2st C2, view {args.view_px} px around the median spot: {len(inside)} spots; "
+        f"her2st C2, rapacl with {rapacl.model.config.backbone}; view {args.view_px} px around the "
+        f"median spot: {len(inside)} spots; "
         f"device {args.device}; torch threads {torch.get_num_threads()}; cores {os.cpu_count()}; "
         f"load {os.getloadavg()[0]:.2f}"
     )
@@ -138,6 +157,7 @@ def main() -> None:
 
     res = {
         "device": args.device,
+        "rapacl_backbone": rapacl.model.config.backbone,
         "cores": os.cpu_count(),
         "load_average_end": os.getloadavg()[0],
         "view_px": args.view_px,
@@ -170,7 +190,8 @@ def main() -> None:
         f"whole section ({len(spots)} spots): rapacl {t_whole_r:.1f} s, stnet {t_whole_s:.1f} s "
         f"(rapacl / stnet = {t_whole_r / t_whole_s:.2f})"
     )
-    out = Path(args.out or Path(__file__).parent / "results" / f"rapacl_{args.device}.json")
+    suffix = f"_{args.backbone}" if args.backbone else ""
+    out = Path(args.out or Path(__file__).parent / "results" / f"rapacl_{args.device}{suffix}.json")
     out.write_text(json.dumps(res, indent=1))
     print(f"-> {out}")
 

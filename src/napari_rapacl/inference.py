@@ -167,9 +167,11 @@ def iter_predict_spots(
     (``"radius_px"`` in ``model.predict_inputs``, e.g. PixNet) need ``radius`` (level-0 px). Yields a
     :class:`Progress` after every batch; returns ``(n_spots, n_genes)`` float32 predictions (the
     generator's return value). With ``optimize`` (the default) models that opt in run through
-    :func:`frozen_image_predictor` on the CPU. ``inputs`` holds other per-spot model inputs, one row
-    per spot (e.g. ``{"radiomics": (n, F) float32}``, the model-ready values of
-    :meth:`RadiomicsRecipe.transform`); a model that needs radiomics gets them only from here.
+    :func:`frozen_image_predictor` on the CPU, or, those with ``channels_last_inference = True``
+    (RaPaCL-ST: DenseNet runs faster so, and slower frozen), in channels-last memory format.
+    ``inputs`` holds other per-spot model inputs, one row per spot (e.g. ``{"radiomics": (n, F)
+    float32}``, the model-ready values of :meth:`RadiomicsRecipe.transform`); a model that needs
+    radiomics gets them only from here.
     """
     import torch
 
@@ -191,6 +193,16 @@ def iter_predict_spots(
             )
         extra[key] = np.ascontiguousarray(value)
     fast = frozen_image_predictor(model, device) if optimize and not extra else None
+    channels_last = (
+        optimize
+        and fast is None
+        and str(device).startswith("cpu")
+        and getattr(type(model), "channels_last_inference", False)
+    )
+    if channels_last:  # oneDNN's faster convolution layout (DenseNet on 2 cores: 1.4x)
+        conv = next((p for p in model.parameters() if p.ndim == 4), None)
+        if conv is not None and not conv.is_contiguous(memory_format=torch.channels_last):
+            model = model.to(memory_format=torch.channels_last)
     radius_px = None
     if "radius_px" in needs:
         # spot radius in the model's patch pixels
@@ -202,6 +214,8 @@ def iter_predict_spots(
         slide, x, y, size=cfg.patch_size, mpp=cfg.mpp, batch_size=batch_size
     ):
         batch = {"image": images_to_tensor(patches, device)}
+        if channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         if radius_px is not None:
             batch["radius_px"] = torch.from_numpy(np.ascontiguousarray(radius_px[start:stop])).to(device)
         for key, value in extra.items():

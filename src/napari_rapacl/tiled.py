@@ -675,7 +675,7 @@ def _run_tasks(
     if not tasks:
         return
     if scheduler is None or scheduler == "synchronous":
-        yield from _run_sequential(model, slide, tasks, lookahead=scheduler is None)
+        yield from _run_sequential(model, slide, tasks, lookahead=scheduler is None and _overlap_pays(tasks))
         return
     if isinstance(scheduler, str) and scheduler in ("threads", "processes"):
         import concurrent.futures as cf
@@ -704,13 +704,27 @@ def _run_tasks(
     yield from _run_distributed(model, slide, tasks, scheduler)
 
 
+def _overlap_pays(tasks: list[tuple[Any, tuple]]) -> bool:
+    """Whether measuring the next tile's radiomics while predicting this one gains time: when the
+    model runs on a GPU, or when the CPU has cores for both the radiomics workers and torch's threads
+    (on 2 cores they would only slow each other down: measured 4.9 s against 3.4 s for a first view)."""
+    import torch
+
+    from .inference import resolve_device
+
+    _x, _y, _r, _b, device, _raw, _known, jobs = tasks[0][1]
+    if resolve_device(device).startswith("cuda"):
+        return True
+    return (os.cpu_count() or 1) >= int(jobs) + torch.get_num_threads() + 2
+
+
 def _run_sequential(
     model: Any, slide: Slide, tasks: list[tuple[Any, tuple]], lookahead: bool
 ) -> Generator[tuple[Any, tuple], None, None]:
-    """Tasks one after the other in this thread. For a model fed with radiomics and ``lookahead``,
-    the radiomics of the next task are computed in a background thread (its segmentation and
-    pyradiomics run in the radiomics worker processes) while this thread predicts the current one:
-    CPU workers measure nuclei while the model (on the GPU, when there is one) predicts."""
+    """Tasks one after the other in this thread. For a model fed with radiomics and ``lookahead``
+    (:func:`_overlap_pays`), the radiomics of the next task are computed in a background thread (its
+    segmentation and pyradiomics run in the radiomics worker processes) while this thread predicts
+    the current one: CPU workers measure nuclei while the GPU predicts."""
     needs_radiomics = any(args[5] is not None for _, args in tasks)
     if not (lookahead and needs_radiomics and len(tasks) > 1):
         for tag, args in tasks:

@@ -272,6 +272,9 @@ class RaPaCL(nn.Module):
     #: Stage 1 keys (the instance attribute reflects the model's stage and weights).
     required_inputs: tuple[str, ...] = ("image", "radiomics", "cell_label")
     predict_inputs: tuple[str, ...] = ("image", "radiomics")
+    #: CPU inference in channels-last memory format (DenseNet-121, 49 patches on 2 cores: 2.4 s
+    #: against 3.5 s contiguous and 4.0 s TorchScript-frozen)
+    channels_last_inference = True
 
     def __init__(self, config: RaPaCLConfig):
         super().__init__()
