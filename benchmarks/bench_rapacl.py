@@ -50,12 +50,20 @@ def main() -> None:
         default=None,
         help="image encoder of rapacl (timm name; default: the registry's, densenet121 as in the paper)",
     )
+    parser.add_argument(
+        "--lookahead",
+        choices=["auto", "on", "off", "ab"],
+        default="auto",
+        help="measure the next tile's radiomics while predicting (auto: only with a GPU or spare cores; "
+        "ab: first views with it off and on, interleaved, reported apart)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     import pandas as pd
     import torch
 
+    import napari_rapacl.tiled as tiled
     from napari_rapacl.datasets import her2st
     from napari_rapacl.inference import predict_spots
     from napari_rapacl.jobs import iter_predict
@@ -64,6 +72,13 @@ def main() -> None:
     from napari_rapacl.radiomics import MEMORY_CACHE, iter_spot_features
     from napari_rapacl.tiled import TileCache
 
+    auto_overlap = tiled._overlap_pays
+    mode = {"now": args.lookahead}
+
+    def overlap(tasks) -> bool:
+        return auto_overlap(tasks) if mode["now"] == "auto" else mode["now"] == "on"
+
+    tiled._overlap_pays = overlap
     sec = her2st("C2")
     slide, spots = sec.slide, sec.spots
     cx, cy = float(np.median(spots.x)), float(np.median(spots.y))
@@ -123,6 +138,15 @@ def main() -> None:
         assert again.tiles_computed == 0 and np.array_equal(again.values, final.values)
         return {"view": shown, "tiles_complete": complete, "pan_back": pan_back, "n_view": len(final.index)}
 
+    if args.lookahead == "ab":  # interleaved: off, on, off, on, ...
+        ab: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(args.repeats):
+            for which in ("off", "on"):
+                mode["now"] = which
+                ab[which].append(first_view()["view"])
+        mode["now"] = "auto"
+        for which, times in ab.items():
+            print(f"first view, look-ahead {which}: median {np.median(times):.2f} s, runs {sorted(times)}")
     runs = [first_view() for _ in range(args.repeats)]
     view = sorted(r["view"] for r in runs)
     pan = sorted(r["pan_back"] for r in runs)
@@ -158,6 +182,8 @@ def main() -> None:
     res = {
         "device": args.device,
         "rapacl_backbone": rapacl.model.config.backbone,
+        "lookahead": args.lookahead,
+        "lookahead_ab_first_view_s": ab if args.lookahead == "ab" else None,
         "cores": os.cpu_count(),
         "load_average_end": os.getloadavg()[0],
         "view_px": args.view_px,
@@ -190,7 +216,9 @@ def main() -> None:
         f"whole section ({len(spots)} spots): rapacl {t_whole_r:.1f} s, stnet {t_whole_s:.1f} s "
         f"(rapacl / stnet = {t_whole_r / t_whole_s:.2f})"
     )
-    suffix = f"_{args.backbone}" if args.backbone else ""
+    suffix = (f"_{args.backbone}" if args.backbone else "") + (
+        f"_lookahead_{args.lookahead}" if args.lookahead != "auto" else ""
+    )
     out = Path(args.out or Path(__file__).parent / "results" / f"rapacl_{args.device}{suffix}.json")
     out.write_text(json.dumps(res, indent=1))
     print(f"-> {out}")
