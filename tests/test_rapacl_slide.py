@@ -357,3 +357,50 @@ def test_viewer_predicts_rapacl_like_training_and_like_the_cli(
     viewer.reset_view()
     qtbot.wait(300)
     viewer.screenshot(str(artifacts_dir / "rapacl_c2_viewer.png"), canvas_only=False, flash=False)
+
+
+@pytest.mark.gui
+def test_viewer_predicts_rapacl_on_a_pyramidal_ome_tiff(rapacl_run, c2, make_napari_viewer, qtbot, tmp_path):
+    """The Load widget opens a pyramidal OME-TIFF and a CSV of spots; Predict with the RaPaCL-ST
+    checkpoint gives what the jobs give on the same file (predictions and spot radiomics)."""
+    pytest.importorskip("napari")
+    from napari_rapacl._napari._widgets import LoadWidget, PredictWidget
+    from napari_rapacl.io import write_ome_tiff
+    from napari_rapacl.jobs import iter_predict, load_model_choice, open_inputs
+
+    s = c2.spots
+    x0, y0 = int(np.median(s.x)) - 1200, int(np.median(s.y)) - 1200
+    crop = np.asarray(c2.slide.levels[0][y0 : y0 + 2400, x0 : x0 + 2400])
+    tif = write_ome_tiff(tmp_path / "crop.ome.tif", crop, mpp=c2.slide.mpp, tile=256)
+    keep = np.flatnonzero((s.x >= x0 + 150) & (s.x < x0 + 2250) & (s.y >= y0 + 150) & (s.y < y0 + 2250))
+    csv = tmp_path / "spots.csv"
+    pd.DataFrame(
+        {"x": s.x[keep] - x0, "y": s.y[keep] - y0, "radius": s.radius[keep], "barcode": s.barcode[keep]}
+    ).to_csv(csv, index=False)
+    viewer = make_napari_viewer(show=True)
+    load = LoadWidget(viewer)
+    viewer.window.add_dock_widget(load, name="Open")
+    load._slide.value, load._spots.value = str(tif), str(csv)
+    assert load.start() is not None
+    qtbot.waitUntil(lambda: not load.busy, timeout=120_000)
+    image, points = viewer.layers["crop.ome"], viewer.layers["crop.ome spots"]
+    assert image.multiscale and len(image.data) > 1 and len(points.data) == len(keep)
+    predict = PredictWidget(viewer)
+    viewer.window.add_dock_widget(predict, name="Predict")
+    predict._image.value, predict._spots.value = image, points
+    predict._checkpoint.value = str(rapacl_run.stage2)
+    predict._scope.value, predict._device.value = "all spots", "cpu"
+    assert predict.start() is not None
+    qtbot.waitUntil(lambda: not predict.busy, timeout=600_000)
+    assert "error" not in predict.status, predict.status
+    info = points.metadata["napari_rapacl"]
+    opened = open_inputs(tif, csv)
+    ref = _drain(
+        iter_predict(
+            load_model_choice(None, rapacl_run.stage2), opened.slide, opened.spots, None, device="cpu"
+        )
+    )
+    np.testing.assert_allclose(points.features[info["genes"]].to_numpy(), ref.values, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        points.features[info["radiomics_columns"]].to_numpy(np.float64), ref.radiomics.to_numpy(), rtol=1e-6
+    )
