@@ -49,6 +49,24 @@ def _drain(gen):
     return run_to_completion(gen)
 
 
+def _ome_tiff_crop(c2, folder, size, margin):
+    """A ``size`` px crop of C2 around its median spot as a pyramidal OME-TIFF (its pixel size), and a
+    CSV of the spots at least ``margin`` px inside it, in the crop's pixels."""
+    from napari_rapacl.io import write_ome_tiff
+
+    s = c2.spots
+    x0, y0 = int(np.median(s.x)) - size // 2, int(np.median(s.y)) - size // 2
+    crop = np.asarray(c2.slide.levels[0][y0 : y0 + size, x0 : x0 + size])
+    tif = write_ome_tiff(folder / "crop.ome.tif", crop, mpp=c2.slide.mpp, tile=256)
+    lo, hi = margin, size - margin
+    keep = np.flatnonzero((s.x >= x0 + lo) & (s.x < x0 + hi) & (s.y >= y0 + lo) & (s.y < y0 + hi))
+    csv = folder / "spots.csv"
+    pd.DataFrame(
+        {"x": s.x[keep] - x0, "y": s.y[keep] - y0, "radius": s.radius[keep], "barcode": s.barcode[keep]}
+    ).to_csv(csv, index=False)
+    return tif, csv, keep, (x0 + lo, y0 + lo, x0 + hi, y0 + hi)
+
+
 @pytest.fixture
 def fresh_radiomics():
     """An empty process-wide radiomics cache (so a test sees what it computes itself)."""
@@ -239,19 +257,10 @@ def test_schedulers_give_the_same_predictions(rapacl_run, c2, fresh_radiomics, s
 def test_cli_predicts_rapacl_on_a_section_and_an_ome_tiff(rapacl_run, c2, tmp_path, fresh_radiomics):
     import anndata as ad
 
-    from napari_rapacl.io import write_ome_tiff
     from napari_rapacl.jobs import RADIOMICS_KEY, iter_predict, load_model_choice
 
     s = c2.spots
-    cx, cy = float(np.median(s.x)), float(np.median(s.y))
-    x0, y0 = int(cx) - 1500, int(cy) - 1500
-    crop = np.asarray(c2.slide.levels[0][y0 : y0 + 3000, x0 : x0 + 3000])
-    tif = write_ome_tiff(tmp_path / "crop.ome.tif", crop, mpp=c2.slide.mpp, tile=256)
-    keep = np.flatnonzero((s.x >= x0 + 200) & (s.x < x0 + 2800) & (s.y >= y0 + 200) & (s.y < y0 + 2800))
-    csv = tmp_path / "spots.csv"
-    pd.DataFrame(
-        {"x": s.x[keep] - x0, "y": s.y[keep] - y0, "radius": s.radius[keep], "barcode": s.barcode[keep]}
-    ).to_csv(csv, index=False)
+    tif, csv, keep, box = _ome_tiff_crop(c2, tmp_path, 3000, 200)
     out = tmp_path / "crop.h5ad"
     code = _cli(["predict", "--slide", tif, "--spots", csv, "--checkpoint", rapacl_run.stage2, "--out", out])
     assert code == 0
@@ -261,7 +270,6 @@ def test_cli_predicts_rapacl_on_a_section_and_an_ome_tiff(rapacl_run, c2, tmp_pa
     assert isinstance(rad, pd.DataFrame) and rad.shape[1] == 74 and "n_nuclei" in rad.columns
     # the same pixels as the section's JPEG at level 0: the same radiomics
     loaded = load_model_choice(None, rapacl_run.stage2)
-    box = (x0 + 200, y0 + 200, x0 + 2800, y0 + 2800)
     ref = _drain(iter_predict(loaded, c2.slide, s, box, cache=False, device="cpu"))
     order = {b: i for i, b in enumerate(s.barcode[ref.index])}
     rows = [order[b] for b in adata.obs_names]
@@ -365,18 +373,9 @@ def test_viewer_predicts_rapacl_on_a_pyramidal_ome_tiff(rapacl_run, c2, make_nap
     checkpoint gives what the jobs give on the same file (predictions and spot radiomics)."""
     pytest.importorskip("napari")
     from napari_rapacl._napari._widgets import LoadWidget, PredictWidget
-    from napari_rapacl.io import write_ome_tiff
     from napari_rapacl.jobs import iter_predict, load_model_choice, open_inputs
 
-    s = c2.spots
-    x0, y0 = int(np.median(s.x)) - 1200, int(np.median(s.y)) - 1200
-    crop = np.asarray(c2.slide.levels[0][y0 : y0 + 2400, x0 : x0 + 2400])
-    tif = write_ome_tiff(tmp_path / "crop.ome.tif", crop, mpp=c2.slide.mpp, tile=256)
-    keep = np.flatnonzero((s.x >= x0 + 150) & (s.x < x0 + 2250) & (s.y >= y0 + 150) & (s.y < y0 + 2250))
-    csv = tmp_path / "spots.csv"
-    pd.DataFrame(
-        {"x": s.x[keep] - x0, "y": s.y[keep] - y0, "radius": s.radius[keep], "barcode": s.barcode[keep]}
-    ).to_csv(csv, index=False)
+    tif, csv, keep, _ = _ome_tiff_crop(c2, tmp_path, 2400, 150)
     viewer = make_napari_viewer(show=True)
     load = LoadWidget(viewer)
     viewer.window.add_dock_widget(load, name="Open")

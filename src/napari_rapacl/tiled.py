@@ -775,17 +775,16 @@ def _get_client(scheduler: Any) -> tuple[Any, bool]:
     )
 
 
-def _run_distributed(model, slide, tasks, scheduler) -> Generator[tuple[Any, np.ndarray], None, None]:
+def _on_client(scheduler: Any, submit: Callable[[Any], dict]) -> Generator[tuple[Any, Any], None, None]:
+    """Yield ``(tag, result)`` of the futures ``submit(client)`` returns (``{future: tag}``) as they
+    finish on a dask.distributed client; closing cancels the futures not done and closes a client
+    made here."""
     from distributed import as_completed
 
     client, owned = _get_client(scheduler)
     futures: dict = {}
     try:
-        ref = _SlideRef.of(slide)
-        model_future = client.scatter(model, broadcast=True, hash=False)
-        for tag, args in tasks:
-            fut = client.submit(_predict_tile, model_future, ref, *args, pure=False)
-            futures[fut] = tag
+        futures = submit(client)
         for fut in as_completed(list(futures)):
             yield futures[fut], fut.result()
     finally:
@@ -794,6 +793,17 @@ def _run_distributed(model, slide, tasks, scheduler) -> Generator[tuple[Any, np.
             client.cancel(pending)
         if owned:
             client.close()
+
+
+def _run_distributed(model, slide, tasks, scheduler) -> Generator[tuple[Any, np.ndarray], None, None]:
+    def submit(client) -> dict:
+        ref = _SlideRef.of(slide)
+        model_future = client.scatter(model, broadcast=True, hash=False)
+        return {
+            client.submit(_predict_tile, model_future, ref, *args, pure=False): tag for tag, args in tasks
+        }
+
+    yield from _on_client(scheduler, submit)
 
 
 def run_tasks(
@@ -829,21 +839,9 @@ def run_tasks(
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return
-    from distributed import as_completed
-
-    client, owned = _get_client(scheduler)
-    futures: dict = {}
-    try:
-        for tag, args in tasks:
-            futures[client.submit(fn, *args, pure=False)] = tag
-        for fut in as_completed(list(futures)):
-            yield futures[fut], fut.result()
-    finally:
-        pending = [f for f in futures if not f.done()]
-        if pending:
-            client.cancel(pending)
-        if owned:
-            client.close()
+    yield from _on_client(
+        scheduler, lambda client: {client.submit(fn, *args, pure=False): tag for tag, args in tasks}
+    )
 
 
 def _check_scheduler(scheduler: Any) -> None:
