@@ -707,7 +707,8 @@ def _run_tasks(
 def _overlap_pays(tasks: list[tuple[Any, tuple]]) -> bool:
     """Whether measuring the next tile's radiomics while predicting this one gains time: when the
     model runs on a GPU, or when the CPU has cores for both the radiomics workers and torch's threads
-    (on 2 cores they would only slow each other down: measured 4.9 s against 3.4 s for a first view)."""
+    (on 2 cores there is nothing to overlap: first views interleaved without and with it measured
+    3.23 s and 3.31 s, benchmarks/README.md)."""
     import torch
 
     from .inference import resolve_device
