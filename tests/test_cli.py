@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,51 @@ def test_segment_on_a_scheduler_gives_the_same_cells(nuclei, tmp_path, capsys, s
     np.testing.assert_array_equal(zarr.open_array(str(got[0]))[:], zarr.open_array(str(ref[0]))[:])
     pd.testing.assert_frame_equal(pd.read_csv(got[1]), pd.read_csv(ref[1]))
     assert len(pd.read_csv(ref[1])) > 20
+
+
+def test_outputs_never_replace_inputs_and_are_checked_first(
+    synthetic, checkpoint, tmp_path, capsys, monkeypatch
+):
+    """#14 item 1: an output that is an input (here through a link), of the wrong type, a folder, an
+    existing file without --overwrite or in a folder that cannot be written is refused before any
+    work, and the input is left as it was."""
+    import napari_rapacl.jobs as jobs
+
+    slide_path, spots_path = synthetic
+    before = checkpoint.read_bytes()
+    link = tmp_path / "model.h5ad"
+    link.symlink_to(checkpoint)
+
+    def no_work(*a, **k):
+        raise AssertionError("the inputs were opened before the output was checked")
+
+    monkeypatch.setattr(jobs, "open_inputs", no_work)
+    common = ("predict", "--slide", slide_path, "--spots", spots_path, "--checkpoint", checkpoint)
+    (tmp_path / "old.h5ad").write_bytes(b"an earlier result")
+    (tmp_path / "folder.h5ad").mkdir()
+    cases = [
+        ((*common, "--out", link, "--overwrite"), "is an input of this command"),
+        ((*common, "--out", tmp_path / "pred.csv"), "expected a .h5ad file"),
+        ((*common, "--out", tmp_path / "old.h5ad"), "already exists; pass --overwrite"),
+        ((*common, "--out", tmp_path / "folder.h5ad", "--overwrite"), "is a folder"),
+        ((*common, "--out", tmp_path / "missing" / "p.h5ad"), "output folder not found"),
+        ((*common, "--out", tmp_path / "p.h5ad", "--library-id", "a/b"), "--library-id 'a/b'"),
+        (("segment", "--slide", slide_path, "--out", tmp_path / "old.h5ad"), "already exists"),
+    ]
+    for args, needle in cases:
+        code, _, err = _main(capsys, *args)
+        assert code == 2 and needle in err and "Traceback" not in err, (args, err)
+    assert checkpoint.read_bytes() == before and (tmp_path / "old.h5ad").read_bytes() == b"an earlier result"
+    # a folder that cannot be written (simulated: the tests run as root, for whom access() is always true)
+    import napari_rapacl.cli as cli
+
+    real_access = cli.os.access
+    monkeypatch.setattr(
+        cli.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
+    )
+    code, _, err = _main(capsys, *common, "--out", tmp_path / "p.h5ad")
+    assert code == 2 and "is not writable" in err
+    monkeypatch.undo()
+    code, _, err = _main(capsys, *common, "--out", tmp_path / "old.h5ad", "--overwrite", "--device", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "old.h5ad").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"  # replaced by the prediction

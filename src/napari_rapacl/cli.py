@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -81,11 +82,65 @@ def _progress_logger(what: str):
     return report
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    text: str,
+    *,
+    suffixes: tuple[str, ...],
+    inputs: list[str | Path],
+    overwrite: bool,
+    flag: str = "--out",
+    folder: bool = False,
+) -> Path:
+    """An output path checked before any work: its extension is one of ``suffixes``; it is not one
+    of the ``inputs`` (the same file, also through a link); it is not a folder (unless the output is one,
+    ``folder``: a zarr store); an existing output is replaced only with ``--overwrite``; the folder
+    it goes in exists and is writable."""
+    path = Path(text).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise RapaclInputError(
+            f"{flag} {text}: expected a {' or '.join(suffixes)} file, got {suffix or 'no extension'!r}"
+        )
+    for given in inputs:
+        src = Path(given).expanduser()
+        if _same_file(path, src) or path.resolve() == src.resolve():
+            raise RapaclInputError(
+                f"{flag} {text}: that is an input of this command ({src}); writing there would destroy it. "
+                "Choose another output file"
+            )
+    if path.is_dir() and not folder:
+        example = path / f"out{suffixes[0]}"
+        raise RapaclInputError(f"{flag} {text}: is a folder; give a file name, e.g. {example}")
+    if path.exists() and not overwrite:
+        raise RapaclInputError(f"{flag} {text}: {path} already exists; pass --overwrite to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{flag} {text}: output folder not found: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RapaclInputError(f"{flag} {text}: the folder {parent} is not writable; choose another output")
+    return path
+
+
 def _predict(args: argparse.Namespace) -> int:
     from .export import write_h5ad
     from .jobs import iter_predict, load_model_choice, open_inputs, result_adata
     from .progress import run_to_completion
 
+    out_path = check_output(
+        args.out,
+        suffixes=(".h5ad",),
+        inputs=[args.slide, args.spots, args.checkpoint, Path(args.checkpoint).with_suffix(".yaml")],
+        overwrite=args.overwrite,
+    )
+    if args.library_id is not None and (not args.library_id.strip() or "/" in args.library_id):
+        raise RapaclInputError(f"--library-id {args.library_id!r}: must be a non-empty name without '/'")
     opened = open_inputs(args.slide, args.spots, mpp=args.mpp, radius=args.radius)
     slide, spots = opened.slide, opened.spots
     if args.roi is not None:
@@ -121,7 +176,7 @@ def _predict(args: argparse.Namespace) -> int:
             "scheduler": args.scheduler or "none",
         },
     )
-    out = write_h5ad(adata, args.out)
+    out = write_h5ad(adata, out_path)
     extra = " with their spot radiomics" if result.radiomics is not None else ""
     print(
         f"predicted {len(result.genes)} genes at {len(result.index)} spots{extra} "
@@ -135,11 +190,10 @@ def _predict(args: argparse.Namespace) -> int:
 SEGMENT_OUTPUTS = (".zarr", ".h5ad", ".csv")
 
 
-def _segment_outputs(paths: list[str], overwrite: bool) -> dict[str, Path]:
+def _segment_outputs(paths: list[str], overwrite: bool, inputs: list[str]) -> dict[str, Path]:
     outs: dict[str, Path] = {}
     for text in paths:
-        path = Path(text).expanduser()
-        suffix = path.suffix.lower()
+        suffix = Path(text).suffix.lower()
         if suffix not in SEGMENT_OUTPUTS:
             raise RapaclInputError(
                 f"--out {text}: unknown output type {suffix or '(no extension)'!r}; use cells.zarr (labels), "
@@ -147,11 +201,8 @@ def _segment_outputs(paths: list[str], overwrite: bool) -> dict[str, Path]:
             )
         if suffix in outs:
             raise RapaclInputError(f"--out {text}: a {suffix} output is already given ({outs[suffix]})")
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"--out {text}: output folder not found: {path.parent}")
-        if path.exists() and not overwrite:
-            raise RapaclInputError(f"--out {text}: {path} already exists; pass --overwrite to replace it")
-        outs[suffix] = path
+        zarr = suffix == ".zarr"  # a zarr store is a folder
+        outs[suffix] = check_output(text, suffixes=(suffix,), inputs=inputs, overwrite=overwrite, folder=zarr)
     return outs
 
 
@@ -179,7 +230,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .progress import run_to_completion
     from .radiomics import NucleusSegmenter
 
-    outs = _segment_outputs(args.out, args.overwrite)
+    outs = _segment_outputs(args.out, args.overwrite, [args.slide])
     if args.features and ".zarr" in outs and len(outs) == 1:
         raise RapaclInputError("--features needs a table output: add --out cells.h5ad or --out cells.csv")
     if args.features:
@@ -261,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--spots", required=True, help="spot file or Space Ranger folder")
     pred.add_argument("--checkpoint", required=True, help="a napari-rapacl checkpoint (.pt)")
     pred.add_argument("--model", default=None, help="expected registry name (checked against the checkpoint)")
-    pred.add_argument("--out", required=True, help="output .h5ad")
+    pred.add_argument("--out", required=True, help="output .h5ad (never one of the inputs)")
+    pred.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     pred.add_argument(
         "--roi", type=parse_roi, default=None, help="x0,y0,x1,y1 in level-0 px: only spots inside"
     )
