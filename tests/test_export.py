@@ -323,3 +323,33 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one_never_a_half(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
     assert write_atomic(path, lambda tmp: tmp.write_text("new"), suffix=".tmp.txt") == path
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_writes_honour_the_umask_and_clean_stale_temporaries(tmp_path):
+    """#14 items 3 and 9: outputs get 0666 less the umask (not mkstemp's 0600), a replaced file keeps
+    its permissions, and temporary files that killed writes left beside a target are removed by the
+    next write to it once they are stale (a fresh one, perhaps another writer's, is kept)."""
+    import os
+    import time
+
+    from napari_rapacl import _atomic
+    from napari_rapacl._atomic import write_text_atomic
+
+    old = os.umask(0o002)
+    try:
+        new = write_text_atomic(tmp_path / "new.txt", "x")
+        assert new.stat().st_mode & 0o777 == 0o664
+        shared = tmp_path / "shared.txt"
+        shared.write_text("old")
+        shared.chmod(0o644)
+        write_text_atomic(shared, "new")
+        assert shared.stat().st_mode & 0o777 == 0o644 and shared.read_text() == "new"
+    finally:
+        os.umask(old)
+    stale, fresh = tmp_path / ".shared.txt.abc123.tmp", tmp_path / ".shared.txt.def456.tmp"
+    stale.write_text("killed mid-write")
+    fresh.write_text("being written")
+    t = time.time() - _atomic.STALE_SECONDS - 60
+    os.utime(stale, (t, t))
+    write_text_atomic(shared, "again")
+    assert not stale.exists() and fresh.exists() and shared.read_text() == "again"

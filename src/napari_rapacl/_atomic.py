@@ -1,13 +1,45 @@
 """Atomic file writes: the content goes to a temporary file in the destination's folder, which then
 replaces the destination in one ``os.replace``; on any failure the temporary file is removed and the
-destination is left as it was (absent or complete, never half-written)."""
+destination is left as it was (absent or complete, never half-written).
+
+The temporary file is named ``.<name>.<random><suffix>`` beside the destination, so one left behind by a
+killed process can be found; the next write to the same destination removes those that have not been
+written to for :data:`STALE_SECONDS`. The result gets the permissions an ordinary write would give it:
+those of the file it replaces, or ``0666`` less the process umask for a new file (``mkstemp`` alone
+would make every output ``0600``).
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+#: A temporary file of an earlier write not modified for this long is taken as left by a killed process.
+STALE_SECONDS = 15 * 60
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _remove_stale(path: Path, suffix: str) -> None:
+    """Remove temporary files of earlier writes to ``path`` not modified for :data:`STALE_SECONDS`."""
+    now = time.time()
+    for old in path.parent.glob(f".{path.name}.*{suffix}"):
+        try:
+            if now - old.stat().st_mtime > STALE_SECONDS:
+                old.unlink()
+        except OSError:  # gone already, or not ours to remove
+            pass
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, suffix: str = ".tmp") -> Path:
@@ -16,11 +48,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, su
     ``suffix`` ends the temporary file's name (a writer that insists on an extension gets it).
     """
     path = Path(path)
+    _remove_stale(path, suffix)
+    try:
+        mode = path.stat().st_mode & 0o7777  # the replaced file's permissions
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
