@@ -350,3 +350,46 @@ def test_outputs_never_replace_inputs_and_are_checked_first(
     code, _, err = _main(capsys, *common, "--out", tmp_path / "old.h5ad", "--overwrite", "--device", "cpu")
     assert code == 0, err
     assert (tmp_path / "old.h5ad").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"  # replaced by the prediction
+
+
+def test_no_silent_nonsense_and_nothing_hangs(synthetic, checkpoint, tmp_path, capsys):
+    """#14 items 6 and 7: an empty spot file, --mpp outside 0.05-50 um/px, demo --epochs 0 and an unknown
+    demo --section are refused with a message before any work; a FIFO given as slide or spots is
+    refused at once instead of blocking the read forever; a greyscale slide is read with a warning."""
+    import os
+    import warnings
+
+    from PIL import Image
+
+    from napari_rapacl.io import open_slide
+
+    slide_path, spots_path = synthetic
+    empty = tmp_path / "empty.csv"
+    empty.write_text("x,y,radius\n")
+    fifo = tmp_path / "pipe.tif"
+    os.mkfifo(fifo)
+    fifo_spots = tmp_path / "pipe.csv"
+    os.mkfifo(fifo_spots)
+    out = ("--out", tmp_path / "p.h5ad", "--checkpoint", checkpoint)
+    cases = [
+        (("predict", "--slide", slide_path, "--spots", empty, *out), "holds no spots"),
+        (("predict", "--slide", slide_path, "--spots", spots_path, "--mpp", "1e-6", *out), "plausible range"),
+        (("predict", "--slide", slide_path, "--spots", spots_path, "--mpp", "1e6", *out), "1e+06 um/px"),
+        (("predict", "--slide", fifo, "--spots", spots_path, *out), "named pipe (FIFO)"),
+        (("predict", "--slide", slide_path, "--spots", fifo_spots, *out), "named pipe (FIFO)"),
+        (("segment", "--slide", fifo, "--out", tmp_path / "c.csv"), "named pipe (FIFO)"),
+        (("demo", "--epochs", "0", "--out", tmp_path / "demo"), "'0' must be >= 1"),
+        (("demo", "--epochs", "-3", "--out", tmp_path / "demo"), "must be >= 1"),
+        (("demo", "--section", "C9", "--out", tmp_path / "demo"), "--section 'C9'"),
+    ]
+    for args, needle in cases:
+        code, _, err = _main(capsys, *args)
+        assert code == 2 and needle in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "p.h5ad").exists() and not (tmp_path / "demo").exists()
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((64, 80), 128, np.uint8)).save(grey)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        slide = open_slide(grey, mpp=0.5)
+    assert slide.levels[0].shape == (64, 80, 3)
+    assert any("greyscale image" in str(w.message) and "all three channels" in str(w.message) for w in seen)

@@ -12,7 +12,14 @@ from ._errors import RapaclInputError
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .datasets import HER2ST_SECTIONS
     from .demo import DemoConfig, run_demo
+
+    if args.section not in HER2ST_SECTIONS:  # checked before any training
+        raise RapaclInputError(
+            f"--section {args.section!r}: not a her2st section of the benchmark; choose one of "
+            f"{', '.join(HER2ST_SECTIONS)}"
+        )
 
     cfg = DemoConfig(epochs=args.epochs, device=args.device, test_section=args.section, seed=args.seed)
     if args.section in cfg.train_sections or args.section == cfg.val_section:
@@ -302,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="her2st: train the baseline, predict a held-out section, export")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     demo.add_argument("--section", default="C2", help="held-out her2st section (default: C2)")
-    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--epochs", type=_positive_int, default=15, help="training epochs (>= 1)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     demo.set_defaults(func=_demo)

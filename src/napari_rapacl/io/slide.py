@@ -28,6 +28,7 @@ import re
 import tempfile
 import threading
 import uuid
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ import zarr
 from PIL import Image
 
 from .._errors import CorruptFileError, MissingPixelSizeError, RapaclInputError, UnsupportedFormatError
+from ._paths import require_readable
 
 __all__ = ["SUPPORTED_EXTENSIONS", "Slide", "open_slide", "write_ome_tiff"]
 
@@ -67,13 +69,24 @@ _PIL_LIMIT_LOCK = threading.Lock()
 # --------------------------------------------------------------------------------------------
 
 
-def _check_mpp(mpp: Any, what: str = "mpp") -> float:
+#: Pixel sizes a person may give for a slide (um/px): a 40x scan is about 0.25, 20x about 0.5.
+PLAUSIBLE_MPP = (0.05, 50.0)
+
+
+def _check_mpp(mpp: Any, what: str = "mpp", *, plausible: bool = False) -> float:
     try:
         value = float(mpp)
     except (TypeError, ValueError):
         raise RapaclInputError(f"{what}={mpp!r} is not a number (microns per pixel)") from None
     if not math.isfinite(value) or value <= 0:
         raise RapaclInputError(f"{what}={mpp!r} must be a finite number > 0 (microns per pixel)")
+    lo, hi = PLAUSIBLE_MPP
+    if plausible and not lo <= value <= hi:
+        raise RapaclInputError(
+            f"a pixel size of {value:g} um/px is outside the plausible range {lo:g}-{hi:g} um/px (a 40x "
+            "scan is about 0.25, 20x about 0.5): check the value, in microns per pixel (not pixels per "
+            "micron)"
+        )
     return value
 
 
@@ -284,12 +297,11 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, chunk: int = 1
         ``mpp`` or ``chunk`` is invalid.
     """
     path = Path(path)
-    caller_mpp = None if mpp is None else _check_mpp(mpp)
+    caller_mpp = None if mpp is None else _check_mpp(mpp, plausible=True)
     chunk = int(chunk)
     if chunk < 16:
         raise RapaclInputError(f"chunk={chunk} must be >= 16 pixels")
-    if not path.exists():
-        raise FileNotFoundError(f"slide file not found: {path}")
+    require_readable(path, "slide file")
     supported = ", ".join(SUPPORTED_EXTENSIONS)
     if path.is_dir():
         raise UnsupportedFormatError(f"{path} is a directory, not a slide file; supported: {supported}")
@@ -439,6 +451,7 @@ def _tiff_level_array(
         lut = (lut >> 8).astype(np.uint8) if lut.max() > 255 else lut.astype(np.uint8)
         arr = _apply_lut(arr[:, :, 0], lut)
     elif nchan == 1 or nchan == 2:  # grey (+ alpha)
+        _warn_grey(path)
         grey = arr[:, :, :1]
         if photometric == int(tifffile.PHOTOMETRIC.MINISWHITE):
             grey = 255 - grey
@@ -636,6 +649,16 @@ class _LazyPilLevel:
         return ("rapacl-pil-level", str(self.path), self.shape, self.reduce, id(self))
 
 
+def _warn_grey(path: Path) -> None:
+    warnings.warn(
+        f"{path} is a greyscale image: it is read as RGB with the grey value in all three channels. "
+        "Stain-based steps (nucleus segmentation, models trained on H&E colour) expect an RGB H&E "
+        "scan and may be unreliable on it",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _open_pil(path: Path, chunk: int) -> tuple[list[da.Array], None, list[Any]]:
     """JPEG or PNG (whichever the file holds, whatever its extension says)."""
     try:
@@ -651,6 +674,8 @@ def _open_pil(path: Path, chunk: int) -> tuple[list[da.Array], None, list[Any]]:
         raise CorruptFileError(f"{path}: the extension says JPEG/PNG but the file holds {fmt}")
     if mode == "F":
         raise UnsupportedFormatError(f"{path}: unsupported image mode {mode!r} (floating point)")
+    if mode in ("L", "LA", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
+        _warn_grey(path)
     jpeg = fmt != "PNG"
 
     token = dask.base.tokenize(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns, chunk)

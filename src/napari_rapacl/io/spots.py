@@ -34,6 +34,7 @@ from napari_rapacl._errors import (
     SpotsOutsideImageError,
     UnsupportedFormatError,
 )
+from napari_rapacl.io._paths import require_readable
 
 __all__ = [
     "ST_SPOT_DIAMETER_UM",
@@ -291,9 +292,7 @@ def _join(
 
 
 def _require_file(path: Path) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    return path
+    return require_readable(path, "spot file or folder")
 
 
 def _radius_or_error(radius: float | None, name: str, why: str) -> float:
@@ -726,6 +725,16 @@ def read_spots(
         _require_file(Path(counts))
     if radius is not None:
         radius = _radius_or_error(radius, str(path), "")
+    spots = _read_any(path, radius, counts)
+    if len(spots) == 0:
+        raise RapaclInputError(
+            f"{path} holds no spots: there is nothing to place or predict (check that it is the spot file "
+            "of this section and that its in-tissue spots are listed)"
+        )
+    return spots
+
+
+def _read_any(path: Path, radius: float | None, counts: Any) -> Spots:
     lower = path.name.lower()
     if path.is_dir():
         return _read_spaceranger(path, radius, counts)
