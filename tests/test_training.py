@@ -456,6 +456,27 @@ def test_run_dir_of_an_existing_run_is_not_overwritten(reference_run, tiny):
         train(load_config(TINY, tiny(reference_run)))
 
 
+def test_one_run_per_output_folder(reference_run, tiny, tmp_path):
+    """#14 item 4: a run holds its output folder (an exclusive lock naming its pid): a second run with
+    the same run.out_dir is refused clearly, even with run.overwrite=true, and leaves the folder as
+    the first run has it; the lock goes with the run."""
+    from training.run import LOCK_NAME, lock_out_dir
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    held = lock_out_dir(out)  # what a running training holds
+    try:
+        with pytest.raises(RapaclInputError, match=r"in use by another training run \(pid \d+"):
+            train(load_config(TINY, tiny(out, "run.overwrite=true")))
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written beside it
+    finally:
+        held.close()
+    # once the first run has ended, the folder is free; a finished run releases it too
+    result = train(load_config(TINY, tiny(out, "optim.epochs=1")))
+    assert (result.out_dir / "best.pt").exists()
+    lock_out_dir(out).close()
+
+
 def test_resume_repeats_the_uninterrupted_run(reference_run, tiny, tmp_path):
     out = tmp_path / "interrupted"
     first = train(load_config(TINY, tiny(out, "run.stop_after=1")))

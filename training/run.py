@@ -329,6 +329,38 @@ def section_metrics(pred: np.ndarray, target: np.ndarray, genes: list[str]) -> d
 # ------------------------------------------------------------------------------------------------
 # the trainer
 # ------------------------------------------------------------------------------------------------
+LOCK_NAME = ".training.lock"
+
+
+def lock_out_dir(out_dir: Path) -> Any:
+    """Take the output folder for this run: an exclusive lock on ``<out_dir>/.training.lock`` (which
+    names the holder's pid and start time), held until the returned file is closed (or the process
+    ends, however it ends). A second run with the same ``run.out_dir`` is refused clearly instead of
+    mixing its config with the other run's checkpoints."""
+    import datetime as _dt
+    import fcntl
+    import os
+
+    path = out_dir / LOCK_NAME
+    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RapaclInputError(
+            f"run.out_dir={out_dir} is in use by another training run ({holder}); wait for it to end, "
+            "or choose another run.out_dir"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    fh.write(f"pid {os.getpid()} on {os.uname().nodename}, started {now}\n")
+    fh.flush()
+    return fh
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run a training described by ``cfg`` (single process, or one rank under torchrun)."""
     cfg.validate()
@@ -352,9 +384,17 @@ class _Trainer:
         if self.select_on == "auto":
             self.select_on = "val_loss" if cfg.model.stage == 1 else "val_pcc"
         self.best_score = -math.inf if self.select_on == "val_pcc" else math.inf
+        self._lock: Any = None
 
     # ---- orchestration ------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:  # the run's lock on its output folder
+                self._lock.close()
+
+    def _run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
@@ -402,6 +442,7 @@ class _Trainer:
             )
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_out_dir(self.out_dir)
         barrier(self.ctx)
 
     # ---- setup --------------------------------------------------------------------------------
