@@ -393,3 +393,83 @@ def test_no_silent_nonsense_and_nothing_hangs(synthetic, checkpoint, tmp_path, c
         slide = open_slide(grey, mpp=0.5)
     assert slide.levels[0].shape == (64, 80, 3)
     assert any("greyscale image" in str(w.message) and "all three channels" in str(w.message) for w in seen)
+
+
+def test_plausible_bad_input_is_one_line_never_a_traceback(synthetic, checkpoint, tmp_path, capsys):
+    """#14 item 5: malformed Space Ranger files, a truncated .h5ad, a binary CSV, a binary training
+    config, a checkpoint whose weights do not fit its architecture or gene count and --device cuda
+    without a GPU each give one line on stderr naming the file or value, exit 2; an internal error
+    gives one line and exit 1, its traceback only with -v."""
+    import json
+
+    from conftest import REPO
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from training.run import main as train_main
+
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import save_checkpoint
+
+    slide_path, spots_path = synthetic
+
+    def spaceranger(name, factors=None, in_tissue="1"):
+        spatial = tmp_path / name / "spatial"
+        spatial.mkdir(parents=True)
+        (spatial / "tissue_positions.csv").write_text(
+            "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\n"
+            f"AAAC-1,{in_tissue},0,0,100,120\nAAAG-1,1,0,2,100,200\n"
+        )
+        if factors is not None:
+            (spatial / "scalefactors_json.json").write_text(factors)
+        return tmp_path / name
+
+    truncated = tmp_path / "cut.h5ad"
+    truncated.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 200)
+    binary_csv = tmp_path / "binary.csv"
+    binary_csv.write_bytes(bytes(range(256)) * 20)
+    wrong_genes = create_model("stnet_tiny", n_genes=3)
+    misfit = save_checkpoint(tmp_path / "misfit.pt", wrong_genes, genes=["A", "B", "C"])
+    payload = torch.load(misfit, weights_only=True)
+    payload["config"]["n_genes"] = 5  # the weights have 3 outputs
+    torch.save(payload, misfit)
+    out = ("--out", tmp_path / "p.h5ad")
+    pred = ("predict", "--slide", slide_path, *out)
+    ck = ("--checkpoint", checkpoint)
+    factors = [
+        ("a", "{not json", "1", "not valid JSON"),
+        ("b", json.dumps({"tissue_hires_scalef": 0.1}), "1", "has no 'spot_diameter_fullres'"),
+        ("c", json.dumps({"spot_diameter_fullres": 0}), "1", "must be positive numbers"),
+        ("d", json.dumps({"spot_diameter_fullres": 90}), "yes", "in_tissue must be 0 or 1"),
+    ]
+    cases = [((*pred, "--spots", spaceranger(n, f, t), *ck), needle) for n, f, t, needle in factors]
+    cases += [
+        ((*pred, "--spots", truncated, *ck), "cut.h5ad: cannot be read as spots"),
+        ((*pred, "--spots", binary_csv, *ck), "binary.csv: cannot be read as spots"),
+        ((*pred, "--spots", spots_path, "--checkpoint", misfit), "weights do not fit"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(((*pred, "--spots", spots_path, *ck, "--device", "cuda"), "no CUDA GPU"))
+    for args, needle in cases:
+        code, _, err = _main(capsys, *args)
+        assert code == 2 and needle in err and "Traceback" not in err and len(err.splitlines()) == 1, (
+            args,
+            err,
+        )
+    config = tmp_path / "config.yaml"
+    config.write_bytes(bytes(range(256)) * 4)
+    assert train_main(["--config", str(config)]) == 2
+    assert "not a text file" in capsys.readouterr().err
+    # an internal error (a bug): one line and exit 1; the traceback with -v
+    import napari_rapacl.jobs as jobs
+
+    def bug(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jobs, "open_inputs", bug)
+        code, _, err = _main(capsys, *pred, "--spots", spots_path, "--checkpoint", checkpoint)
+        assert code == 1 and "internal error: ZeroDivisionError: a bug" in err and "-v" in err
+        assert "Traceback" not in err
+        code, _, err = _main(capsys, "-v", *pred, "--spots", spots_path, "--checkpoint", checkpoint)
+        assert code == 1 and "Traceback" in err

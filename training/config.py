@@ -479,9 +479,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise FileNotFoundError(f"training config not found: {path}")
         source = str(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise RapaclInputError(f"{path}: not a text file (a YAML training config is expected)") from None
         except yaml.YAMLError as exc:
             raise RapaclInputError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise RapaclInputError(
+                f"{path}: a training config is a YAML mapping (model:, data:, optim:, run:), "
+                f"got a {type(values).__name__}"
+            )
     values = apply_overrides(values, list(overrides))
     return config_from_dict(values, source).validate()
 

@@ -385,6 +385,18 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (RapaclInputError, FileNotFoundError, FileExistsError, ImportError) as exc:  # a message
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except OSError as exc:  # a full disk, a read-only folder, a permission: the file and the reason
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        parser.exit(2, f"{parser.prog}: error: {exc.strerror or exc}{where}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted (nothing half-written was left)\n")
+    except Exception as exc:  # a bug of ours: one line, the traceback with -v
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if args.verbose else "; run again with -v for the traceback"
+        parser.exit(1, f"{parser.prog}: internal error: {type(exc).__name__}: {exc}{hint}\n")
 
 
 if __name__ == "__main__":

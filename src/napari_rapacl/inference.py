@@ -28,7 +28,11 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but no CUDA GPU is available")
+        from ._errors import RapaclInputError
+
+        raise RapaclInputError(
+            f"device {device!r} requested but no CUDA GPU is available here; use --device cpu (or auto)"
+        )
     return device
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from napari_rapacl._errors import (
+    CorruptFileError,
     DuplicateBarcodeError,
     InvalidCountsError,
     NoOverlapError,
@@ -473,6 +475,29 @@ def _read_positions(spatial: Path, positions: Path | None = None) -> tuple[pd.Da
     return table, positions
 
 
+def _read_scalefactors(path: Path) -> tuple[float, float]:
+    """``(spot diameter in full-resolution px, um/px)`` from a Space Ranger ``scalefactors_json.json``."""
+    try:
+        factors = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(factors, dict) or "spot_diameter_fullres" not in factors:
+        raise CorruptFileError(
+            f"{path}: has no 'spot_diameter_fullres' (the spot diameter in full-resolution px)"
+        )
+    try:
+        diameter = float(factors["spot_diameter_fullres"])
+        mpp = float(factors.get("microns_per_pixel", VISIUM_SPOT_DIAMETER_UM / diameter))
+    except (TypeError, ValueError, ZeroDivisionError):
+        diameter, mpp = math.nan, math.nan
+    if not (math.isfinite(diameter) and diameter > 0 and math.isfinite(mpp) and mpp > 0):
+        raise CorruptFileError(
+            f"{path}: spot_diameter_fullres={factors.get('spot_diameter_fullres')!r} and "
+            f"microns_per_pixel={factors.get('microns_per_pixel')!r} must be positive numbers"
+        )
+    return diameter, mpp
+
+
 def _read_spaceranger(path: Path, radius: float | None, counts: str | os.PathLike | None) -> Spots:
     outs, spatial = _spaceranger_dirs(path)
     table, positions = _read_positions(spatial, path if path.is_file() else None)
@@ -481,14 +506,16 @@ def _read_spaceranger(path: Path, radius: float | None, counts: str | os.PathLik
     mpp = None
     scalefile = spatial / "scalefactors_json.json"
     if scalefile.is_file():
-        scalefactors = json.loads(scalefile.read_text())
-        diameter = float(scalefactors["spot_diameter_fullres"])
+        diameter, mpp = _read_scalefactors(scalefile)
         if radius is None:
             radius = diameter / 2.0
-        mpp = float(scalefactors.get("microns_per_pixel", VISIUM_SPOT_DIAMETER_UM / diameter))
     radius = _radius_or_error(radius, str(spatial), "no scalefactors_json.json to give the spot size")
 
-    table = table[table["in_tissue"].astype(int) == 1]
+    in_tissue = pd.to_numeric(table["in_tissue"], errors="coerce")
+    if not in_tissue.isin([0, 1]).all():
+        bad = table["in_tissue"][~in_tissue.isin([0, 1])].astype(str).unique()[:3].tolist()
+        raise CorruptFileError(f"{positions}: in_tissue must be 0 or 1 for every spot, found {bad}")
+    table = table[in_tissue.to_numpy() == 1]
     spots = Spots(
         barcode=table["barcode"].to_numpy(),
         x=table["pxl_col_in_fullres"].to_numpy(np.float64),
@@ -725,7 +752,16 @@ def read_spots(
         _require_file(Path(counts))
     if radius is not None:
         radius = _radius_or_error(radius, str(path), "")
-    spots = _read_any(path, radius, counts)
+    try:
+        spots = _read_any(path, radius, counts)
+    except RapaclInputError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError, EOFError) as exc:
+        # parsers fail in many ways on damaged or binary files: one message naming the file
+        raise CorruptFileError(
+            f"{path}: cannot be read as spots ({type(exc).__name__}: {str(exc)[:200]}); is it a complete, "
+            "uncorrupted spot file (Space Ranger folder, *_selection.tsv, .h5ad, CSV x,y[,radius][,barcode])?"
+        ) from exc
     if len(spots) == 0:
         raise RapaclInputError(
             f"{path} holds no spots: there is nothing to place or predict (check that it is the spot file "

@@ -96,7 +96,17 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[torc
         # the weights come from the state dict: do not look for the original pretrained file
         config = dataclasses.replace(config, pretrained=None)
     model = create_model(payload["model"], config=config)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CorruptFileError(
+            f"{path}: its weights do not fit the {payload['model']!r} architecture its config describes "
+            f"(e.g. a wrong gene count or a damaged file): {str(exc).splitlines()[0][:300]}"
+        ) from None
+    if len(payload["genes"]) != config.n_genes:
+        raise CorruptFileError(
+            f"{path}: lists {len(payload['genes'])} genes for a model with n_genes={config.n_genes}"
+        )
     model.eval()
     if "radiomics" in getattr(model, "predict_inputs", ()):
         # how its radiomics were made, so prediction from a slide reproduces them (or says why not)
