@@ -353,3 +353,35 @@ def test_atomic_writes_honour_the_umask_and_clean_stale_temporaries(tmp_path):
     os.utime(stale, (t, t))
     write_text_atomic(shared, "again")
     assert not stale.exists() and fresh.exists() and shared.read_text() == "again"
+
+
+def test_replace_dir_never_leaves_neither(tmp_path, monkeypatch):
+    """#14 item 3 (``segment --overwrite`` of a .zarr): the old folder is renamed aside, the new one
+    renamed in, then the old one deleted; if the rename-in fails the old folder is put back."""
+    import os
+
+    from napari_rapacl import _atomic
+
+    target, new = tmp_path / "cells.zarr", tmp_path / ".cells.zarr.new.tmp"
+    target.mkdir()
+    (target / "old").write_text("old labels")
+    new.mkdir()
+    (new / "new").write_text("new labels")
+    real = os.replace
+    calls = []
+
+    def fail_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(_atomic.os, "replace", fail_second)
+    with pytest.raises(OSError, match="No space"):
+        _atomic.replace_dir(new, target)
+    monkeypatch.undo()
+    assert (target / "old").read_text() == "old labels" and new.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cells.zarr.new.tmp", "cells.zarr"]
+    _atomic.replace_dir(new, target)
+    assert (target / "new").read_text() == "new labels" and not (target / "old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.zarr"]

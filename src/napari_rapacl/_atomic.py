@@ -66,6 +66,29 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, su
     return path
 
 
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put the finished folder ``tmp`` (e.g. a zarr store) at ``target``: an existing ``target`` is first
+    renamed aside (``.<name>.<random>.old``), the new one renamed in, and only then the old one deleted,
+    so an interruption at any moment leaves the old folder or the new one, never neither."""
+    import shutil
+    import uuid
+
+    tmp, target = Path(tmp), Path(target)
+    aside = None
+    if target.exists():
+        aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(target, aside)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, target)  # put the old one back
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()
+    return target
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """:func:`write_atomic` of ``data``."""
     return write_atomic(path, lambda tmp: tmp.write_bytes(data))

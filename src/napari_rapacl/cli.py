@@ -213,26 +213,11 @@ def _segment_outputs(paths: list[str], overwrite: bool, inputs: list[str]) -> di
     return outs
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Put the finished folder ``tmp`` at ``target``: the old one is renamed aside first and deleted
-    only once the new one is in place, so an interruption never leaves neither."""
-    import os
-    import shutil
-    import uuid
-
-    aside = None
-    if target.exists():
-        aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-        os.replace(target, aside)
-    os.replace(tmp, target)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()
-
-
 def _segment(args: argparse.Namespace) -> int:
     import shutil
     import uuid
 
+    from ._atomic import replace_dir
     from .jobs import iter_cells, open_inputs, write_cells
     from .progress import run_to_completion
     from .radiomics import NucleusSegmenter
@@ -289,7 +274,7 @@ def _segment(args: argparse.Namespace) -> int:
 
             arr = zarr.open_array(str(tmp), mode="r+")
             arr.attrs.update({"napari_rapacl": result.provenance})
-            _replace_dir(tmp, zarr_out)
+            replace_dir(tmp, zarr_out)
             tmp = None
         for suffix in (".csv", ".h5ad"):
             if suffix in outs:

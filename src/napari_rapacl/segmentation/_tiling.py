@@ -404,9 +404,9 @@ def iter_segment_region(
         if tmp is not None and final is not None:
             import zarr
 
-            if final.exists():
-                shutil.rmtree(final) if final.is_dir() else final.unlink()
-            os.replace(tmp, final)
+            from .._atomic import replace_dir
+
+            replace_dir(tmp, final)
             tmp = None
             arr = zarr.open_array(str(final), mode="r")
     finally:
