@@ -473,3 +473,42 @@ def test_plausible_bad_input_is_one_line_never_a_traceback(synthetic, checkpoint
         assert "Traceback" not in err
         code, _, err = _main(capsys, "-v", *pred, "--spots", spots_path, "--checkpoint", checkpoint)
         assert code == 1 and "Traceback" in err
+
+
+def test_hostile_images_are_refused_before_decoding(synthetic, checkpoint, tmp_path, capsys, monkeypatch):
+    """#14 item 2: a JPEG whose header claims 65500 x 65500 px (a 700-byte decompression bomb) and a
+    valid PNG larger than the pixel budget are refused before any decode, with the size, the memory
+    it would take and the override; the override (--max-pixels or the environment) lets them open."""
+    import io
+
+    from PIL import Image
+
+    from napari_rapacl._errors import RapaclInputError
+    from napari_rapacl.io.slide import MAX_PIXELS_ENV, open_slide
+
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 150)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: height and width follow the precision byte
+    data[sof + 5 : sof + 9] = (65500).to_bytes(2, "big") * 2
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(bytes(data))
+    assert bomb.stat().st_size < 1000
+    _, spots_path = synthetic
+    code, _, err = _main(
+        capsys, "predict", "--slide", bomb, "--spots", spots_path, "--checkpoint", checkpoint,
+        "--out", tmp_path / "p.h5ad", "--mpp", "0.5",
+    )  # fmt: skip
+    assert code == 2 and "65500 x 65500 px JPEG" in err and "--max-pixels" in err and MAX_PIXELS_ENV in err
+    assert "GB" in err and "Traceback" not in err
+    png = tmp_path / "big.png"
+    Image.new("RGB", (3000, 2000), (230, 200, 220)).save(png)
+    with pytest.raises(
+        RapaclInputError, match=r"3000 x 2000 px PNG \(6 million pixels\).*limit is 5 million"
+    ):
+        open_slide(png, mpp=0.5, max_pixels=5_000_000)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "5e6")
+    with pytest.raises(RapaclInputError, match="limit is 5 million"):
+        open_slide(png, mpp=0.5)
+    assert open_slide(png, mpp=0.5, max_pixels=6_000_000).shape == (2000, 3000)

@@ -287,6 +287,16 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        help="JPEG/PNG slides: the most pixels decoded whole (default 500 million, or "
+        "$NAPARI_RAPACL_MAX_PIXELS)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-rapacl", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -329,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where tiles run: none (this process, default), threads, processes, synchronous, or a dask "
         "scheduler address (tcp://host:8786; needs napari-rapacl[distributed])",
     )
+    _add_max_pixels(pred)
     pred.set_defaults(func=_predict)
 
     seg = sub.add_parser("segment", help="segment nuclei in a slide region; write labels and/or a cell table")
@@ -358,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "threads, processes, synchronous, or a dask scheduler address (tcp://host:8786)",
     )
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_max_pixels(seg)
     seg.set_defaults(func=_segment)
     return parser
 
@@ -366,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if getattr(args, "max_pixels", None) is not None:  # also for worker processes that reopen the slide
+        from .io.slide import MAX_PIXELS_ENV
+
+        os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
     try:
         return args.func(args)
     except (RapaclInputError, FileNotFoundError, FileExistsError, ImportError) as exc:  # a message

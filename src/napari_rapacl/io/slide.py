@@ -267,7 +267,31 @@ def _extension(path: Path) -> str:
     return path.suffix.lower()
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None, chunk: int = 1024) -> Slide:
+#: Largest JPEG / PNG (pixels) decoded by default: these formats have no random access, so level 0 is
+#: decoded whole (3 bytes per pixel, and about as much again while decoding). Raise it with
+#: ``open_slide(max_pixels=...)``, ``--max-pixels`` or the environment variable below.
+DEFAULT_MAX_DECODE_PIXELS = 500_000_000
+MAX_PIXELS_ENV = "NAPARI_RAPACL_MAX_PIXELS"
+
+
+def max_decode_pixels(value: int | None = None) -> int:
+    """The pixel budget for a whole-image decode: ``value``, else ``$NAPARI_RAPACL_MAX_PIXELS``, else
+    :data:`DEFAULT_MAX_DECODE_PIXELS`."""
+    text = value if value is not None else os.environ.get(MAX_PIXELS_ENV)
+    if text is None or text == "":
+        return DEFAULT_MAX_DECODE_PIXELS
+    try:
+        budget = int(float(text))
+    except (TypeError, ValueError):
+        raise RapaclInputError(f"max pixels {text!r} ({MAX_PIXELS_ENV}) is not a number of pixels") from None
+    if budget < 1:
+        raise RapaclInputError(f"max pixels {text!r} ({MAX_PIXELS_ENV}) must be >= 1")
+    return budget
+
+
+def open_slide(
+    path: str | os.PathLike, mpp: float | None = None, chunk: int = 1024, *, max_pixels: int | None = None
+) -> Slide:
     """Open a whole-slide image lazily.
 
     Parameters
@@ -280,6 +304,10 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, chunk: int = 1
         Microns per level-0 pixel; overrides the file's metadata (``mpp_source="caller"``).
     chunk
         Side of the square dask chunks.
+    max_pixels
+        JPEG / PNG only: the most pixels decoded at once (:func:`max_decode_pixels`; default
+        500 million, i.e. ~1.5 GB of RGB, or ``$NAPARI_RAPACL_MAX_PIXELS``). Larger files are refused
+        with a message before anything is decoded (a decompression bomb's header can claim any size).
 
     Returns
     -------
@@ -309,7 +337,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, chunk: int = 1
     if ext in TIFF_EXTENSIONS:
         levels, meta_mpp, sources = _open_tiff(path, chunk)
     elif ext in JPEG_EXTENSIONS or ext in PNG_EXTENSIONS:
-        levels, meta_mpp, sources = _open_pil(path, chunk)
+        levels, meta_mpp, sources = _open_pil(path, chunk, max_decode_pixels(max_pixels))
     else:
         raise UnsupportedFormatError(
             f"{path}: unsupported file type {ext or '(no extension)'!r}; supported: {supported}"
@@ -659,7 +687,7 @@ def _warn_grey(path: Path) -> None:
     )
 
 
-def _open_pil(path: Path, chunk: int) -> tuple[list[da.Array], None, list[Any]]:
+def _open_pil(path: Path, chunk: int, max_pixels: int) -> tuple[list[da.Array], None, list[Any]]:
     """JPEG or PNG (whichever the file holds, whatever its extension says)."""
     try:
         with _pil_open(path) as im:
@@ -672,6 +700,14 @@ def _open_pil(path: Path, chunk: int) -> tuple[list[da.Array], None, list[Any]]:
         raise CorruptFileError(f"{path}: not a readable JPEG or PNG file ({exc})") from exc
     if fmt not in ("JPEG", "MPO", "PNG"):
         raise CorruptFileError(f"{path}: the extension says JPEG/PNG but the file holds {fmt}")
+    if width * height > max_pixels:
+        raise RapaclInputError(
+            f"{path}: a {width} x {height} px {fmt} ({width * height / 1e6:,.0f} million pixels) would be "
+            f"decoded whole, about {width * height * 6 / 2**30:.1f} GB (JPEG and PNG have no random "
+            f"access); the limit is {max_pixels / 1e6:,.0f} million pixels. Convert it to a tiled "
+            "pyramidal TIFF (e.g. `vips tiffsave in.jpg out.tif --tile --pyramid --compression jpeg`), or, "
+            f"if this machine has the memory, raise the limit with --max-pixels or {MAX_PIXELS_ENV}"
+        )
     if mode == "F":
         raise UnsupportedFormatError(f"{path}: unsupported image mode {mode!r} (floating point)")
     if mode in ("L", "LA", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
