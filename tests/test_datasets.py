@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from napari_rapacl import datasets
-from napari_rapacl._errors import DownloadError, RapaclInputError
+from napari_rapacl._errors import CorruptFileError, DownloadError, RapaclInputError
 from napari_rapacl.datasets import (
     HER2ST_PUBLISHED_REG2ST,
     HER2ST_SECTIONS,
@@ -235,3 +235,30 @@ def test_stalled_server_times_out(online: Path, monkeypatch):
     finally:
         listener.close()
     shutil.rmtree(online, ignore_errors=True)
+
+
+def test_caches_that_cannot_lie(
+    online: Path, mirror_server: _Server, data_dir: Path, tmp_path: Path, monkeypatch
+):
+    """#14 item 8: a cached file of the right size but the wrong content is detected (sha256, checked
+    once and remembered by size and modification time) and downloaded again; a local mirror file
+    changed in place is an error naming it, not silently used."""
+    import os
+
+    genes = her2st_genes(cache_dir=online)
+    cached = online / "her2st" / "genes_785_hvg.txt"
+    good = cached.read_bytes()
+    cached.write_bytes(good.replace(b"HPS6", b"HPS7", 1))  # same size, other content
+    assert cached.stat().st_size == len(good)
+    assert her2st_genes(cache_dir=online) == genes  # noticed and fetched again
+    assert mirror_server.requests.count("/genes_785_hvg.txt") == 2 and cached.read_bytes() == good
+    # a mirror (NAPARI_RAPACL_DATA_DIR / data_dir) holding a damaged copy
+    mirror = tmp_path / "mirror" / "her2st"
+    mirror.mkdir(parents=True)
+    (mirror / "genes_785_hvg.txt").write_bytes(good)
+    assert her2st_genes(data_dir=mirror.parent) == genes
+    stat = (mirror / "genes_785_hvg.txt").stat()
+    (mirror / "genes_785_hvg.txt").write_bytes(good.replace(b"HPS6", b"HPS7", 1))
+    os.utime(mirror / "genes_785_hvg.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.raises(CorruptFileError, match=r"genes_785_hvg\.txt does not match the pinned HER2ST file"):
+        her2st_genes(data_dir=mirror.parent)

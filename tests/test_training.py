@@ -784,3 +784,24 @@ def test_ddp_batch_level_losses_equal_one_process(model, tiny, tmp_path, random_
     (h_ddp,), (h_ref,) = (json.loads((d / "history.json").read_text()) for d in (ddp, ref))
     assert h_ddp["train_loss"] == pytest.approx(h_ref["train_loss"], abs=1e-4)
     assert h_ddp["replica_max_diff"] == 0.0
+
+
+def test_a_patch_cache_that_lies_is_extracted_again(tmp_path, data_dir):
+    """#14 item 8: a patch cache overwritten with zeros (same shape, so it loads) no longer feeds
+    training silently: its content hash does not match and the patches are extracted again."""
+    from training.data import load_patches_cached
+
+    from napari_rapacl.datasets import her2st
+
+    sec = her2st("C2")
+    x, y = sec.spots.x[:6], sec.spots.y[:6]
+    first = load_patches_cached(sec.slide, x, y, size=32, mpp=4.0, cache_dir=tmp_path, key="c2")
+    (path,) = tmp_path.glob("c2_*.npz")
+    assert first.std() > 0
+    with np.load(path) as npz:
+        sha = npz["sha256"]
+    np.savez(path.with_suffix(""), patches=np.zeros_like(first), sha256=sha)  # an all-zero cache
+    assert np.load(path)["patches"].max() == 0
+    again = load_patches_cached(sec.slide, x, y, size=32, mpp=4.0, cache_dir=tmp_path, key="c2")
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(np.load(path)["patches"], first)  # and the cache is repaired

@@ -179,6 +179,13 @@ def _fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _content_hash(patches: np.ndarray) -> str:
+    """sha256 of a patch array's bytes (shape and dtype included): what a patch cache must hold."""
+    h = hashlib.sha256(f"{patches.dtype}{patches.shape}".encode())
+    h.update(np.ascontiguousarray(patches).data)
+    return h.hexdigest()
+
+
 def load_patches_cached(
     slide: Any, x: np.ndarray, y: np.ndarray, *, size: int, mpp: float, cache_dir: str | os.PathLike, key: str
 ) -> np.ndarray:
@@ -186,8 +193,9 @@ def load_patches_cached(
 
     The file name holds ``key`` (the section), ``size`` and ``mpp`` plus a fingerprint of the slide
     file (path, size, modification time) and of the spot coordinates, so a changed slide or spot
-    table is re-extracted. Files are written atomically (temporary file + ``os.replace``), so
-    concurrent runs never read a half-written cache.
+    table is re-extracted. The file carries the sha256 of its patches: one whose content does not
+    match (damaged, or overwritten, e.g. all zeros) is extracted again, never used. Files are written
+    atomically (temporary file + ``os.replace``), so concurrent runs never read a half-written cache.
     """
     from napari_rapacl.preprocess import extract_patches
 
@@ -203,9 +211,13 @@ def load_patches_cached(
         try:
             with np.load(path, allow_pickle=False) as npz:
                 patches = npz["patches"]
-            if patches.shape == (len(x), size, size, 3) and patches.dtype == np.uint8:
+                stored = str(npz["sha256"]) if "sha256" in npz.files else None
+            if patches.shape != (len(x), size, size, 3) or patches.dtype != np.uint8:
+                log.warning("patch cache %s has shape %s; extracting again", path, patches.shape)
+            elif stored != _content_hash(patches):
+                log.warning("patch cache %s does not match its content hash; extracting again", path)
+            else:
                 return patches
-            log.warning("patch cache %s has shape %s; extracting again", path, patches.shape)
         except Exception as exc:  # a damaged cache file is re-created, not fatal
             log.warning("cannot read patch cache %s (%s); extracting again", path, exc)
     patches = extract_patches(slide, x, y, size=int(size), mpp=float(mpp))
@@ -213,7 +225,7 @@ def load_patches_cached(
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
-            np.savez(fh, patches=patches)
+            np.savez(fh, patches=patches, sha256=np.array(_content_hash(patches)))
 
     write_atomic(path, save)
     return patches

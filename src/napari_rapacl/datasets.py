@@ -26,7 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from napari_rapacl._errors import DownloadError, RapaclInputError
+from napari_rapacl._atomic import write_text_atomic
+from napari_rapacl._errors import CorruptFileError, DownloadError, RapaclInputError
 
 if TYPE_CHECKING:
     from napari_rapacl.io.slide import Slide
@@ -127,16 +128,73 @@ def _has_all(root: Path, relpaths: list[str]) -> bool:
     return all((root / rel).is_file() for rel in relpaths)
 
 
-def _cached_ok(root: Path, relpaths: list[str]) -> bool:
-    """All files present in the cache with the expected size (downloads are checked when written)."""
+_VERIFIED_FILE = "verified.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _matches_pin(path: Path, rel: str) -> bool:
+    """Whether ``path`` holds the pinned content of ``rel``: its sha256 is computed once and the result
+    remembered by path, size and modification time (in the user cache), so a file changed in place,
+    even to the same size, is checked again. Files without a pin count as matching."""
     sums = _checksums()
+    if rel not in sums:
+        return True
+    st = path.stat()
+    if st.st_size != sums[rel]["size"]:
+        return False
+    memo_path = cache_root() / _VERIFIED_FILE
+    key = str(path.resolve())
+    stamp = [st.st_size, st.st_mtime_ns, sums[rel]["sha256"]]
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo.get(key) == stamp:
+        return True
+    if _sha256(path) != sums[rel]["sha256"]:
+        return False
+    memo[key] = stamp
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo_path, json.dumps(memo, indent=0))
+    except OSError:  # a read-only home: verify again next time
+        pass
+    return True
+
+
+def _verified_mirror(root: Path, relpaths: list[str]) -> Path:
+    """``root`` after checking its files against the pinned checksums; a file that does not match is
+    an error naming it (a local mirror is the user's: it is not replaced)."""
+    for rel in relpaths:
+        if not _matches_pin(root / rel, rel):
+            pin = _checksums()[rel]
+            raise CorruptFileError(
+                f"{root / rel} does not match the pinned HER2ST file (size {pin['size']} bytes, sha256 "
+                f"{pin['sha256'][:16]}...): it is damaged or another version; copy it again from the her2st "
+                "repository, or remove it to let napari-rapacl download it"
+            )
+    return root
+
+
+def _cached_ok(root: Path, relpaths: list[str]) -> bool:
+    """All files present in the cache with the pinned content; a damaged one is deleted (it is
+    downloaded again)."""
+    ok = True
     for rel in relpaths:
         path = root / rel
         if not path.is_file():
-            return False
-        if rel in sums and path.stat().st_size != sums[rel]["size"]:
-            return False
-    return True
+            ok = False
+        elif not _matches_pin(path, rel):
+            path.unlink()
+            ok = False
+    return ok
 
 
 def _offline() -> bool:
@@ -154,14 +212,14 @@ def _resolve(
         base = Path(data_dir).expanduser()
         for root in (base / "her2st", base):
             if _has_all(root, relpaths):
-                return root
+                return _verified_mirror(root, relpaths)
         missing = next(rel for rel in relpaths if not (base / "her2st" / rel).is_file())
         raise FileNotFoundError(
             f"HER2ST file {missing} not found under data_dir={base} (looked in {base / 'her2st'} and {base})"
         )
     env_root = data_root()
     if env_root is not None and _has_all(env_root / "her2st", relpaths):
-        return env_root / "her2st"
+        return _verified_mirror(env_root / "her2st", relpaths)
     cache = cache_root(cache_dir) / "her2st"
     if _cached_ok(cache, relpaths):
         return cache
@@ -178,7 +236,7 @@ def _resolve(
     sums = _checksums()
     for rel in relpaths:
         target = cache / rel
-        if target.is_file() and (rel not in sums or target.stat().st_size == sums[rel]["size"]):
+        if target.is_file() and _matches_pin(target, rel):
             continue
         if rel not in sums:
             raise DownloadError(f"no checksum is known for HER2ST file {rel}; refusing to download it")
