@@ -389,3 +389,48 @@ def test_spaceranger_positions_without_scalefactors(tmp_path: Path, visium_dir: 
     spots = read_spots(tmp_path, radius=40)
     assert spots.mpp is None and np.all(spots.radius == 40)
     json.dumps(spots.to_dataframe().iloc[0].to_dict(), default=str)
+
+
+def test_visium_hd_binned_outputs(data_dir, tmp_path):
+    """#14 item 11: a Visium HD bin folder (binned_outputs/square_008um: spatial/tissue_positions.parquet,
+    scalefactors_json.json with microns_per_pixel and the bin size, filtered_feature_bc_matrix.h5) is
+    read as spots; the outs folder with several bin sizes is refused with the choices. Built from the
+    real Visium crop's files in the Visium HD layout."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from napari_rapacl._errors import UnsupportedFormatError
+    from napari_rapacl.io import read_spots
+
+    crop = data_dir / "visium_mouse_brain_crop"
+    visium = read_spots(crop)
+    outs = tmp_path / "outs"
+    cols = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    positions = pd.read_csv(crop / "spatial" / "tissue_positions_list.csv", header=None, names=cols)
+    for size_um in (8, 16):
+        folder = outs / "binned_outputs" / f"square_{size_um:03d}um"
+        (folder / "spatial").mkdir(parents=True)
+        positions.to_parquet(folder / "spatial" / "tissue_positions.parquet")
+        shutil.copy(crop / "filtered_feature_bc_matrix.h5", folder / "filtered_feature_bc_matrix.h5")
+        mpp = 0.2738
+        factors = {"spot_diameter_fullres": size_um / mpp, "bin_size_um": size_um, "microns_per_pixel": mpp}
+        (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(factors))
+    with pytest.raises(
+        UnsupportedFormatError, match=r"several sizes: choose one.*square_008um.*square_016um"
+    ):
+        read_spots(outs)
+    bins = read_spots(outs / "binned_outputs" / "square_008um")
+    assert list(bins.barcode) == list(visium.barcode) and bins.counts is not None
+    np.testing.assert_array_equal(bins.x, visium.x)
+    assert bins.mpp == pytest.approx(0.2738) and np.allclose(bins.radius, 4 / 0.2738)
+
+    def dense(counts):
+        return counts.X.toarray() if hasattr(counts.X, "toarray") else np.asarray(counts.X)
+
+    np.testing.assert_array_equal(dense(bins.counts), dense(visium.counts))
+    assert list(bins.counts.var_names) == list(visium.counts.var_names)
+    # the positions file itself also opens
+    alone = read_spots(outs / "binned_outputs" / "square_016um" / "spatial" / "tissue_positions.parquet")
+    assert len(alone) == len(visium) and np.allclose(alone.radius, 8 / 0.2738)

@@ -435,10 +435,21 @@ def _attach_counts(spots: Spots, counts: ad.AnnData | None, counts_name: str) ->
 
 
 def _spaceranger_dirs(path: Path) -> tuple[Path, Path]:
-    """(outs folder, spatial folder) for a Space Ranger folder, its ``spatial/`` or a positions file."""
+    """(outs folder, spatial folder) for a Space Ranger folder, its ``spatial/`` or a positions file.
+
+    Visium HD: a bin-size folder (``binned_outputs/square_008um``) is a Space Ranger folder of its own;
+    the ``outs`` or ``binned_outputs`` folder above it holds several bin sizes, so it is refused with
+    the choices."""
     if path.is_file():
         spatial = path.parent
         return spatial.parent, spatial
+    binned = path / "binned_outputs" if (path / "binned_outputs").is_dir() else path
+    sizes = sorted(p.name for p in binned.glob("square_*um") if (p / "spatial").is_dir())
+    if sizes and not (path / "spatial" / "tissue_positions.parquet").is_file():
+        raise UnsupportedFormatError(
+            f"{path} is a Visium HD output with bins of several sizes: choose one, e.g. "
+            f"{binned / ('square_008um' if 'square_008um' in sizes else sizes[0])} (found {', '.join(sizes)})"
+        )
     if (path / "spatial").is_dir():
         return path, path / "spatial"
     return path.parent, path
@@ -446,15 +457,22 @@ def _spaceranger_dirs(path: Path) -> tuple[Path, Path]:
 
 def _read_positions(spatial: Path, positions: Path | None = None) -> tuple[pd.DataFrame, Path]:
     if positions is None:
-        for candidate in ("tissue_positions.csv", "tissue_positions_list.csv"):
+        for candidate in ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv"):
             if (spatial / candidate).is_file():
                 positions = spatial / candidate
                 break
         else:
             raise FileNotFoundError(
-                f"no tissue_positions.csv or tissue_positions_list.csv in {spatial} "
-                "(a Space Ranger spatial/ folder)"
+                f"no tissue_positions.parquet, tissue_positions.csv or tissue_positions_list.csv in "
+                f"{spatial} (a Space Ranger spatial/ folder)"
             )
+    if positions.suffix.lower() == ".parquet":  # Visium HD bins
+        table = pd.read_parquet(positions)
+        missing = [c for c in _POSITION_COLUMNS if c not in table.columns]
+        if missing:
+            raise UnsupportedFormatError(f"{positions}: missing column(s) {missing}")
+        table["barcode"] = table["barcode"].astype(str)
+        return table, positions
     with open(positions) as fh:
         first = fh.readline()
     has_header = first.split(",")[0].strip().lower() == "barcode"
@@ -731,7 +749,8 @@ def read_spots(
     Parameters
     ----------
     path
-        One of: a Space Ranger folder (or its ``spatial/`` subfolder or positions CSV); a legacy ST
+        One of: a Space Ranger folder (or its ``spatial/`` subfolder or positions CSV; for Visium HD a
+        bin-size folder such as ``binned_outputs/square_008um``, positions in parquet); a legacy ST
         ``<S>_selection.tsv`` (or its counts ``<S>.tsv(.gz)``); an ``.h5ad`` with
         ``obsm['spatial']``; a CSV with columns ``x, y[, radius][, barcode]``.
     radius
@@ -754,7 +773,7 @@ def read_spots(
         radius = _radius_or_error(radius, str(path), "")
     try:
         spots = _read_any(path, radius, counts)
-    except RapaclInputError:
+    except (RapaclInputError, FileNotFoundError):
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError, EOFError) as exc:
         # parsers fail in many ways on damaged or binary files: one message naming the file
@@ -782,6 +801,8 @@ def _read_any(path: Path, radius: float | None, counts: Any) -> Spots:
         if _is_positions_csv(path):
             return _read_spaceranger(path, radius, counts)
         return _read_csv(path, radius, counts)
+    if lower == "tissue_positions.parquet":
+        return _read_spaceranger(path, radius, counts)
     raise UnsupportedFormatError(
         f"{path}: unsupported spot format; expected a Space Ranger folder, a legacy ST *_selection.tsv "
         "or counts .tsv(.gz), an .h5ad with obsm['spatial'], or a CSV with columns x, y[, radius][, barcode]"
