@@ -40,13 +40,17 @@ def segment_nuclei(
     model: str | os.PathLike | None = None,
     gpu: bool = False,
     threshold: float | None = None,
-    smooth_um: float = 0.7,
+    smooth_um: float = 0.4,
     work_mpp: float | None = 0.5,
     peak_spacing: float = 0.4,
     blob_weight: float = 0.25,
     tissue_od: float = TISSUE_OD,
     min_threshold: float = MIN_THRESHOLD,
     min_contrast: float = MIN_CONTRAST,
+    local_um: float | None = None,
+    floor_fraction: float = 0.8,
+    trim: float = 0.3,
+    min_fill: float = 0.8,
     cellpose_input: Literal["auto", "haematoxylin", "rgb"] = "auto",
     cellpose_kwargs: dict[str, Any] | None = None,
 ) -> np.ndarray:
@@ -70,12 +74,19 @@ def segment_nuclei(
         cellpose only: a model file or name (default ``"nuclei"`` on cellpose 3.x, ``"cpsam"`` on 4.x)
         and whether to run on a GPU; see :func:`resolve_cellpose_model`.
     threshold
-        classical only: a fixed haematoxylin threshold (``rgb2hed`` units) instead of Otsu's.
+        classical only: a fixed haematoxylin threshold ``T`` (``rgb2hed`` units) instead of the
+        region's Otsu threshold (the tiled path passes the one it measured over the whole region).
     smooth_um, work_mpp, peak_spacing, blob_weight, tissue_od, min_threshold, min_contrast
         classical only: Gaussian sigma (um); the coarsest working resolution (um/px; ``None`` = the
         input's); marker spacing as a fraction of the nucleus radius; the weight of the smoothed
-        haematoxylin in the watershed score; the tissue optical density; the lowest Otsu threshold;
-        the smallest Otsu class separation (see :mod:`napari_rapacl.segmentation._classical`).
+        haematoxylin in the watershed score; the tissue optical density; the lowest threshold (a floor
+        for tissue without haematoxylin); the smallest separation of the two Otsu classes, as a
+        fraction of the upper class's mean (see :mod:`napari_rapacl.segmentation._classical`).
+    local_um, floor_fraction, trim, min_fill
+        classical only: the sigma (um) of the local mean haematoxylin a nucleus pixel must exceed
+        (``None``: 0.4 ``diameter_um``); the fraction of ``T`` every nucleus pixel must exceed; the
+        per-object level, as a fraction of the way from that floor to the object's peak; the smallest
+        ratio of an object's area to that of its moment ellipse (0 keeps every shape).
     cellpose_input
         cellpose only: ``"haematoxylin"`` (one channel, bright nuclei), ``"rgb"``, or ``"auto"``
         (haematoxylin on 3.x, RGB on 4.x).
@@ -111,6 +122,10 @@ def segment_nuclei(
         tissue_od=tissue_od,
         min_threshold=min_threshold,
         min_contrast=min_contrast,
+        local_um=local_um,
+        floor_fraction=floor_fraction,
+        trim=trim,
+        min_fill=min_fill,
     )
     if threshold is not None:
         threshold = float(threshold)

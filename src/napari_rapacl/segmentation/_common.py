@@ -10,7 +10,7 @@ import numpy as np
 from .._errors import RapaclInputError
 
 #: Bumped whenever a change to this package changes its segmentations (part of downstream cache keys).
-SEGMENTATION_VERSION = "1"
+SEGMENTATION_VERSION = "2"
 
 Method = Literal["classical", "cellpose"]
 METHODS = ("classical", "cellpose")
