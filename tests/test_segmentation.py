@@ -14,7 +14,7 @@ import pytest
 from napari_rapacl import segmentation as seg
 from napari_rapacl._errors import RapaclInputError
 from napari_rapacl.io.slide import Slide
-from napari_rapacl.metrics import match_labels, nucleus_statistics
+from napari_rapacl.metrics import aggregated_jaccard_index, aji_sums, match_labels, nucleus_statistics
 from napari_rapacl.progress import Progress
 from napari_rapacl.segmentation import _cellpose, _classical
 from napari_rapacl.testing import synthetic_he_nuclei
@@ -80,6 +80,63 @@ def test_match_labels_counts_objects():
     assert m.f1 == pytest.approx(1 / 3)
     assert match_labels(true, true).f1 == 1.0
     assert match_labels(true, np.zeros_like(true)).f1 == 0.0
+
+
+def test_aggregated_jaccard_index_by_hand():
+    true = np.zeros((12, 12), np.int32)
+    true[0:4, 0:4] = 1  # 16 px
+    true[6:8, 6:8] = 2  # 4 px
+    true[0:2, 8:10] = 3  # 4 px, overlapped by nothing
+    true[10:12, 0:2] = 4  # 4 px \ both best matched by the same prediction (a merge)
+    true[10:12, 3:5] = 5  # 4 px /
+    pred = np.zeros_like(true)
+    pred[0:4, 0:2] = 7  # with 1: I 8, U 16 (IoU 0.5) <- 1's partner
+    pred[0:4, 2:5] = 3  # with 1: I 8, U 20 (IoU 0.4), so unpaired: its 12 px join the union
+    pred[6:8, 6:9] = 9  # with 2: I 4, U 6
+    pred[9, 0:3] = 1  # overlaps nothing: 3 px join the union
+    pred[10:12, 0:5] = 2  # 10 px, partner of 4 (I 4, U 10) and of 5 (I 4, U 10)
+    inter = 8 + 4 + 4 + 4
+    union = 16 + 6 + 4 + 10 + 10 + 12 + 3  # pairs, unmatched true 3, unpaired predictions 3 and 1
+    assert aji_sums(true, pred) == (inter, union)
+    assert aggregated_jaccard_index(true, pred) == pytest.approx(20 / 61)
+    # identical, disjoint and empty label images
+    assert aggregated_jaccard_index(true, true) == 1.0
+    shifted = np.zeros_like(true)
+    shifted[4:6, 10:12] = 1
+    assert aggregated_jaccard_index(true, shifted) == 0.0
+    assert aggregated_jaccard_index(np.zeros_like(true), np.zeros_like(true)) == 1.0
+    assert aggregated_jaccard_index(true, np.zeros_like(true)) == 0.0
+    with pytest.raises(RapaclInputError, match="shape"):
+        aji_sums(true, pred[:5])
+
+
+def test_aggregated_jaccard_index_equals_the_published_loop():
+    """Kumar et al.'s algorithm written as a loop over reference objects, on random label images."""
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        true = rng.integers(0, 6, (6, 7)).astype(np.int32)
+        pred = rng.integers(0, 5, (6, 7)).astype(np.int32)
+        inter_sum = union_sum = 0
+        used = set()
+        for g in range(1, 6):
+            gm = true == g
+            if not gm.any():
+                continue
+            best, best_iou = None, 0.0
+            for s in range(1, 5):
+                sm = pred == s
+                iou = (gm & sm).sum() / (gm | sm).sum() if sm.any() else 0.0
+                if iou > best_iou:
+                    best, best_iou = s, iou
+            if best is None:
+                union_sum += gm.sum()
+                continue
+            sm = pred == best
+            inter_sum += (gm & sm).sum()
+            union_sum += (gm | sm).sum()
+            used.add(best)
+        union_sum += sum((pred == s).sum() for s in range(1, 5) if s not in used)
+        assert aji_sums(true, pred) == (inter_sum, union_sum)
 
 
 def test_synthetic_generator_is_deterministic_with_touching_pairs():
