@@ -427,7 +427,8 @@ def _trim(
     """Cut every object at its own level ``floor + trim * (peak - floor)`` (``peak``: its blob maximum)."""
     floor = p.floor_fraction * threshold
     peak = np.zeros(n + 1, dtype=np.float32)
-    peak[1:] = ndi.maximum(blob, labels, np.arange(1, n + 1))
+    inside = labels > 0
+    np.maximum.at(peak, labels[inside], blob[inside])
     level = np.float32(floor) + np.float32(p.trim) * np.maximum(peak - np.float32(floor), 0.0)
     level[0] = np.inf
     keep = _fill_small_holes(h > level[labels], p.nucleus_px_w)
