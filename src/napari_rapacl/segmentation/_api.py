@@ -51,6 +51,7 @@ def segment_nuclei(
     floor_fraction: float = 0.8,
     trim: float = 0.3,
     min_fill: float = 0.8,
+    local_cap: float = 1.5,
     cellpose_input: Literal["auto", "haematoxylin", "rgb"] = "auto",
     cellpose_kwargs: dict[str, Any] | None = None,
 ) -> np.ndarray:
@@ -82,11 +83,12 @@ def segment_nuclei(
         haematoxylin in the watershed score; the tissue optical density; the lowest threshold (a floor
         for tissue without haematoxylin); the smallest separation of the two Otsu classes, as a
         fraction of the upper class's mean (see :mod:`napari_rapacl.segmentation._classical`).
-    local_um, floor_fraction, trim, min_fill
+    local_um, local_cap, floor_fraction, trim, min_fill
         classical only: the sigma (um) of the local mean haematoxylin a nucleus pixel must exceed
-        (``None``: 0.4 ``diameter_um``); the fraction of ``T`` every nucleus pixel must exceed; the
-        per-object level, as a fraction of the way from that floor to the object's peak; the smallest
-        ratio of an object's area to that of its moment ellipse (0 keeps every shape).
+        (``None``: 0.4 ``diameter_um``), and the cap of that mean as a multiple of ``T``; the fraction
+        of ``T`` every nucleus pixel must exceed; the per-object level, as a fraction of the way from
+        that floor to the object's peak; the smallest ratio of an object's area to that of its moment
+        ellipse (0 keeps every shape).
     cellpose_input
         cellpose only: ``"haematoxylin"`` (one channel, bright nuclei), ``"rgb"``, or ``"auto"``
         (haematoxylin on 3.x, RGB on 4.x).
@@ -126,6 +128,7 @@ def segment_nuclei(
         floor_fraction=floor_fraction,
         trim=trim,
         min_fill=min_fill,
+        local_cap=local_cap,
     )
     if threshold is not None:
         threshold = float(threshold)

@@ -16,19 +16,24 @@ region itself, so that a pale stain from one lab and a dark one from another are
    floor for tissue with almost no haematoxylin at all (rgb2hed units; real nuclei are 2-20x above);
 4. the foreground is *locally* adaptive: a pixel is nucleus when its haematoxylin is above
    ``floor_fraction * T`` **and** above the local mean haematoxylin (a Gaussian of ``local_um``,
-   default 0.4 nucleus diameters). A pale nucleus in pale tissue is kept, and the darker gaps
-   between the nuclei of a dense nest (above ``T``, but below their surroundings) separate them;
+   default 0.4 nucleus diameters), a mean capped at ``local_cap * T``. A pale nucleus in pale tissue
+   is kept, the paler gaps between the nuclei of a nest (above ``T``, but below their surroundings)
+   separate them, and a nest of nuclei far darker than ``T`` (her2st tumour at 0.69 um/px, where the
+   gaps are not resolved) stays whole for the watershed to split;
 5. holes smaller than a mean nucleus are filled (vesicular nuclei), then a marker watershed splits
    touching nuclei. Its score is high in the middle of a nucleus: the distance to the background
    (octagonal distance transform, capped at the nucleus radius ``diameter_um / 2``, so that a dense
    nest of nuclei is a plateau) plus ``blob_weight`` x the haematoxylin smoothed at half the radius,
    divided by ``T``. Markers are the maxima of the score within a window of
-   ``2 * peak_spacing * radius + 1`` pixels; a thin elongated (spindle) nucleus has a flat distance
-   ridge, which is one marker;
+   ``2 * peak_spacing * radius + 1`` pixels (a thin spindle nucleus, whose distance ridge is flat
+   along its length, gets one);
 6. each object is trimmed at its own level, ``floor + trim * (peak - floor)`` where ``peak`` is the
-   maximum of its smoothed haematoxylin: a dark nucleus loses the pale cytoplasm the local rule let
-   in, a pale one keeps its extent; the largest 8-connected piece of each object is kept;
-7. a size filter in um^2 (``min_area_um2`` .. ``max_area_um2``), then labels 1..n in raster order
+   maximum of its haematoxylin smoothed at half the radius: a dark nucleus loses the pale cytoplasm
+   the local rule let in, a pale one keeps its extent; the largest 8-connected piece is kept;
+7. shape: an object whose area is less than ``min_fill`` of the area of the ellipse with its second
+   moments (1 for any filled ellipse, round or spindle; ~0.89 for two touching discs; lower for
+   ragged, hollow or branched objects: cytoplasm, or nests the watershed could not split) is dropped;
+8. a size filter in um^2 (``min_area_um2`` .. ``max_area_um2``), then labels 1..n in raster order
    of their markers. Everything is array code (scipy.ndimage, skimage's watershed), no per-object
    Python loop, and deterministic. Every step after the threshold is local (support below one nucleus
    diameter plus ``local_um``), so the tiled path (:mod:`._tiling`), which fixes ``T`` for the whole
@@ -84,6 +89,7 @@ class _Params:
     floor_fraction: float
     trim: float
     min_fill: float
+    local_cap: float
 
     @property
     def factor(self) -> int:
@@ -140,6 +146,7 @@ def _make_params(
     floor_fraction: Any = 0.8,
     trim: Any = 0.3,
     min_fill: Any = 0.8,
+    local_cap: Any = 1.5,
 ) -> _Params:
     mpp = _positive(mpp, "mpp")
     diameter_um = _positive(diameter_um, "diameter_um")
@@ -173,6 +180,7 @@ def _make_params(
         floor_fraction=_fraction(floor_fraction, "floor_fraction"),
         trim=_fraction(trim, "trim"),
         min_fill=_fraction(min_fill, "min_fill"),
+        local_cap=_positive(local_cap, "local_cap"),
     )
 
 
@@ -320,12 +328,14 @@ def _fill_small_holes(fg: np.ndarray, max_hole_px: float) -> np.ndarray:
 
 
 def _foreground(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray:
-    """Locally adaptive foreground: above ``floor_fraction * T`` and above the local mean haematoxylin."""
+    """Locally adaptive foreground: above ``floor_fraction * T`` and above the local mean haematoxylin
+    (capped at ``local_cap * T``), holes smaller than a mean nucleus filled."""
     floor = np.float32(p.floor_fraction * threshold)
     fg = h > floor
     if not fg.any():
         return fg
     local = _gaussian(h, p.local_um / p.mpp_w, truncate=2.5)
+    np.minimum(local, np.float32(p.local_cap * threshold), out=local)  # dark nests stay whole
     fg &= h > local
     return _fill_small_holes(fg, p.nucleus_px_w)
 
