@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -217,6 +218,123 @@ def test_real_her2st_crop_gives_plausible_nuclei(data_dir):
     # breast tissue: ~1000-8000 nuclei per mm^2, median nucleus ~15-100 um^2
     assert 1000 < stats["density_per_tissue_mm2"] < 8000, stats
     assert 15 < stats["median_area_um2"] < 100, stats
+
+
+def _restained(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """The same tissue with every optical density times ``factor`` (Beer-Lambert: a paler or darker stain)."""
+    od = -np.log(np.maximum(rgb.astype(np.float64), 1.0) / 255.0)
+    return np.clip(np.rint(255.0 * np.exp(-factor * od)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.5, 2.0])
+def test_classical_adapts_to_the_stain_strength(factor):
+    """Thresholds and contrast limits are measured on the region: the same nuclei stained 4x paler (like
+    TNBC against her2st) or 2x darker are found alike (version 1's fixed floor found none at 0.25)."""
+    rgb, truth = synthetic_he_nuclei(
+        (512, 512), mpp=MPP, n_nuclei=50, n_touching_pairs=10, blank_fraction=0.1, seed=12
+    )
+    labels = seg.segment_nuclei(_restained(rgb, factor), MPP)
+    assert_valid_labels(labels, truth.shape)
+    m = match_labels(truth, labels)
+    assert m.f1 >= 0.9 and m.mean_matched_iou > 0.7, m
+
+
+def test_classical_keeps_spindle_nuclei():
+    """Elongated (stromal, spindle) nuclei up to ~6:1 are found, each as one object."""
+    rgb, truth = synthetic_he_nuclei(
+        (640, 640),
+        mpp=MPP,
+        n_nuclei=40,
+        n_touching_pairs=0,
+        diameter_um=(5.0, 7.0),
+        max_elongation=6.0,
+        seed=3,
+    )
+    ys, xs = np.nonzero(truth)
+    lab = truth[ys, xs]
+    count = np.bincount(lab)[1:]
+    cov = [np.cov(np.stack([ys[lab == i], xs[lab == i]])) for i in range(1, len(count) + 1)]
+    elongation = np.array([math.sqrt(e[1] / e[0]) for e in (np.linalg.eigvalsh(c) for c in cov)])
+    assert (elongation >= 4).sum() >= 10, "the test image must hold spindle nuclei"
+    labels = seg.segment_nuclei(rgb, MPP)
+    m = match_labels(truth, labels)
+    assert m.tp >= 0.95 * m.n_true and m.n_pred <= m.n_true + 1, m
+
+
+# --------------------------------------------------------------------------------------------
+# real annotations: TNBC (Naylor et al. 2019), breast H&E ~4x paler than her2st
+# --------------------------------------------------------------------------------------------
+
+TNBC_MPP = 0.25
+
+
+@pytest.fixture(scope="module")
+def tnbc(data_dir):
+    """``{patient: [(rgb, labels), ...]}`` of ``tnbc_nuclei`` (masks labelled with 8-connectivity)."""
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    root = data_dir / "tnbc_nuclei"
+    if not (root / "Slide_01").is_dir():
+        pytest.skip(f"TNBC nucleus annotations not found in {root} (tnbc_nuclei/Slide_PP, GT_PP)")
+    tiles: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for patient in range(1, 12):
+        for image in sorted((root / f"Slide_{patient:02d}").glob("*.png")):
+            rgb = seg.as_rgb_uint8(np.asarray(Image.open(image)))  # most are RGBA
+            mask = np.asarray(Image.open(root / f"GT_{patient:02d}" / image.name)) > 0
+            labels = ndi.label(mask, structure=np.ones((3, 3), dtype=bool))[0].astype(np.int32)
+            tiles.setdefault(patient, []).append((rgb, labels))
+    return tiles
+
+
+def _pooled(tiles: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    tp = n_true = n_pred = inter = union = 0
+    iou = 0.0
+    for rgb, truth in tiles:
+        labels = seg.segment_nuclei(rgb, TNBC_MPP)
+        m = match_labels(truth, labels)
+        i, u = aji_sums(truth, labels)
+        tp, n_true, n_pred, inter, union = (
+            tp + m.tp,
+            n_true + m.n_true,
+            n_pred + m.n_pred,
+            inter + i,
+            union + u,
+        )
+        iou += m.mean_matched_iou * m.tp
+    return {"f1": 2 * tp / (n_true + n_pred), "iou": iou / tp, "aji": inter / union, "n_true": n_true}
+
+
+def test_tnbc_held_out_patients(tnbc):
+    """Patients 09-11, never used to choose a setting: object F1@0.5 pooled over their 13 tiles.
+
+    Version 1 found no nucleus there (F1 0.000). Version 2 measures 0.647 (mean matched IoU 0.715,
+    AJI 0.476); issue #11's target of F1 >= 0.70 is NOT reached (benchmarks/README.md, Segmentation):
+    this test guards what is reached, with a small margin.
+    """
+    held_out = [t for patient in (9, 10, 11) for t in tnbc[patient]]
+    r = _pooled(held_out)
+    assert r["n_true"] == 871
+    assert r["f1"] >= 0.62 and r["iou"] >= 0.69 and r["aji"] >= 0.45, r
+
+
+def test_tnbc_development_patients(tnbc):
+    """Patients 01-08 (the settings were chosen on these): version 1 0.128, version 2 0.664."""
+    r = _pooled([t for patient in range(1, 9) for t in tnbc[patient]])
+    assert r["n_true"] == 3157
+    assert r["f1"] >= 0.64 and r["aji"] >= 0.46, r
+
+
+def test_tiled_equals_whole_on_pale_real_tiles(tnbc):
+    """A 1024 px mosaic of four TNBC tiles (0.25 um/px, worked at 0.5): the tiled path, whose threshold
+    comes from the tile histograms, gives the whole-image labels."""
+    (a, _), (b, _), (c, _), (d, _) = tnbc[1][0], tnbc[2][0], tnbc[3][0], tnbc[4][0]
+    mosaic = np.concatenate([np.concatenate([a, b], axis=1), np.concatenate([c, d], axis=1)], axis=0)
+    whole = seg.segment_nuclei(mosaic, TNBC_MPP)
+    tiled = np.asarray(seg.segment_region(_slide(mosaic, mpp=TNBC_MPP), 0, 0, 1024, 1024, tile=256))
+    assert whole.max() > 150
+    m = match_labels(whole, tiled)
+    assert m.tp >= 0.98 * m.n_true and abs(m.n_pred - m.n_true) <= 0.02 * m.n_true, m
 
 
 # --------------------------------------------------------------------------------------------
