@@ -4,10 +4,12 @@ Measured in one process, each against a reference run in the same process:
 
 1. **Classical segmenter** (``segment_nuclei(method="classical")``) on level-0 crops around her2st spots
    (C2, C3 by default; the crops nearest the tissue centre): Mpx/s, best of ``--repeats`` runs. The
-   reference is the textbook scikit-image pipeline (``rgb2hed`` -> Gaussian -> Otsu -> Euclidean
-   distance transform -> ``peak_local_max(labels=...)`` -> ``watershed`` -> size filter with
-   ``regionprops``), timed on the same crops. Both are also scored on synthetic H&E with known nuclei
-   (object F1 at IoU 0.5).
+   references, timed on the same crops: the classical segmenter of git revision ``--reference-rev``
+   (version 1, before issue #11; loaded from git by ``bench_tnbc.reference_segmenter``) and the
+   textbook scikit-image pipeline (``rgb2hed`` -> Gaussian -> Otsu -> Euclidean distance transform ->
+   ``peak_local_max(labels=...)`` -> ``watershed`` -> size filter with ``regionprops``). All three are
+   also scored on synthetic H&E with known nuclei (object F1 at IoU 0.5). Accuracy on real annotations
+   is ``bench_tnbc.py``'s.
 2. **Tiled path** (``segment_region``, 1024 px tiles) on a larger C2 region, against one untiled
    ``segment_nuclei`` call on the same pixels.
 3. **cellpose on the CPU** (the real ``CellposeModel.eval``) on a 512 x 512 crop, with a randomly
@@ -19,7 +21,7 @@ The nucleus density (per mm^2 of tissue) and size distribution (median area, IQR
 printed as well.
 
     python benchmarks/bench_segmentation.py [--sections C2 C3] [--crops 3] [--size 1024] [--repeats 3]
-        [--no-cellpose] [--json benchmarks/results/segmentation_cpu.json]
+        [--reference-rev acde915] [--no-cellpose] [--json benchmarks/results/segmentation_cpu.json]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from bench_tnbc import REFERENCE_REV, reference_segmenter  # benchmarks/ is on sys.path (run as a script)
 from napari_rapacl import segmentation as seg
 from napari_rapacl.datasets import her2st
 from napari_rapacl.metrics import match_labels, nucleus_statistics
@@ -96,12 +99,13 @@ def crops(section: str, n: int, size: int) -> tuple[list[dict[str, Any]], Any]:
     return out, sec.slide
 
 
-def bench_classical(items: list[dict], mpp: float, repeats: int) -> list[dict]:
+def bench_classical(items: list[dict], mpp: float, repeats: int, v1: Any) -> list[dict]:
     rows = []
     for it in items:
         rgb = it["rgb"]
         mpx = rgb.shape[0] * rgb.shape[1] / 1e6
         t_ours, labels = best_time(lambda rgb=rgb: seg.segment_nuclei(rgb, mpp), repeats)
+        t_v1, labels_v1 = best_time(lambda rgb=rgb: v1(rgb, mpp), repeats)
         t_ref, _ = best_time(lambda rgb=rgb: skimage_reference(rgb, mpp), max(1, repeats // 2))
         stats = nucleus_statistics(labels, mpp, rgb)
         rows.append(
@@ -112,6 +116,8 @@ def bench_classical(items: list[dict], mpp: float, repeats: int) -> list[dict]:
                 "y": it["y"],
                 "mpx": mpx,
                 "classical_mpx_per_s": mpx / t_ours,
+                "v1_mpx_per_s": mpx / t_v1,
+                "v1_n": int(labels_v1.max()),
                 "reference_mpx_per_s": mpx / t_ref,
                 "speedup": t_ref / t_ours,
                 **{
@@ -131,8 +137,9 @@ def bench_classical(items: list[dict], mpp: float, repeats: int) -> list[dict]:
         r = rows[-1]
         print(
             f"{r['section']} spot {r['spot']:>6} ({r['x']}, {r['y']}): "
-            f"classical {r['classical_mpx_per_s']:5.2f} Mpx/s, "
-            f"skimage reference {r['reference_mpx_per_s']:5.2f} Mpx/s (x{r['speedup']:.1f}); "
+            f"classical {r['classical_mpx_per_s']:5.2f} Mpx/s (v1 {r['v1_mpx_per_s']:5.2f}, "
+            f"{r['v1_n']} nuclei), skimage reference {r['reference_mpx_per_s']:5.2f} Mpx/s "
+            f"(x{r['speedup']:.1f}); "
             f"{int(r['n'])} nuclei, {r['density_per_tissue_mm2']:.0f}/mm^2 tissue, median area "
             f"{r['median_area_um2']:.1f} um^2 (IQR {r['q25_area_um2']:.1f}-{r['q75_area_um2']:.1f})",
             flush=True,
@@ -140,16 +147,22 @@ def bench_classical(items: list[dict], mpp: float, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_synthetic_quality() -> dict[str, float]:
-    f1_ours, f1_ref = [], []
+def bench_synthetic_quality(v1: Any) -> dict[str, float]:
+    f1_ours, f1_v1, f1_ref = [], [], []
     for mpp, s in ((0.5, 1), (0.5, 2), (0.69, 3), (0.69, 4)):
         rgb, truth = synthetic_he_nuclei((768, 768), mpp=mpp, n_nuclei=80, n_touching_pairs=15, seed=s)
         f1_ours.append(match_labels(truth, seg.segment_nuclei(rgb, mpp)).f1)
+        f1_v1.append(match_labels(truth, v1(rgb, mpp)).f1)
         f1_ref.append(match_labels(truth, skimage_reference(rgb, mpp)).f1)
-    out = {"classical_f1": float(np.mean(f1_ours)), "reference_f1": float(np.mean(f1_ref))}
+    out = {
+        "classical_f1": float(np.mean(f1_ours)),
+        "v1_f1": float(np.mean(f1_v1)),
+        "reference_f1": float(np.mean(f1_ref)),
+    }
     print(
         f"synthetic H&E (4 images, 110 nuclei each incl. 15 touching pairs), object F1 @ IoU 0.5: "
-        f"classical {out['classical_f1']:.3f}, skimage reference {out['reference_f1']:.3f}",
+        f"classical {out['classical_f1']:.3f}, v1 {out['v1_f1']:.3f}, skimage reference "
+        f"{out['reference_f1']:.3f}",
         flush=True,
     )
     return out
@@ -236,6 +249,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="crop side (level-0 px)")
     parser.add_argument("--tiled-size", type=int, default=3072, help="side of the tiled region (level-0 px)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-rev", default=REFERENCE_REV, help="git revision of classical v1")
     parser.add_argument("--no-cellpose", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -243,6 +257,8 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+        "load_average_start": list(os.getloadavg()),
+        "segmentation_version": seg.SEGMENTATION_VERSION,
         "command": "python benchmarks/bench_segmentation.py "
         + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
@@ -258,11 +274,13 @@ def main() -> None:
         slides[section] = slide
     mpp = float(slides[args.sections[0]].mpp)
     print(f"her2st level 0: {mpp:.4f} um/px (from the spot grid); crops {args.size}x{args.size}", flush=True)
-    rows = bench_classical(items, mpp, args.repeats)
+    v1 = reference_segmenter(args.reference_rev)
+    rows = bench_classical(items, mpp, args.repeats, v1)
     results["classical"] = rows
     results["classical_summary"] = {
         "median_mpx_per_s": float(np.median([r["classical_mpx_per_s"] for r in rows])),
         "min_mpx_per_s": float(np.min([r["classical_mpx_per_s"] for r in rows])),
+        "median_v1_mpx_per_s": float(np.median([r["v1_mpx_per_s"] for r in rows])),
         "median_reference_mpx_per_s": float(np.median([r["reference_mpx_per_s"] for r in rows])),
         "median_speedup": float(np.median([r["speedup"] for r in rows])),
         "median_density_per_tissue_mm2": float(np.median([r["density_per_tissue_mm2"] for r in rows])),
@@ -271,14 +289,17 @@ def main() -> None:
     s = results["classical_summary"]
     print(
         f"classical: median {s['median_mpx_per_s']:.2f} Mpx/s (min {s['min_mpx_per_s']:.2f}), "
-        f"skimage reference {s['median_reference_mpx_per_s']:.2f} Mpx/s, speed-up x{s['median_speedup']:.1f}",
+        f"v1 {s['median_v1_mpx_per_s']:.2f} Mpx/s, skimage reference "
+        f"{s['median_reference_mpx_per_s']:.2f} Mpx/s, speed-up x{s['median_speedup']:.1f}",
         flush=True,
     )
-    results["synthetic_quality"] = bench_synthetic_quality()
+    results["synthetic_quality"] = bench_synthetic_quality(v1)
     first = items[0]
     results["tiled"] = bench_tiled(slides[first["section"]], first["x"], first["y"], args.tiled_size, mpp)
     if not args.no_cellpose:
         results["cellpose"] = bench_cellpose(first["rgb"], mpp, max(1, args.repeats // 2))
+    results["load_average_end"] = list(os.getloadavg())
+    print(f"load average {results['load_average_start']} -> {results['load_average_end']}", flush=True)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
