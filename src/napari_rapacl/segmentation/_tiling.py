@@ -318,7 +318,9 @@ def iter_segment_region(
         raise RapaclInputError(f"tile={tile} must be >= 32 px")
     if overlap is None:
         max_diam_um = 2.0 * math.sqrt(p.max_area_um2 / math.pi)
-        overlap = int(math.ceil(max(max_diam_um, 2.0 * p.diameter_um) / mpp_level)) + 8
+        # the classical local mean reaches 2.5 local_um (its Gaussian's truncation) around a nucleus
+        reach_um = 2.5 * p.local_um + p.diameter_um if method == "classical" else 0.0
+        overlap = int(math.ceil(max(max_diam_um, 2.0 * p.diameter_um, reach_um) / mpp_level)) + 8
     overlap = int(overlap)
     if overlap < 0:
         raise RapaclInputError(f"overlap={overlap} must be >= 0")
