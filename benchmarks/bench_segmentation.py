@@ -301,12 +301,11 @@ def main() -> None:
     results["load_average_end"] = list(os.getloadavg())
     print(f"load average {results['load_average_start']} -> {results['load_average_end']}", flush=True)
     if args.json:
+        from napari_rapacl._atomic import write_text_atomic
+
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+        print(f"wrote {write_text_atomic(path, json.dumps(results, indent=2) + chr(10))}")
 
 
 if __name__ == "__main__":

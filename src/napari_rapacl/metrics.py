@@ -97,6 +97,17 @@ class MatchResult:
         return 2.0 * self.tp / denom if denom else 1.0
 
 
+def _label_ids(true: Any, pred: Any) -> tuple[np.ndarray, ...]:
+    """Both label images as arrays of one shape, with their label ids and each pixel's id index."""
+    true = np.asarray(true)
+    pred = np.asarray(pred)
+    if true.shape != pred.shape:
+        raise RapaclInputError(f"label images differ in shape: {true.shape} vs {pred.shape}")
+    t_ids, t_inv = np.unique(true.ravel(), return_inverse=True)
+    p_ids, p_inv = np.unique(pred.ravel(), return_inverse=True)
+    return true, pred, t_ids, t_inv, p_ids, p_inv
+
+
 def match_labels(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> MatchResult:
     """Match objects of two label images by intersection over union.
 
@@ -105,12 +116,7 @@ def match_labels(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5)
     lower thresholds the best IoU partner is taken greedily). Fully vectorised (one ``np.unique`` over
     the overlapping pixels).
     """
-    true = np.asarray(true)
-    pred = np.asarray(pred)
-    if true.shape != pred.shape:
-        raise RapaclInputError(f"label images differ in shape: {true.shape} vs {pred.shape}")
-    t_ids, t_inv = np.unique(true.ravel(), return_inverse=True)
-    p_ids, p_inv = np.unique(pred.ravel(), return_inverse=True)
+    true, pred, t_ids, t_inv, p_ids, p_inv = _label_ids(true, pred)
     t_area = np.bincount(t_inv, minlength=len(t_ids))
     p_area = np.bincount(p_inv, minlength=len(p_ids))
     t_obj = t_ids != 0
@@ -150,12 +156,7 @@ def aji_sums(true: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
     prediction can be the partner of several reference objects (a merge), and is then counted in each
     of their unions. Fully vectorised, like :func:`match_labels`.
     """
-    true = np.asarray(true)
-    pred = np.asarray(pred)
-    if true.shape != pred.shape:
-        raise RapaclInputError(f"label images differ in shape: {true.shape} vs {pred.shape}")
-    t_ids, t_inv = np.unique(true.ravel(), return_inverse=True)
-    p_ids, p_inv = np.unique(pred.ravel(), return_inverse=True)
+    true, pred, t_ids, t_inv, p_ids, p_inv = _label_ids(true, pred)
     t_area = np.bincount(t_inv, minlength=len(t_ids)).astype(np.int64)
     p_area = np.bincount(p_inv, minlength=len(p_ids)).astype(np.int64)
     t_area[t_ids == 0] = 0  # background is no object
