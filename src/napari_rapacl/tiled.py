@@ -1031,14 +1031,16 @@ def iter_predict_region(
 
     chunks_done = 0
     view_ready = not chunks  # a tile is finished once the view and its own rest are predicted
+    # spots measured in this process are in its radiomics cache already (iter_spot_features puts them)
+    other_process = scheduler not in (None, "synchronous", "threads")
     task_members = {("view", a, b): view[a:b] for a, b in chunks}
     task_members.update({("tile", tile): r for tile, r in rest.items() if len(r)})
     runner = _run_tasks(model, slide, tasks, scheduler)
     try:
         for tag, (values, raw) in runner:
             values = np.asarray(values, dtype=np.float32)
-            if radiomics is not None and raw is not None:  # measured on a worker: keep them here too
-                members = task_members[tag]
+            if radiomics is not None and raw is not None and other_process:
+                members = task_members[tag]  # measured in a worker process: keep them here too
                 radiomics.store(xs[members], ys[members], raw)
             if tag[0] == "tile":
                 rest_values[tag[1]] = values
