@@ -187,24 +187,31 @@ def iter_cell_table(
     own_y = np.clip(np.floor(cy + 0.5).astype(np.int64), 0, h - 1)  # the pixel holding the centroid
     own_x = np.clip(np.floor(cx + 0.5).astype(np.int64), 0, w - 1)
     source = slide if scheduler is None or scheduler == "synchronous" else _SlideRef.of(slide)
-    tasks = []
+    windows = []  # (block, its cells, the window around it in region px)
     for ty, tx in blocks:
         mine = ids[(own_y >= ty) & (own_y < ty + block) & (own_x >= tx) & (own_x < tx + block)]
-        if not len(mine):
-            continue
-        wy0, wy1 = max(0, ty - margin), min(h, ty + block + margin)
-        wx0, wx1 = max(0, tx - margin), min(w, tx + block + margin)
+        if len(mine):
+            wy0, wy1 = max(0, ty - margin), min(h, ty + block + margin)
+            wx0, wx1 = max(0, tx - margin), min(w, tx + block + margin)
+            windows.append(((ty, tx), mine, (wy0, wy1, wx0, wx1)))
+
+    def task(mine: np.ndarray, wy0: int, wy1: int, wx0: int, wx1: int) -> tuple:
         lab = np.asarray(labels[wy0:wy1, wx0:wx1]).astype(np.int32)
-        lab = np.where(np.isin(lab, mine), lab, 0).astype(np.int32)
+        lab = np.where(np.isin(lab, mine), lab, 0).astype(np.int32)  # each cell measured in one window
         window = (origin[0] + wx0, origin[1] + wy0, origin[0] + wx1, origin[1] + wy1)
-        tasks.append(((ty, tx), (source, level, window, lab, mpp_level, cfg)))
-    done = len(blocks) + (len(blocks) - len(tasks))  # blocks without cells are done already
+        return source, level, window, lab, mpp_level, cfg
+
+    done = len(blocks) + (len(blocks) - len(windows))  # blocks without cells are done already
     frames = []
     yield Progress("cell radiomics", done, total)
-    for _tag, frame in run_tasks(_window_cell_features, tasks, scheduler):
-        frames.append(frame)
-        done += 1
-        yield Progress("cell radiomics", done, total)
+    # label windows are read a few at a time, so a whole slide's labels are never all in memory
+    in_flight = 1 if scheduler is None or scheduler == "synchronous" else 16
+    for start in range(0, len(windows), in_flight):
+        chunk = [(tag, task(mine, *box)) for tag, mine, box in windows[start : start + in_flight]]
+        for _tag, frame in run_tasks(_window_cell_features, chunk, scheduler):
+            frames.append(frame)
+            done += 1
+            yield Progress("cell radiomics", done, total)
     measured = pd.concat(frames).sort_index() if frames else pd.DataFrame(index=pd.Index([], name="label"))
     measured = measured.rename(columns=feature_column)
     table = table.join(measured, on="label", how="left")
