@@ -166,14 +166,14 @@ def test_robust_limits():
 def test_gl_renderer_is_detected(qapp, monkeypatch):
     """Xvfb gives Mesa's llvmpipe: software rendering (the widgets then skip napari's animated
     activity bars, see _JobWidget.show_progress); a GPU driver's name is not software."""
-    from napari_rapacl._napari import _widgets
+    from napari_rapacl._napari import _common
 
-    name = _widgets.gl_renderer()
+    name = _common.gl_renderer()
     assert name, "no OpenGL renderer found"
-    assert _widgets.software_rendering() == ("llvmpipe" in name.lower() or "swrast" in name.lower())
+    assert _common.software_rendering() == ("llvmpipe" in name.lower() or "swrast" in name.lower())
     for fake, soft in (("NVIDIA H200/PCIe/SSE2", False), ("llvmpipe (LLVM 15.0.6, 256 bits)", True)):
-        monkeypatch.setattr(_widgets, "gl_renderer", lambda fake=fake: fake)
-        assert _widgets.software_rendering() is soft
+        monkeypatch.setattr(_common, "gl_renderer", lambda fake=fake: fake)
+        assert _common.software_rendering() is soft
 
 
 # --------------------------------------------------------------------------------------------

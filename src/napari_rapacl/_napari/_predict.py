@@ -1,0 +1,298 @@
+"""The *Predict expression* widget."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    FileEdit,
+    create_widget,
+)
+
+from ._common import (
+    ALL,
+    COLORMAPS,
+    ROI,
+    VISIBLE,
+    _JobWidget,
+    _nullable,
+    apply_gene_colors,
+    colored_by,
+    keep_units_consistent,
+)
+from .layers import (
+    META_KEY,
+    dense_layer_data,
+    merge_columns,
+    slide_from_layer,
+    spots_from_layer_data,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+
+
+class PredictWidget(_JobWidget):
+    """Predict expression at the spots of a region (visible / ROI / all) from the slide under them.
+
+    A checkpoint defines the model (its registry name, config, weights, genes); without one the chosen
+    registry model runs with random initial weights (for trying the plugin out). Inference is tiled and
+    cached per widget (panning back and predicting again costs only cache lookups); predictions are
+    merged into the spots layer's ``features`` (NaN for spots not predicted yet). PixNet also adds a dense
+    map of the coloured gene as an Image layer ``"<gene> (dense)"`` placed on the slide.
+    """
+
+    run_text = "Predict"
+    #: side of the tile grid (level-0 px). A tile is predicted whole (all its spots), so a view costs
+    #: the spots of the tiles it touches: smaller tiles waste less outside the view (a 2048 px view
+    #: touches at most 3 x 3 tiles of 1024 px, i.e. 2.25 x its area, against 4 x with 2048 px tiles).
+    tile_px = 1024
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        from ..jobs import user_models
+        from ..tiled import TileCache
+
+        self._viewer = viewer
+        keep_units_consistent(viewer)
+        self._image = create_widget(annotation="napari.layers.Image", label="slide")
+        self._spots = create_widget(annotation="napari.layers.Points", label="spots")
+        models = user_models()  # the *_tiny test variants stay out of the user interface
+        self._checkpoint_model: str | None = None  # the model a chosen checkpoint holds
+        self._model = ComboBox(
+            label="model", choices=self._model_choices, value="stnet" if "stnet" in models else models[0]
+        )
+        self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", mode="r")
+        self._scope = ComboBox(label="region", choices=[VISIBLE, ROI, ALL], value=VISIBLE)
+        self._roi = _nullable("napari.layers.Shapes", "ROI")
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self._dense = CheckBox(text="dense map (PixNet)", value=True)
+        super().__init__(
+            widgets=[
+                self._image,
+                self._spots,
+                self._model,
+                self._checkpoint,
+                self._scope,
+                self._roi,
+                self._device,
+                self._dense,
+                *self._init_job(),
+            ]
+        )
+        self.cache = TileCache()
+        self._loaded = None
+        self._loaded_choice = None
+        self._preload_key = None
+        self.preloaded = None  # a Future of the chosen model, built in the background
+        self._shown = None  # the partial result of the running job already written to the layer
+        self.last_result = None
+        self._checkpoint.changed.connect(self._on_checkpoint)
+        self._checkpoint.changed.connect(self._preload_model)
+        self._model.changed.connect(self._preload_model)
+        self._preload_model()
+
+    # -- model -------------------------------------------------------------------------------
+    def _choice(self):
+        from ._env import checkpoint_path
+
+        ckpt = checkpoint_path(self._checkpoint.value)
+        if ckpt is not None:
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+            return ("checkpoint", str(ckpt.resolve()), ckpt.stat().st_mtime_ns), (None, ckpt)
+        return ("registry", self._model.value), (self._model.value, None)
+
+    def _model_choices(self, _widget=None) -> list[str]:
+        """The production models, plus the model of the chosen checkpoint (whatever it is)."""
+        from ..jobs import user_models
+
+        models = user_models()
+        extra = self._checkpoint_model
+        return models + [extra] if extra and extra not in models else models
+
+    def _on_checkpoint(self, *_):
+        """A checkpoint names its model: show it in the model picker (read from the YAML beside it)."""
+        from ..models.checkpoint import config_path_for
+        from ._env import checkpoint_path
+
+        ckpt = checkpoint_path(self._checkpoint.value)
+        self._model.enabled = ckpt is None
+        name = None
+        if ckpt is not None and config_path_for(ckpt).is_file():
+            import yaml
+
+            name = (yaml.safe_load(config_path_for(ckpt).read_text()) or {}).get("model")
+        self._checkpoint_model = name if isinstance(name, str) and name else None
+        self._model.reset_choices()
+        if self._checkpoint_model is not None:
+            self._model.value = self._checkpoint_model
+
+    def _preload_model(self, *_):
+        """Build the chosen model in the background (imports, weights, the hash that keys its cached
+        tiles), so that a click on Predict starts predicting at once; the job waits for it in its
+        worker thread when it is not ready yet. A choice that cannot load is reported by Predict."""
+        from ..jobs import preload_model
+        from ._env import avoid_llvm_clash
+
+        try:
+            key, choice = self._choice()
+        except Exception:  # a missing checkpoint: Predict says so
+            return
+        if key in (self._loaded_choice, self._preload_key):
+            return
+        avoid_llvm_clash()  # before the preloading thread imports torch
+        self._preload_key, self.preloaded = key, preload_model(*choice)
+
+    # -- run ---------------------------------------------------------------------------------
+    def start(self, *_):
+        """Start predicting in a worker thread; returns the worker (tests wait on it), or None."""
+        from ..jobs import iter_predict
+        from ._env import avoid_llvm_clash
+
+        if self._refuse_if_busy():
+            return None
+        image, points = self._image.value, self._spots.value
+        if image is None or points is None:
+            self._say("choose a slide and a spots layer")
+            return None
+        try:
+            key, choice = self._choice()
+            box = self._region(self._scope.value, image, self._roi.value)
+            slide = slide_from_layer(image)
+            slide.require_mpp("spot prediction")
+        except Exception as exc:  # a message for the user, not a traceback
+            self._say(f"cannot predict: {exc}")
+            return None
+        avoid_llvm_clash()  # before the worker imports torch
+        spots = spots_from_layer_data(points.data, points.features, slide.mpp)
+        if self._loaded is not None and key == self._loaded_choice:
+            model = self._loaded
+        elif key == self._preload_key and self.preloaded is not None:
+            model = self.preloaded  # a Future: the worker waits for it
+        else:
+            model = choice
+        self._pending = (points, box, key, slide.mpp, self._device.value, time.perf_counter())
+        self._shown = None
+        return self._launch(
+            iter_predict,
+            model,
+            slide,
+            spots,
+            box,
+            cache=self.cache,
+            device=self._device.value,
+            dense=bool(self._dense.value),
+            dense_gene=colored_by(points),  # the map of the gene the spots show (else the first)
+            tile_px=self.tile_px,
+            view_first=True,  # show the region's spots first, then complete the tiles around it
+            desc=f"predict {box}",
+            on_done=self._on_done,
+        )
+
+    def _on_progress(self, progress):
+        super()._on_progress(progress)
+        part = progress.result
+        if part is not None and getattr(part, "partial", False) and getattr(self, "_job_open", False):
+            self._show_spots(part)  # the region's spots, before the tiles around them are complete
+            self._shown = part
+            self._say(
+                f"{part.loaded.name}: {len(part.index)} spots shown in "
+                f"{time.perf_counter() - self._pending[-1]:.1f} s; completing the tiles for the cache..."
+            )
+
+    def _on_aborted(self):
+        shown = self._shown
+        if shown is None:
+            return super()._on_aborted()
+        self._job_open = False
+        self._say(
+            f"{self._job_desc}: cancelled after the {len(shown.index)} spots of the region were shown "
+            "(the tiles around them were not completed, so nothing was cached)"
+        )
+
+    def _on_done(self, res):
+        points = self._pending[0]
+        shown = self._shown
+        same = (
+            shown is not None
+            and np.array_equal(shown.index, res.index)
+            and np.array_equal(shown.values, res.values)
+        )
+        if not same:
+            self._show_spots(res)
+        if res.dense is not None:
+            self._show_dense(res, points, self._pending[3])
+        self.last_result = res
+        genes = res.loaded.genes
+        n_done = int(np.isfinite(points.features[genes[0]].to_numpy(dtype=float)).sum())
+        self._say(
+            f"{res.loaded.name}: {len(res.index)} spots in {time.perf_counter() - self._pending[-1]:.1f} s "
+            f"({res.tiles_computed} tiles computed, {res.tiles_cached} cached); "
+            f"{n_done}/{len(points.data)} predicted"
+        )
+
+    def _show_spots(self, res):
+        """Merge predictions into the spots layer's features (one assignment) and colour the spots."""
+        from ..jobs import LoadedModel
+
+        points, box, key, mpp, device, t0 = self._pending
+        loaded: LoadedModel = res.loaded
+        self._loaded, self._loaded_choice = loaded, key
+        genes = loaded.genes
+        info = dict(points.metadata.get(META_KEY, {}))
+        model_id = repr(loaded.key)
+        reset = info.get("model_id") != model_id  # another model: earlier predictions are stale
+        base = points.features
+        if reset:  # drop the previous model's genes (this model's are reset to NaN below)
+            base = base.drop(columns=[g for g in info.get("genes") or [] if g in base and g not in genes])
+        features = merge_columns(base, res.index, res.values, genes, reset=reset)
+        rad_cols = list(info.get("radiomics_columns") or [])
+        if res.radiomics is not None:  # the spot radiomics that fed the model (RaPaCL-ST)
+            cols = [str(c) for c in res.radiomics.columns]
+            features = merge_columns(features, res.index, res.radiomics.to_numpy(np.float32), cols)
+            rad_cols = list(dict.fromkeys([*rad_cols, *cols]))
+        prov = {} if reset else dict(info.get("provenance") or {})
+        regions = [] if reset else list(prov.get("regions", []))
+        regions.append([int(v) for v in box])
+        prov.update(loaded.provenance())
+        prov.update(regions=regions, device=device, tile_px=self.tile_px)
+        gene = colored_by(points)
+        cmap = getattr(points.face_colormap, "name", "viridis")
+        points.features = features
+        info.update(genes=list(genes), provenance=prov, model_id=model_id, radiomics_columns=rad_cols)
+        points.metadata = {**points.metadata, META_KEY: info}
+        if gene not in genes:  # first prediction: colour by the first gene
+            gene, cmap = genes[0], "viridis"
+        apply_gene_colors(points, gene, cmap if cmap in COLORMAPS else "viridis")
+
+    def _show_dense(self, res, points, mpp):
+        dense = res.dense
+        gene = res.dense_gene
+        meta = {"spots": points.name, "region": list(res.box), "model": res.loaded.name}
+        data, kwargs, _ = dense_layer_data(
+            dense.values[0], dense.translate_px, dense.px_size, mpp, gene=gene, metadata=meta
+        )
+        name = kwargs["name"]
+        if name in self._viewer.layers:
+            layer = self._viewer.layers[name]
+            layer.data = data
+            for key in ("scale", "translate", "contrast_limits", "metadata"):
+                setattr(layer, key, kwargs[key])
+        else:
+            layer = self._viewer.add_image(data, **kwargs)
+            # keep the spots above the map
+            self._viewer.layers.move(self._viewer.layers.index(layer), self._viewer.layers.index(points))
+        if hasattr(layer, "colorbar"):
+            layer.colorbar.visible = True
+
+
+# --------------------------------------------------------------------------------------------
+# Genes: search, colormap, contrast, colour bar
+# --------------------------------------------------------------------------------------------
