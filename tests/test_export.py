@@ -385,3 +385,26 @@ def test_replace_dir_never_leaves_neither(tmp_path, monkeypatch):
     _atomic.replace_dir(new, target)
     assert (target / "new").read_text() == "new labels" and not (target / "old").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.zarr"]
+
+
+def test_gene_reliability_goes_into_var_and_survives_h5ad(tmp_path):
+    """Per-gene validation r from the checkpoint lands in var['val_pearson_r'] (NaN where unknown or
+    constant), with a note in uns; None gives no column at all."""
+    from napari_rapacl.jobs._export import RELIABILITY_KEY, prediction_adata
+
+    spots = _spots(mpp=0.5)
+    pred = np.arange(15, dtype=np.float32).reshape(5, 3)
+    genes = ["ERBB2", "GATA3", "KRT5"]
+    reliability = {"ERBB2": 0.61, "GATA3": float("nan"), "OTHER": 0.9}  # KRT5 missing, OTHER not a gene
+    a = prediction_adata(pred, genes, spots, library_id="lib", gene_reliability=reliability)
+    out = write_h5ad(a, tmp_path / "p.h5ad")
+    back = read_prediction_h5ad(out)
+    r = back.var[RELIABILITY_KEY].to_numpy()
+    assert r.dtype == np.float64 and r[0] == pytest.approx(0.61)
+    assert np.isnan(r[1]) and np.isnan(r[2])
+    note = back.uns[PROVENANCE_KEY]["gene_reliability"]
+    assert "validation" in note and RELIABILITY_KEY in note
+    plain = prediction_adata(pred, genes, spots, library_id="lib", gene_reliability=None)
+    assert RELIABILITY_KEY not in plain.var and "gene_reliability" not in plain.uns[PROVENANCE_KEY]
+    empty = prediction_adata(pred, genes, spots, library_id="lib", gene_reliability={})
+    assert RELIABILITY_KEY not in empty.var

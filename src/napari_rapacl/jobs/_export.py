@@ -20,6 +20,30 @@ if TYPE_CHECKING:
 
 #: ``obsm`` key of the raw per-spot radiomics that fed a radiomics model (RaPaCL-ST).
 RADIOMICS_KEY = "radiomics"
+#: ``var`` column of each gene's Pearson r on the model's inner validation section(s).
+RELIABILITY_KEY = "val_pearson_r"
+RELIABILITY_NOTE = (
+    "var['val_pearson_r']: each gene's Pearson r between prediction and measurement on the model's "
+    "inner validation section(s), recorded in the checkpoint at training time (not measured on this "
+    "slide); NaN where the checkpoint records none or the gene was constant there. Treat genes with a "
+    "low r as unreliable."
+)
+
+
+def reliability_column(genes: Sequence[str], reliability: Mapping[str, Any] | None) -> np.ndarray | None:
+    """``var['val_pearson_r']`` in gene order (NaN for a gene without a finite value), or None when no
+    reliability is known at all."""
+    if not reliability:
+        return None
+    out = np.full(len(genes), np.nan, dtype=np.float64)
+    for i, gene in enumerate(genes):
+        value = reliability.get(str(gene))
+        try:
+            value = float(value) if value is not None else np.nan
+        except (TypeError, ValueError):
+            value = np.nan
+        out[i] = value if np.isfinite(value) else np.nan
+    return out
 
 
 def predicted_rows(features: pd.DataFrame, genes: list[str]) -> np.ndarray:
@@ -40,16 +64,19 @@ def prediction_adata(
     library_id: str = "sample",
     provenance: Mapping[str, Any] | None = None,
     radiomics: pd.DataFrame | None = None,
+    gene_reliability: Mapping[str, Any] | None = None,
 ) -> AnnData:
     """The AnnData of spot predictions (:func:`napari_rapacl.export.to_anndata`: ``X``, ``obsm
     ['spatial']``, ``uns['spatial']`` with the slide's images, provenance in ``uns['napari_rapacl']``)
     plus, for a radiomics-fed model, the spot radiomics that fed it in ``obsm['radiomics']`` (a
-    DataFrame, one column per feature, raw values).
+    DataFrame, one column per feature, raw values). ``gene_reliability`` (gene -> validation r, from
+    the checkpoint; None or missing genes allowed) goes into ``var['val_pearson_r']`` with a note in
+    ``uns['napari_rapacl']['gene_reliability']``.
 
     ``slide`` may be a path (opened here with ``mpp``, for its thumbnails); a path that no longer
     exists gives an AnnData without images.
     """
-    from ..export import to_anndata
+    from ..export import PROVENANCE_KEY, to_anndata
 
     if isinstance(slide, (str, Path)):
         from ..io.slide import open_slide
@@ -65,6 +92,10 @@ def prediction_adata(
         library_id=library_id,
         provenance=prov,
     )
+    column = reliability_column(list(genes), gene_reliability)
+    if column is not None:
+        adata.var[RELIABILITY_KEY] = column
+        adata.uns[PROVENANCE_KEY]["gene_reliability"] = RELIABILITY_NOTE
     if radiomics is not None:
         frame = pd.DataFrame(radiomics).reset_index(drop=True)
         if len(frame) != adata.n_obs:
@@ -92,6 +123,7 @@ def result_adata(
         library_id=library_id,
         provenance=result.provenance(**(provenance or {})),
         radiomics=result.radiomics,
+        gene_reliability=getattr(result, "gene_reliability", None),
     )
 
 
