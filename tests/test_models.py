@@ -184,3 +184,60 @@ def test_spot_inference_refuses_models_that_need_more_than_the_slide(tmp_path):
     slide = _synthetic_slide(tmp_path)
     with pytest.raises(RapaclInputError, match="radiomics"):
         predict_spots(create_model("rapacl_tiny", n_genes=2, stage=2), slide, [100.0], [100.0], device="cpu")
+
+
+def test_checkpoint_stores_and_exposes_per_gene_reliability(tmp_path):
+    import math
+
+    from napari_rapacl.jobs import load_model_choice
+    from napari_rapacl.jobs._predict import PredictResult
+    from napari_rapacl.models.checkpoint import gene_reliability_entry
+
+    model = create_model("stnet_tiny", n_genes=3)
+    genes = ["ERBB2", "FLAT", "KRT5"]
+    entry = gene_reliability_entry([0.41, float("nan"), -0.05], genes, "C6")
+    path = save_checkpoint(tmp_path / "m.pt", model, genes=genes, gene_reliability=entry)
+    raw = torch.load(path, weights_only=True)
+    assert raw["gene_reliability"]["metric"] == "pearson_r" and raw["gene_reliability"]["section"] == ["C6"]
+    loaded, _ = load_model(path)
+    rel = loaded.gene_reliability
+    assert list(rel) == genes and rel["ERBB2"] == pytest.approx(0.41) and math.isnan(rel["FLAT"])
+    choice = load_model_choice(None, path)
+    assert list(choice.gene_reliability) == genes and choice.gene_reliability["ERBB2"] == rel["ERBB2"]
+    result = PredictResult(choice, (0, 0, 1, 1), np.zeros(0, np.int64), np.zeros((0, 3)), 0, 0)
+    assert result.gene_reliability["KRT5"] == pytest.approx(-0.05)
+    # a checkpoint without it (older files) says None, not an empty or made-up table
+    plain, _ = load_model(save_checkpoint(tmp_path / "old.pt", model, genes=genes))
+    assert plain.gene_reliability is None
+    assert load_model_choice("stnet_tiny", None).gene_reliability is None
+    with pytest.raises(ValueError, match="2 reliability values for 3 genes"):
+        gene_reliability_entry([0.1, 0.2], genes, "C6")
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "the file is empty"),
+        (b"not a checkpoint at all", "not a PyTorch file"),
+        ("state_dict", "bare weights"),
+        ("list", "holds a list"),
+        ("truncated", "truncated"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_is_named_with_a_next_step(tmp_path, content, reason):
+    path = tmp_path / "weights.pt"
+    if content == "state_dict":
+        torch.save(create_model("stnet_tiny", n_genes=2).state_dict(), path)
+    elif content == "list":
+        torch.save([1, 2, 3], path)
+    elif content == "truncated":
+        torch.save({"a": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CorruptFileError) as info:
+        load_model(path)
+    msg = str(info.value)
+    assert "weights.pt: this .pt is not a napari-rapacl checkpoint (" in msg and reason in msg
+    assert "python -m training.run" in msg and "main job" in msg
+    assert ": 101" not in msg

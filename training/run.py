@@ -326,6 +326,23 @@ def section_metrics(pred: np.ndarray, target: np.ndarray, genes: list[str]) -> d
     return out
 
 
+def _gene_reliability(per: list[dict[str, Any]], genes: list[str], sections: list[str]) -> dict[str, Any]:
+    """The checkpoint's ``gene_reliability``: each gene's Pearson r on the inner validation section
+    (the mean over several validation sections, NaN where a gene is constant on all of them)."""
+    from napari_rapacl.models.checkpoint import gene_reliability_entry
+
+    table = np.array(
+        [[np.nan if m["per_gene_r"][g] is None else m["per_gene_r"][g] for g in genes] for m in per],
+        dtype=np.float64,
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column (constant gene) stays NaN
+        values = np.nanmean(table, axis=0)
+    return gene_reliability_entry(values, genes, sections)
+
+
 # ------------------------------------------------------------------------------------------------
 # the trainer
 # ------------------------------------------------------------------------------------------------
@@ -718,6 +735,7 @@ class _Trainer:
     def _validate(self) -> dict[str, Any]:
         if self.select_on == "val_pcc":
             per = [self._section_metrics(ds) for ds in self.val_ds]
+            self.val_gene_r = _gene_reliability(per, self.genes, [ds.section_names[0] for ds in self.val_ds])
             return {
                 "val_pcc": float(np.mean([m["pcc_m"] for m in per])),
                 "val_mse": float(np.mean([m["mse"] for m in per])),
@@ -744,6 +762,8 @@ class _Trainer:
             "input_stats": self.ictx.stats,
             "world_size": self.world,
         }
+        if getattr(self, "val_gene_r", None) is not None:  # this epoch's per-gene validation r
+            state["gene_reliability"] = self.val_gene_r
         kw = {"genes": self.genes, "normalization": NORMALIZATION, **state}
         save_checkpoint(self.out_dir / "last.pt", self.model, **kw)
         if improved:

@@ -39,6 +39,12 @@ class LoadedModel:
         return hasattr(self.model, "predict_map")
 
     @property
+    def gene_reliability(self) -> dict[str, float] | None:
+        """``{gene: validation Pearson r}`` recorded in the checkpoint (NaN for genes constant on the
+        validation section), or None (no checkpoint, or one that records none)."""
+        return getattr(self.model, "gene_reliability", None)
+
+    @property
     def recipe(self) -> Any:
         """The radiomics recipe of a radiomics-fed model (RaPaCL-ST), else None."""
         return getattr(self.model, "radiomics_recipe", None)

@@ -45,6 +45,12 @@ class PredictResult:
     def genes(self) -> list[str]:
         return self.loaded.genes
 
+    @property
+    def gene_reliability(self) -> dict[str, float] | None:
+        """``{gene: Pearson r on the model's inner validation section}`` (NaN for genes constant
+        there), from the checkpoint; None for a model without one (random weights, older files)."""
+        return self.loaded.gene_reliability
+
     def provenance(self, **extra: Any) -> dict[str, Any]:
         """The model's provenance plus how this prediction was made (``extra`` added)."""
         prov = self.loaded.provenance()

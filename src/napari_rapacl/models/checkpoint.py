@@ -6,6 +6,11 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
 ``normalization`` (a description of the target transform), and optionally ``optimizer``, ``epoch``,
 ``metrics`` and anything else a trainer adds under ``extra``. The config is also written as YAML next
 to the checkpoint (``<name>.yaml``), so a person can read what a file holds without Python.
+
+``gene_reliability`` (written by ``training.run`` and the main job): each gene's Pearson r between
+prediction and measurement on the INNER validation section(s), in gene order (NaN where a gene is
+constant there): ``{"metric": "pearson_r", "section": [...], "values": [...]}``. :func:`load_model`
+exposes it as ``model.gene_reliability`` (gene -> r).
 """
 
 from __future__ import annotations
@@ -24,6 +29,39 @@ if TYPE_CHECKING:
     import torch
 
 NORMALIZATION = "log1p(CP10k): library size over all genes, natural log"
+FORMAT = "napari-rapacl-checkpoint/1"
+RELIABILITY_METRIC = "pearson_r"
+_NOT_A_CHECKPOINT = (
+    "{path}: this .pt is not a napari-rapacl checkpoint ({reason}); choose a file written by "
+    "`python -m training.run` or the main job (`napari-rapacl demo`)"
+)
+
+
+def gene_reliability_entry(values: Any, genes: list[str], sections: list[str] | str) -> dict[str, Any]:
+    """The checkpoint's ``gene_reliability`` value: per-gene validation r in gene order (NaN kept)."""
+    import numpy as np
+
+    r = np.asarray(values, dtype=np.float64).ravel()
+    if r.shape[0] != len(genes):
+        raise ValueError(f"{r.shape[0]} reliability values for {len(genes)} genes")
+    return {
+        "metric": RELIABILITY_METRIC,
+        "section": [sections] if isinstance(sections, str) else [str(s) for s in sections],
+        "values": [float(v) if np.isfinite(v) else float("nan") for v in r],
+    }
+
+
+def gene_reliability(payload: dict[str, Any]) -> dict[str, float] | None:
+    """``{gene: validation r}`` from a checkpoint dict (NaN for genes constant on validation), or
+    None when the checkpoint records none (older files, RaPaCL Stage 1) or records it badly."""
+    entry = payload.get("gene_reliability")
+    genes = payload.get("genes") or []
+    if not isinstance(entry, dict) or not isinstance(entry.get("values"), (list, tuple)):
+        return None
+    values = entry["values"]
+    if len(values) != len(genes):
+        return None
+    return {str(g): float(v) for g, v in zip(genes, values, strict=True)}
 
 
 def config_path_for(checkpoint: str | os.PathLike) -> Path:
@@ -50,7 +88,7 @@ def save_checkpoint(
             f"{len(genes)} gene names given for a model with n_genes={model.config.n_genes}"
         )
     payload: dict[str, Any] = {
-        "format": "napari-rapacl-checkpoint/1",
+        "format": FORMAT,
         "model": model.model_name,
         "config": model.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -75,15 +113,44 @@ def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for damaged files
-        raise CorruptFileError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CorruptFileError(
+            _NOT_A_CHECKPOINT.format(path=path, reason=_load_failure_reason(path, exc))
+        ) from exc
+    if not isinstance(payload, dict):
+        reason = f"it holds a {type(payload).__name__}, not a checkpoint dict"
+        raise CorruptFileError(_NOT_A_CHECKPOINT.format(path=path, reason=reason))
     missing = [k for k in ("model", "config", "state_dict", "genes") if k not in payload]
     if missing:
-        raise CorruptFileError(f"{path} is not a napari-rapacl checkpoint (missing {missing})")
+        if all(hasattr(v, "shape") for v in payload.values()):
+            reason = "it holds bare weights (a state dict), without the model name, config and genes"
+        else:
+            reason = f"it lacks {', '.join(missing)}"
+        raise CorruptFileError(_NOT_A_CHECKPOINT.format(path=path, reason=reason))
     return payload
+
+
+def _load_failure_reason(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` failed, in words (not the raw ``101``-style unpickler message)."""
+    import zipfile
+
+    text = str(exc)
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head == b"PK" and not zipfile.is_zipfile(path):
+        return "it is truncated (an incomplete PyTorch zip file)"
+    if head != b"PK" and head[:1] != b"\x80":  # neither torch's zip container nor a pickle
+        return "it is not a PyTorch file"
+    if "Unsupported global" in text or "GLOBAL" in text:
+        return "it holds pickled Python objects, which are not loaded for safety (weights_only=True)"
+    return f"it is damaged or truncated ({text.splitlines()[0][:160] if text else type(exc).__name__})"
 
 
 def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint; returns ``(model in eval mode, checkpoint dict)``.
+
+    ``model.gene_reliability`` is ``{gene: validation r}`` (:func:`gene_reliability`) or None.
 
     A model fed with radiomics (RaPaCL-ST) gets ``model.radiomics_recipe``: the
     :class:`~napari_rapacl.radiomics.RadiomicsRecipe` its checkpoint records (None, with
@@ -108,6 +175,7 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[torc
             f"{path}: lists {len(payload['genes'])} genes for a model with n_genes={config.n_genes}"
         )
     model.eval()
+    model.gene_reliability = gene_reliability(payload)
     if "radiomics" in getattr(model, "predict_inputs", ()):
         # how its radiomics were made, so prediction from a slide reproduces them (or says why not)
         from ..radiomics import recipe_from_checkpoint
