@@ -342,3 +342,82 @@ def test_open_job_places_a_slide_and_its_spots_together(data_dir, tmp_path):
     csv.write_text("x,y,radius\n10,10,5\n99999,20,5\n")
     with pytest.raises(SpotsOutsideImageError, match=r"1 of 2 spots.*5714_HE_BT_C2\.jpg"):
         opened_layer_data(_drain(iter_open(jpg, csv)))
+
+
+# --------------------------------------------------------------------------------------------
+# open-time checks, estimates, layer names (issue #13 items 4, 6)
+# --------------------------------------------------------------------------------------------
+def test_spot_fit_warns_when_the_spots_belong_to_another_section(data_dir):
+    from napari_rapacl.io import open_slide, read_spots
+    from napari_rapacl.jobs._checks import MISFIT_FRACTION, spot_fit
+
+    spotfiles = data_dir / "her2st/data/ST-spotfiles"
+    c2 = open_slide(data_dir / "her2st/data/ST-imgs/C/C2/5714_HE_BT_C2.jpg")
+    with pytest.warns(UserWarning):  # the C5 counts lack two spots (said by read_spots)
+        c5 = read_spots(spotfiles / "C5_selection.tsv")
+    own = spot_fit(c2, read_spots(spotfiles / "C2_selection.tsv"))
+    assert own.fits and own.warning is None and own.fraction < 0.08 and own.n_spots == 187
+    other = spot_fit(c2, c5)
+    assert not other.fits and other.fraction > 0.6 > MISFIT_FRACTION
+    pct = round(100 * other.fraction)
+    assert other.warning.startswith(f"{pct} % of the spots of C5_selection.tsv (")
+    assert "fall on glass in 5714_HE_BT_C2.jpg" in other.warning
+    assert "probably belong to another section" in other.warning and "before predicting" in other.warning
+
+
+def test_spot_fit_counts_spots_outside_the_slide_and_a_blank_slide(tmp_path):
+    from napari_rapacl.io import open_slide, write_ome_tiff
+    from napari_rapacl.io.spots import Spots
+    from napari_rapacl.jobs._checks import spot_fit
+
+    img = np.full((400, 600, 3), 240, np.uint8)
+    img[100:300, 100:300] = (180, 90, 160)  # a pink "tissue" square on white glass
+    slide = open_slide(write_ome_tiff(tmp_path / "s.ome.tif", img, mpp=1.0, tile=256))
+    xs = np.array([150.0, 200, 250, 500, 550, 900])  # 3 on tissue, 2 on glass, 1 beyond the image
+    spots = Spots(
+        barcode=np.array([f"s{i}" for i in range(6)], dtype=object),
+        x=xs,
+        y=np.full(6, 200.0),
+        radius=np.full(6, 20.0),
+        source=tmp_path / "mine.csv",
+    )
+    fit = spot_fit(slide, spots)
+    assert (fit.n_spots, fit.n_outside, fit.n_on_glass) == (6, 1, 2)
+    assert fit.warning.startswith("50 % of the spots of mine.csv (3 of 6) fall on glass or outside s.ome.tif")
+
+
+def test_estimates_and_durations_for_people():
+    from napari_rapacl.jobs._estimate import ASK_ABOVE_S, estimate, eta_seconds, format_duration
+
+    durations = [format_duration(s) for s in (0.2, 45, 90, 3600 + 5 * 60)]
+    assert durations == ["< 1 s", "45 s", "1 min 30 s", "1 h 05 min"]
+    whole = estimate("cells", area_px=9270 * 9920)  # her2st C2: 93 s measured
+    assert 80 < whole.seconds < 110 and whole.needs_confirmation()
+    assert whole.text.startswith("about 1 min") and "92.0 Mpx" in whole.text
+    view = estimate("cells", area_px=1500 * 1000)
+    assert view.seconds < ASK_ABOVE_S and not view.needs_confirmation()
+    assert estimate("predict", n_spots=187, model="rapacl").seconds > estimate("predict", n_spots=187).seconds
+    assert estimate("predict", n_spots=62_500).needs_confirmation()
+    with pytest.raises(ValueError, match="unknown job 'train'"):
+        estimate("train")
+    assert eta_seconds(10.0, 0, 100) is None and eta_seconds(10.0, 25, 100) == pytest.approx(30.0)
+
+
+def test_opened_layers_are_named_by_section_and_can_sit_beside_another(data_dir):
+    from napari_rapacl._napari.layers import opened_layer_data
+    from napari_rapacl.jobs import iter_open, iter_open_sample
+
+    img_dir, spotfiles = data_dir / "her2st/data/ST-imgs/C", data_dir / "her2st/data/ST-spotfiles"
+    opened = _drain(iter_open(img_dir / "C4/5714_HE_BT_D2.jpg", spotfiles / "C4_selection.tsv"))
+    assert opened.warnings == ()
+    [(_, ikw, _), (_, pkw, _)] = opened_layer_data(opened, translate=(0.0, 7000.0))
+    assert (ikw["name"], pkw["name"]) == ("C4", "C4 spots")
+    assert ikw["translate"] == pkw["translate"] == (0.0, 7000.0)
+    # spots of another section: named after the slide file, and the warning is there before any work
+    with pytest.warns(UserWarning):
+        wrong = _drain(iter_open(img_dir / "C2/5714_HE_BT_C2.jpg", spotfiles / "C5_selection.tsv"))
+    assert len(wrong.warnings) == 1 and "C5_selection.tsv" in wrong.warnings[0]
+    assert [kw["name"] for _, kw, _ in opened_layer_data(wrong)] == ["5714_HE_BT_C2", "5714_HE_BT_C2 spots"]
+    sample = opened_layer_data(_drain(iter_open_sample("C3")))
+    assert [kw["name"] for _, kw, _ in sample] == ["her2st C3", "her2st C3 spots"]
+    assert "translate" not in sample[0][1]

@@ -153,20 +153,33 @@ def spots_layer_data(
     return data, kwargs, "points"
 
 
-def opened_layer_data(opened: Opened) -> list[tuple]:
+def opened_layer_data(opened: Opened, *, translate: tuple[float, float] | None = None) -> list[tuple]:
     """Layer-data tuples of a slide and its spots opened together (:class:`~napari_rapacl.jobs.Opened`):
-    a multiscale Image in um and, when there are spots, a Points layer on it."""
-    layers = [slide_layer_data(opened.slide, name=opened.name)]
+    a multiscale Image in um and, when there are spots, a Points layer on it.
+
+    Layers are named for people by the section: the her2st sample's own name (``her2st C4``), else the
+    spots' library id (``C4`` from ``C4_selection.tsv``, a Space Ranger folder's name) when the spots
+    fit the slide, else the slide file's stem; the spots layer is ``"<name> spots"``. ``translate``
+    (world units, (y, x)) moves both layers, e.g. beside a slide already open."""
+    name = opened.name
+    # spots that do not fit (warnings) would name the slide after another section
+    fits = opened.spots is not None and not opened.warnings
+    if not name.startswith("her2st ") and fits and opened.library_id:
+        name = str(opened.library_id)
+    layers = [slide_layer_data(opened.slide, name=name)]
     if opened.spots is not None:
         layers.append(
             spots_layer_data(
                 opened.spots,
                 mpp=opened.slide.mpp,
-                name=f"{opened.name} spots",
+                name=f"{name} spots",
                 library_id=opened.library_id or opened.name,
                 slide_path=str(opened.slide.path) if opened.slide.path else None,
             )
         )
+    if translate is not None:
+        for _, kwargs, _ in layers:
+            kwargs["translate"] = (float(translate[0]), float(translate[1]))
     return layers
 
 

@@ -25,14 +25,23 @@ class Opened:
     spots: Spots | None
     name: str
     library_id: str | None = None
+    #: messages for people about the inputs (e.g. spots that do not fit the slide), shown before any work
+    warnings: tuple[str, ...] = ()
 
 
 def spots_library_id(path: str | Path) -> str:
     """A library id from a spot file or Space Ranger folder name (``C2_selection.tsv`` -> ``C2``)."""
-    name = Path(path).name
+    path = Path(path)
+    name = path.name
     if name.endswith("_selection.tsv"):
         return name[: -len("_selection.tsv")]
-    return Path(name).stem if Path(path).suffix else name
+    # Space Ranger's fixed names say nothing about the sample: take the folder above them
+    generic = {"outs", "spatial", "tissue_positions", "tissue_positions_list", "binned_outputs"}
+    stem = path.stem if path.suffix else name
+    parent = path.resolve().parent
+    while stem.lower() in generic and parent.name:
+        stem, parent = parent.name, parent.parent
+    return stem
 
 
 def open_inputs(
@@ -45,18 +54,23 @@ def open_inputs(
     """Open a slide lazily and, optionally, its spots, placed together with
     :func:`napari_rapacl.io.place_spots`: ``mpp`` (um per level-0 px) overrides the slide's metadata,
     else the slide's own, else the spots' (Visium scale factors, ST array pitch); spots whose centres
-    lie outside the slide raise an error naming both files."""
+    lie outside the slide raise an error naming both files; spots that fall mostly on glass give a
+    warning in ``Opened.warnings`` (:func:`~napari_rapacl.jobs._checks.spot_fit`)."""
     from ..io import open_slide, place_spots, read_spots
+    from ._checks import spot_fit
 
     slide = open_slide(slide_path, mpp=mpp)
     spots = None
     library_id = None
+    warnings: tuple[str, ...] = ()
     if spots_path is not None:
         spots = read_spots(spots_path, radius=radius)
         slide = place_spots(slide, spots)
         library_id = spots_library_id(spots_path)
+        fit = spot_fit(slide, spots)
+        warnings = (fit.warning,) if fit.warning else ()
     name = slide.path.stem if slide.path is not None else "slide"
-    return Opened(slide, spots, name, library_id)
+    return Opened(slide, spots, name, library_id, warnings)
 
 
 def iter_open(
