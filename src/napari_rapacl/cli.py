@@ -149,6 +149,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.library_id is not None and (not args.library_id.strip() or "/" in args.library_id):
         raise RapaclInputError(f"--library-id {args.library_id!r}: must be a non-empty name without '/'")
     opened = open_inputs(args.slide, args.spots, mpp=args.mpp, radius=args.radius)
+    for message in opened.warnings:  # e.g. spots of another section (jobs._checks.spot_fit), before any work
+        print(f"warning: {message}", file=sys.stderr)
     slide, spots = opened.slide, opened.spots
     if args.roi is not None:
         x0, y0, x1, y1 = args.roi
