@@ -512,3 +512,48 @@ def test_hostile_images_are_refused_before_decoding(synthetic, checkpoint, tmp_p
     with pytest.raises(RapaclInputError, match="limit is 5 million"):
         open_slide(png, mpp=0.5)
     assert open_slide(png, mpp=0.5, max_pixels=6_000_000).shape == (2000, 3000)
+
+
+# ---- convert -------------------------------------------------------------------------------------
+
+
+def test_convert_jpeg_to_pyramidal_ome_tiff(tmp_path, capsys):
+    """`napari-rapacl convert` writes a tiled pyramid (levels by 2) that io.slide opens with the um; no
+    pixel size -> a message asking for --mpp; the input is never the output."""
+    import tifffile
+    from PIL import Image
+
+    from napari_rapacl.cli import main
+    from napari_rapacl.io.slide import open_slide
+
+    yy, xx = np.mgrid[0:1100, 0:1500]
+    rgb = np.stack([(xx // 7) % 256, (yy // 5) % 256, ((xx + yy) // 11) % 256], axis=2).astype(np.uint8)
+    jpg = tmp_path / "he.jpg"
+    Image.fromarray(rgb).save(jpg, quality=95)
+    out = tmp_path / "he.ome.tif"
+
+    assert main(["convert", str(jpg), str(out), "--mpp", "0.5", "--tile", "256"]) == 0
+    assert "0.5 um/px" in capsys.readouterr().out
+    slide = open_slide(out)
+    assert slide.mpp == pytest.approx(0.5) and slide.mpp_source == "metadata"
+    assert slide.shape == (1100, 1500)
+    assert [lv.shape[:2] for lv in slide.levels] == [(1100, 1500), (550, 750), (275, 375), (137, 187)]
+    with tifffile.TiffFile(out) as tif:
+        assert tif.is_ome and tif.pages[0].is_tiled and tif.pages[0].tilewidth == 256
+        assert len(tif.series[0].levels) == 4
+    with Image.open(jpg) as im:
+        decoded = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(slide.read_region(0, 0, 1500, 1100), decoded)  # lossless (zlib)
+    half = slide.read_region(0, 0, 1500, 1100, level=1).astype(int)
+    assert np.abs(half - decoded[:1100:2, :1500:2].astype(int)).mean() < 8  # a 2 x 2 mean of level 0
+
+    with pytest.raises(SystemExit) as err:  # a JPEG does not say its pixel size
+        main(["convert", str(jpg), str(tmp_path / "b.ome.tif")])
+    assert err.value.code == 2 and "--mpp" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["convert", str(jpg), str(out), "--mpp", "0.5"])  # exists
+    assert err.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["convert", str(out), str(out), "--mpp", "0.5", "--overwrite"])  # the input itself
+    assert err.value.code == 2 and "input" in capsys.readouterr().err
+    assert open_slide(out).mpp == pytest.approx(0.5)  # untouched

@@ -1,4 +1,4 @@
-"""Command line: ``napari-rapacl demo``, ``napari-rapacl predict`` and ``napari-rapacl segment``."""
+"""Command line: ``napari-rapacl demo``, ``predict``, ``segment`` and ``convert``."""
 
 from __future__ import annotations
 
@@ -289,6 +289,39 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- convert -----------------------------------------------------------------------------------
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .io.slide import open_slide, write_ome_tiff
+
+    out = check_output(args.out, suffixes=(".tif", ".tiff"), inputs=[args.slide], overwrite=args.overwrite)
+    if not out.name.lower().endswith((".ome.tif", ".ome.tiff")):
+        raise RapaclInputError(f"{args.out}: name the output *.ome.tif (it is written as an OME-TIFF)")
+    if args.tile % 16:
+        raise RapaclInputError(f"--tile {args.tile}: must be a multiple of 16 pixels (e.g. 256 or 512)")
+    slide = open_slide(args.slide, mpp=args.mpp)
+    if slide.mpp is None:
+        raise RapaclInputError(
+            f"{args.slide}: the file does not say its pixel size; pass --mpp (microns per pixel, e.g. 0.5 "
+            "for a 20x scan, 0.25 for 40x) so that the pyramid carries its size in um"
+        )
+    height, width = slide.shape
+    log = logging.getLogger("napari_rapacl.cli")
+    log.info("converting %s (%d x %d px, %.4g um/px)", args.slide, width, height, slide.mpp)
+    compression = None if args.compression == "none" else args.compression
+    write_ome_tiff(
+        out,
+        slide.levels[0],
+        mpp=slide.mpp,
+        tile=args.tile,
+        compression=compression,
+        progress=lambda done, total: log.info("convert: level %d/%d written", done, total),
+    )
+    print(f"wrote a tiled pyramidal OME-TIFF of {width} x {height} px at {slide.mpp:.4g} um/px -> {out}")
+    return 0
+
+
 def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-pixels",
@@ -373,6 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_max_pixels(seg)
     seg.set_defaults(func=_segment)
+
+    conv = sub.add_parser(
+        "convert", help="write a slide (JPEG/PNG/flat TIFF/...) as a tiled pyramidal OME-TIFF with its um"
+    )
+    conv.add_argument("slide", help="slide image (TIFF/OME-TIFF/SVS/JPEG/PNG)")
+    conv.add_argument("out", help="output *.ome.tif (never the input)")
+    conv.add_argument("--mpp", type=float, default=None, help="microns per pixel, if the slide does not say")
+    conv.add_argument("--tile", type=_positive_int, default=512, help="tile side in px (multiple of 16)")
+    conv.add_argument(
+        "--compression", default="zlib", choices=["zlib", "jpeg", "zstd", "none"], help="tile compression"
+    )
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_max_pixels(conv)
+    conv.set_defaults(func=_convert)
     return parser
 
 

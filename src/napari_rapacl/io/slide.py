@@ -25,12 +25,11 @@ import dataclasses
 import math
 import os
 import re
-import tempfile
 import threading
 import uuid
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import tifffile
 import zarr
 from PIL import Image
 
+from .._atomic import write_atomic
 from .._errors import CorruptFileError, MissingPixelSizeError, RapaclInputError, UnsupportedFormatError
 from ._paths import require_readable
 
@@ -763,6 +763,7 @@ def write_ome_tiff(
     n_levels: int | None = None,
     tile: int = 512,
     compression: str | None = "zlib",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write a tiled, pyramidal OME-TIFF (reduced levels in SubIFDs, each /2).
 
@@ -785,6 +786,8 @@ def write_ome_tiff(
         Tile side in pixels (a multiple of 16).
     compression
         tifffile compression name (``"zlib"``, ``"jpeg"``, ``"zstd"``, ...) or ``None``.
+    progress
+        Called as ``progress(levels_done, n_levels)`` after each level is written.
 
     Returns
     -------
@@ -836,37 +839,38 @@ def write_ome_tiff(
     if samples and samples[0] == 4:
         options["extrasamples"] = ("unassalpha",)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    buffers: list[Path] = []
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
-            source: Any = image
-            for k, (h, w) in enumerate(shapes):
-                nxt = None
-                if k + 1 < len(shapes):
-                    nxt = tmp.with_name(f"{tmp.name}.level{k + 1}-{uuid.uuid4().hex[:8]}.raw")
-                    buffers.append(nxt)
-                tiles = _iter_tiles(source, (h, w), tile, nxt)
-                kwargs = dict(options, shape=(h, w, *samples))
-                if mpp_value is not None:
-                    ds = 2**k
-                    kwargs.update(resolution=(1e4 / (mpp_value * ds),) * 2, resolutionunit="CENTIMETER")
-                try:
-                    if k == 0:
-                        writer.write(tiles, subifds=len(shapes) - 1, metadata=metadata, **kwargs)
-                    else:
-                        writer.write(tiles, subfiletype=1, metadata=None, **kwargs)
-                finally:
-                    tiles.close()  # closes the next level's buffer file
-                if nxt is not None:
-                    source = _RawBand(nxt, (h // 2, w // 2, *samples), dtype)
-        os.replace(tmp, path)
-    finally:
-        for buf in buffers:
-            buf.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+    def write(tmp: Path) -> None:
+        buffers: list[Path] = []
+        try:
+            with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
+                source: Any = image
+                for k, (h, w) in enumerate(shapes):
+                    nxt = None
+                    if k + 1 < len(shapes):
+                        nxt = tmp.with_name(f"{tmp.name}.level{k + 1}-{uuid.uuid4().hex[:8]}.raw")
+                        buffers.append(nxt)
+                    tiles = _iter_tiles(source, (h, w), tile, nxt)
+                    kwargs = dict(options, shape=(h, w, *samples))
+                    if mpp_value is not None:
+                        ds = 2**k
+                        kwargs.update(resolution=(1e4 / (mpp_value * ds),) * 2, resolutionunit="CENTIMETER")
+                    try:
+                        if k == 0:
+                            writer.write(tiles, subifds=len(shapes) - 1, metadata=metadata, **kwargs)
+                        else:
+                            writer.write(tiles, subfiletype=1, metadata=None, **kwargs)
+                    finally:
+                        tiles.close()  # closes the next level's buffer file
+                    if progress is not None:
+                        progress(k + 1, len(shapes))
+                    if nxt is not None:
+                        source = _RawBand(nxt, (h // 2, w // 2, *samples), dtype)
+        finally:
+            for buf in buffers:
+                buf.unlink(missing_ok=True)
+
+    # a temporary file beside ``path``, renamed in at the end, with the permissions of an ordinary write
+    write_atomic(path, write, suffix=".tmp")
     return path
 
 
