@@ -469,3 +469,49 @@ def test_stage1_and_stage2_on_real_her2st_patches(data_dir, tmp_path):
     with torch.no_grad():
         pred = model.predict({"image": data["image"][-40:], "radiomics": rad[-40:]})
     assert pred.shape == (40, len(genes)) and torch.isfinite(pred).all()
+
+
+def test_rad_skip_feeds_the_radiomics_to_the_gene_head_and_loads_from_a_plain_stage1(tmp_path):
+    """``rad_skip``: the gene head also sees the z-scored radiomics; a Stage 1 checkpoint without it
+    still initialises the Stage 2 model (only the untrained gene head is skipped)."""
+    stage1 = create_model("rapacl_tiny", n_genes=5, warmup_epochs=0)
+    path = save_checkpoint(tmp_path / "s1.pt", stage1, genes=_genes(5))
+    model = create_model("rapacl_tiny", n_genes=5, stage=2, rad_skip=True, dropout=0.0)
+    info = init_from_stage1(model, path)
+    assert info["skipped"] and all(k.startswith("gene_head.") for k in info["skipped"])
+    d = model.config.embed_dim
+    assert model.gene_head[0].in_features == 2 * d + 72
+    for key, value in stage1.radiomics.state_dict().items():  # the radiomics branch came from Stage 1
+        torch.testing.assert_close(model.radiomics.state_dict()[key], value)
+    model.eval()
+    batch = _batch()
+    with torch.no_grad():
+        base = model.predict(batch)
+        # only the skip input changes: zero the head's weights on z_rad, then vary the radiomics
+        model.gene_head[0].weight[:, :d].zero_()
+        model.gene_head[0].weight[:, d : 2 * d].zero_()
+        other = model.predict({**batch, "radiomics": batch["radiomics"] + 1.0})
+    assert base.shape == (6, 5) and not torch.allclose(base, other)
+
+
+def test_radiomics_ablations_remove_the_spot_radiomics():
+    batch = _batch()
+    shuffled = create_model("rapacl_tiny", n_genes=5, stage=2, radiomics_ablation="shuffle").eval()
+    zero = create_model("rapacl_tiny", n_genes=5, stage=2, radiomics_ablation="zero").eval()
+    plain = create_model("rapacl_tiny", n_genes=5, stage=2).eval()
+    plain.load_state_dict(shuffled.state_dict())
+    zero.load_state_dict(shuffled.state_dict())
+    with torch.no_grad():
+        # a batch whose radiomics rows are cyclically shifted by B/2 predicts as the plain model on them
+        rolled = {**batch, "radiomics": torch.roll(batch["radiomics"], 3, dims=0)}
+        torch.testing.assert_close(shuffled.predict(batch), plain.predict(rolled))
+        assert not torch.allclose(shuffled.predict(batch), plain.predict(batch))
+        # zero: the radiomics do not matter at all
+        torch.testing.assert_close(
+            zero.predict(batch), zero.predict({**batch, "radiomics": batch["radiomics"] * 5 + 2})
+        )
+        torch.testing.assert_close(
+            zero.predict(batch), plain.predict({**batch, "radiomics": torch.zeros_like(batch["radiomics"])})
+        )
+    with pytest.raises(RapaclInputError, match="radiomics_ablation must be one of"):
+        make_config("rapacl_tiny", radiomics_ablation="drop")

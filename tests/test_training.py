@@ -805,3 +805,43 @@ def test_a_patch_cache_that_lies_is_extracted_again(tmp_path, data_dir):
     again = load_patches_cached(sec.slide, x, y, size=32, mpp=4.0, cache_dir=tmp_path, key="c2")
     np.testing.assert_array_equal(again, first)
     np.testing.assert_array_equal(np.load(path)["patches"], first)  # and the cache is repaired
+
+
+# ------------------------------------------------------------------------------------------------
+# gene panels (issue #12 item 3)
+# ------------------------------------------------------------------------------------------------
+def test_her2st785_markers_panel_resolves_on_training_counts(data_dir):
+    """``her2st785+markers`` = the 785 benchmark genes, then the markers the training counts hold."""
+    from training.config import DataConfig
+    from training.data import HER2ST_MARKERS, load_her2st_section, resolve_gene_list, with_markers
+
+    from napari_rapacl.datasets import her2st_genes
+
+    data = DataConfig(data_dir=str(data_dir), genes="her2st785+markers")
+    raw = [load_her2st_section(s, data) for s in ("C2", "C5")]  # both lack KRT5; C5 lacks PGR
+    genes = resolve_gene_list(data, raw)
+    base = her2st_genes(data_dir=data_dir)
+    assert genes[: len(base)] == base  # the benchmark genes first, in their order
+    added = genes[len(base) :]
+    assert len(set(genes)) == len(genes)
+    for g in ("ERBB2", "ESR1", "MKI67", "GRB7", "EPCAM", "CD3E", "MS4A1", "COL1A1", "ACTA2", "PGR"):
+        assert g in added, g
+    assert "CD74" in base and "PTPRC" in base and "CD74" not in added  # already benchmark genes
+    assert "KRT5" not in genes  # in no training section's counts
+    assert added == [g for g in HER2ST_MARKERS if g in added]  # the markers' order
+    # with C3 (which holds KRT5) among the training sections it is predicted too
+    c3 = load_her2st_section("C3", data)
+    assert "KRT5" in with_markers(base, [raw[0], c3])
+    # the targets of an added marker are its real log1p(CP10k) values, not zeros
+    from napari_rapacl.preprocess import normalize_log1p_cp10k
+
+    y = normalize_log1p_cp10k(raw[0].spots.counts, ["ERBB2"], missing="zero")
+    assert y.max() > 1.0 and y.std() > 0.1
+
+
+def test_unknown_gene_panel_names_the_choices(data_dir):
+    from training.config import DataConfig
+    from training.data import resolve_gene_list
+
+    with pytest.raises(RapaclInputError, match="her2st785\\+markers"):
+        resolve_gene_list(DataConfig(data_dir=str(data_dir), genes="her2st785+nothing"), [])

@@ -57,7 +57,29 @@ __all__ = [
     "read_table",
     "register_input",
     "resolve_gene_list",
+    "HER2ST_MARKERS",
+    "with_markers",
 ]
+
+#: Clinically relevant breast-cancer markers added by ``data.genes: her2st785+markers`` (issue #12):
+#: HER2 amplicon (ERBB2, GRB7), hormone receptors (ESR1, PGR), proliferation (MKI67), epithelium
+#: (EPCAM, basal KRT5), antigen presentation (CD74), immune cells (PTPRC, T cells CD3E, B cells MS4A1)
+#: and stroma (COL1A1, ACTA2).
+HER2ST_MARKERS = (
+    "ERBB2",
+    "ESR1",
+    "PGR",
+    "MKI67",
+    "GRB7",
+    "EPCAM",
+    "KRT5",
+    "CD74",
+    "PTPRC",
+    "CD3E",
+    "MS4A1",
+    "COL1A1",
+    "ACTA2",
+)
 
 Field = np.ndarray | Callable[[int], np.ndarray]
 InputBuilder = Callable[["SectionData", "InputContext"], Field]
@@ -248,10 +270,37 @@ def load_her2st_section(name: str, data: DataConfig) -> Any:
         return her2st(name, data_dir=data.data_dir)
 
 
+def _count_genes(raw: Any) -> set[str]:
+    counts = raw.spots.counts
+    names = getattr(counts, "var_names", None)
+    if names is None and isinstance(counts, tuple) and len(counts) == 2:
+        names = counts[1]
+    return {str(g) for g in names} if names is not None else set()
+
+
+def with_markers(
+    base: Sequence[str], train_raw: Sequence[Any], markers: Sequence[str] = HER2ST_MARKERS
+) -> list[str]:
+    """``base`` plus the ``markers`` not in it that the counts of at least one TRAINING section hold
+    (in the order of ``markers``); markers absent from every training section are left out (a model
+    cannot learn them) with a log line naming them."""
+    present: set[str] = set()
+    for raw in train_raw:
+        present |= _count_genes(raw)
+    have = set(base)
+    added = [g for g in markers if g not in have and g in present]
+    absent = [g for g in markers if g not in have and g not in present]
+    if absent:
+        log.info("marker gene(s) %s are in no training section's counts: not predicted", absent)
+    return [*base, *added]
+
+
 def resolve_gene_list(data: DataConfig, train_raw: Sequence[Any]) -> list[str]:
     """The gene list from ``data.genes`` (see :class:`~training.config.DataConfig`).
 
     ``train_raw`` are the loaded TRAINING sections (``Her2stSection``); ``top:K`` selects on them only.
+    ``her2st785+markers`` is the 785 benchmark genes followed by the :data:`HER2ST_MARKERS` that are
+    not among them and that the training sections' counts hold (:func:`with_markers`).
     """
     from napari_rapacl.datasets import her2st_genes
     from napari_rapacl.preprocess import read_gene_list, select_genes
@@ -266,6 +315,8 @@ def resolve_gene_list(data: DataConfig, train_raw: Sequence[Any]) -> list[str]:
     text = str(spec).strip()
     if text.lower() == "her2st785":
         return her2st_genes(data_dir=data.data_dir)
+    if text.lower() == "her2st785+markers":
+        return with_markers(her2st_genes(data_dir=data.data_dir), train_raw)
     if text.lower().startswith("top:"):
         parts = text.split(":")
         try:
@@ -280,7 +331,8 @@ def resolve_gene_list(data: DataConfig, train_raw: Sequence[Any]) -> list[str]:
     path = Path(text).expanduser()
     if not path.is_file():
         raise RapaclInputError(
-            f"data.genes {text!r} is neither 'her2st785', 'top:K[:mean|var]', a list, nor an existing file"
+            f"data.genes {text!r} is neither 'her2st785', 'her2st785+markers', 'top:K[:mean|var]', a list, "
+            "nor an existing file"
         )
     return read_gene_list(path)
 

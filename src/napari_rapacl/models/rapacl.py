@@ -287,7 +287,8 @@ class RaPaCL(nn.Module):
         )
         self.recon_head = MLPHead(c.embed_dim, c.recon_hidden, c.n_radiomics, c.dropout)
         self.cls_head = MLPHead(c.rad_hidden, c.cls_hidden, c.n_classes, c.dropout)
-        self.gene_head = MLPHead(2 * c.embed_dim, c.gene_hidden, c.n_genes, c.dropout)
+        head_in = 2 * c.embed_dim + (c.n_radiomics if c.rad_skip else 0)
+        self.gene_head = MLPHead(head_in, c.gene_hidden, c.n_genes, c.dropout)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -405,9 +406,22 @@ class RaPaCL(nn.Module):
 
         Use :meth:`predict` for predictions: it validates the inputs and refuses a Stage 1 model.
         """
+        radiomics = self._ablate(radiomics)
         z_img = self.encode_image(image)
         z_rad = self.encode_radiomics(radiomics).z
-        return self.gene_head(torch.cat([z_img, z_rad], dim=1))
+        parts = [z_img, z_rad, radiomics] if self.config.rad_skip else [z_img, z_rad]
+        return self.gene_head(torch.cat(parts, dim=1))
+
+    def _ablate(self, radiomics: torch.Tensor) -> torch.Tensor:
+        """The radiomics ablation of the config: rows permuted within the batch, or zeros."""
+        mode = self.config.radiomics_ablation
+        if mode == "zero":
+            return torch.zeros_like(radiomics)
+        if mode == "shuffle" and radiomics.shape[0] > 1:
+            # a fixed derangement-like permutation (a cyclic shift): no spot keeps its own row, and
+            # predictions stay deterministic for a given batch
+            return torch.roll(radiomics, shifts=max(1, radiomics.shape[0] // 2), dims=0)
+        return radiomics
 
     # -- contract ------------------------------------------------------------------------------
 
@@ -540,8 +554,9 @@ def init_from_stage1(
     The checkpoint is read with ``torch.load(weights_only=True)``. It must hold a RaPaCL model
     trained with ``stage=1`` whose architecture fields (``backbone``, ``embed_dim``,
     ``n_radiomics``, widths, ...) equal the model's; every tensor is then loaded with
-    ``strict=True``. One exception: if only ``n_genes`` differs, the (never trained) Stage 1 gene
-    head is skipped and keeps its fresh initialisation; every other key is still required.
+    ``strict=True``. One exception: if only ``n_genes`` (or ``rad_skip``) differs, the (never
+    trained) Stage 1 gene head is skipped and keeps its fresh initialisation; every other key is
+    still required.
 
     Parameters
     ----------
@@ -607,15 +622,20 @@ def init_from_stage1(
             )
     state = dict(payload["state_dict"])
     skipped: list[str] = []
-    if src.n_genes != cfg.n_genes:
+    own_state = model.state_dict()
+    heads = [(k, v) for k, v in state.items() if k.startswith("gene_head.")]
+    head_fits = all(k in own_state and own_state[k].shape == v.shape for k, v in heads)
+    if src.n_genes != cfg.n_genes or not head_fits:
         skipped = sorted(k for k in state if k.startswith("gene_head."))
         for k in skipped:
             del state[k]
         log.info(
-            "%s: n_genes %d -> %d: the untrained Stage 1 gene head is not loaded",
+            "%s: n_genes %d -> %d, rad_skip %s -> %s: the untrained Stage 1 gene head is not loaded",
             path,
             src.n_genes,
             cfg.n_genes,
+            src.rad_skip,
+            cfg.rad_skip,
         )
     own = model.state_dict()
     missing = sorted(set(own) - set(state) - {k for k in own if skipped and k.startswith("gene_head.")})

@@ -8,6 +8,7 @@ from .._errors import RapaclInputError
 from .config import ModelConfig
 
 MMCL_LOSSES = ("infonce", "multipos")
+RADIOMICS_ABLATIONS = ("none", "shuffle", "zero")
 
 # Fields that shape the state dict: a Stage 1 checkpoint initialises a Stage 2 model only if they agree.
 ARCHITECTURE_FIELDS = (
@@ -77,6 +78,14 @@ class RaPaCLConfig(ModelConfig):
         Learning-rate multipliers used by :meth:`RaPaCL.parameter_groups` (reference: 0.3 and 1).
     dropout
         Dropout of the transformer and of every head.
+    rad_skip
+        Also feed the z-scored radiomics themselves (not only the transformer's ``z_rad``) to the gene
+        head: ``gene_head([z_img ; z_rad ; radiomics])`` (a lever of issue #12: "radiomics features into
+        the head"; the Stage 1 gene head is never trained, so Stage 1 may differ here).
+    radiomics_ablation
+        ``"none"``; ``"shuffle"`` (the radiomics rows are permuted within every batch, in training and
+        prediction, so no spot sees its own) or ``"zero"`` (all radiomics replaced by 0, the training
+        mean): the ablation that shows what the radiomics branch adds, with the same encoder and budget.
     init_checkpoint
         Stage 2 only: the Stage 1 checkpoint to start from. Read by the trainer, which calls
         ``model.init_from_stage1()``; building a model never reads it, so a saved Stage 2 model
@@ -111,12 +120,18 @@ class RaPaCLConfig(ModelConfig):
     path_proj_lr_scale: float = 0.3
     encoder_lr_scale: float = 1.0
     dropout: float = 0.1
+    rad_skip: bool = False
+    radiomics_ablation: str = "none"
     init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.stage not in (1, 2):
             raise RapaclInputError(f"stage must be 1 or 2, got {self.stage!r}")
+        if self.radiomics_ablation not in RADIOMICS_ABLATIONS:
+            raise RapaclInputError(
+                f"radiomics_ablation must be one of {RADIOMICS_ABLATIONS}, got {self.radiomics_ablation!r}"
+            )
         if self.mmcl not in MMCL_LOSSES:
             raise RapaclInputError(f"mmcl must be one of {MMCL_LOSSES}, got {self.mmcl!r}")
         for name in (
