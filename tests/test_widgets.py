@@ -205,13 +205,21 @@ def test_gene_widget_search_colours_limits_and_colour_bar(make_napari_viewer, qt
     widget = GeneWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget._layer.value = points
-    # genes first, then other numeric features (spot radiomics); barcode/radius are not offered
-    assert list(widget._gene.choices) == ["ERBB2", "GAPDH", "COL1A1", "n_nuclei"]
+    # the predicted genes (model order: no validation scores); spot radiomics under their own heading
+    assert list(widget._gene.choices) == ["ERBB2", "GAPDH", "COL1A1"]
+    assert widget.status.startswith("no validation scores stored in this checkpoint")
+    widget._show.value = "spot radiomics"
+    assert list(widget._gene.choices) == ["n_nuclei"]
+    widget._show.value = "predicted genes"
     widget._search.value = "gap"
     assert list(widget._gene.choices) == ["GAPDH"] and widget._gene.value == "GAPDH"
     assert points._face.color_properties.name == "GAPDH"
     widget._search.value = "E"
-    assert list(widget._gene.choices) == ["ERBB2", "n_nuclei"]
+    assert list(widget._gene.choices) == ["ERBB2"]
+    # a gene the model does not predict is answered as such, with the genes it does predict
+    widget._search.value = "esr1"
+    assert widget.status == "ESR1 is not predicted by this model; these are: ERBB2, GAPDH, COL1A1"
+    widget._search.value = "E"
     widget._gene.value = "ERBB2"
     lo, hi = widget.limits
     assert lo == pytest.approx(0.1, abs=0.01) and hi == pytest.approx(9.9, abs=0.01)  # 1st/99th pct
@@ -224,25 +232,48 @@ def test_gene_widget_search_colours_limits_and_colour_bar(make_napari_viewer, qt
     widget._hi.value = 20.0
     assert not widget._auto.value and points.face_contrast_limits[1] == pytest.approx(20.0)
     bar = widget.colorbar
-    assert bar.hi.text() == "20" and bar.title.text() == "ERBB2" and not bar.bar.pixmap().isNull()
+    assert bar.hi.text() == "20" and bar.title.text() == "ERBB2, log1p(CP10k)"
+    assert not bar.bar.pixmap().isNull()
     np.testing.assert_array_equal(bar.rgb[0, 0], [0, 0, 4])  # magma starts black
     np.testing.assert_array_equal(bar.rgb[0, -1], [252, 253, 191])  # ... and ends pale yellow
     widget._auto.value = True
     assert widget.limits[1] == pytest.approx(9.9, abs=0.01)
 
-    # spots without a value stay transparent; napari's own colour bar toggles
+    # spots without a value are hollow grey rings, the others filled with a white outline (outside
+    # viridis); napari's own colour bar is on by default and toggles; the name says gene and unit
     widget._search.value = ""
+    widget._cmap.value = "viridis"
     widget._gene.value = "COL1A1"
     assert np.all(points.face_color[: n - 5, 3] == 0) and np.all(points.face_color[n - 5 :, 3] == 1)
+    np.testing.assert_allclose(points.border_color[: n - 5, :3], 180 / 255, atol=0.01)
+    np.testing.assert_allclose(points.border_color[n - 5 :], 1.0)
+    assert points.name == "Points predicted: COL1A1, log1p(CP10k)"
+    text = viewer.canvas.overlays.text
+    assert text.visible and text.text == points.name
+    assert widget.legend == "filled discs: 5/50 spots with a value; grey rings: not predicted yet"
+    assert points.face_colorbar.visible
+    widget._napari_bar.value = False
+    assert not points.face_colorbar.visible
     widget._napari_bar.value = True
     assert points.face_colorbar.visible
+    # fill opacity: 0.6 by default here too (the tissue shows), changed from the widget
+    assert widget._opacity.value == pytest.approx(points.opacity)
+    widget._opacity.value = 0.3
+    assert points.opacity == pytest.approx(0.3)
+    # hovering a spot shows its id and the coloured gene's value only (not every feature column)
+    i = n - 1
+    status = points.get_status(tuple(points.data[i]), world=False)["coordinates"]
+    assert f"spot s{i}" in status and "COL1A1 predicted = 4 log1p(CP10k)" in status
+    assert "GAPDH" not in status and "n_nuclei" not in status and "radius_px" not in status
+    status = points.get_status(tuple(points.data[0]), world=False)["coordinates"]
+    assert "COL1A1: not predicted yet" in status
 
     # spots coloured elsewhere (the Predict widget) show up here, colour bar included
     from napari_rapacl._napari._widgets import apply_gene_colors
 
     apply_gene_colors(points, "GAPDH", "plasma", (-1.0, 1.0))
     assert widget._gene.value == "GAPDH" and widget._cmap.value == "plasma"
-    assert widget.limits == (-1.0, 1.0) and widget.colorbar.title.text() == "GAPDH"
+    assert widget.limits == (-1.0, 1.0) and widget.colorbar.title.text() == "GAPDH, log1p(CP10k)"
     # the list follows the layer's features (a prediction landing in them) without recolouring
     points.metadata = {"napari_rapacl": {"genes": ["MKI67", "ERBB2", "GAPDH", "COL1A1"]}}
     points.features = features.assign(MKI67=np.ones(n, np.float32))

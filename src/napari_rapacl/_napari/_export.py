@@ -82,10 +82,10 @@ class ExportWidget(_JobWidget):
 
         layer = self._cells.value
         if layer is None or layer.metadata.get(META_KEY, {}).get("kind") != "nuclei":
-            self._say("choose a nuclei layer (made by Cells)")
+            self._say("choose a nuclei layer: run Cells (Segment) first, then pick its layer here")
             return None
         if path is None or path.suffix.lower() not in (".h5ad", ".csv"):
-            self._say("choose a .h5ad or .csv file to write")
+            self._say("choose a file to write, ending in .h5ad (AnnData) or .csv (a table)")
             return None
         cells = layer.features.drop(columns=["index"], errors="ignore").copy()
         info = layer.metadata.get(META_KEY, {})
@@ -100,17 +100,19 @@ class ExportWidget(_JobWidget):
 
         points = self._spots.value
         if points is None:
-            self._say("choose a spots layer")
+            self._say("choose a spots layer (open a slide with its spots, then Predict)")
             return None
         if path is None or path.suffix.lower() != ".h5ad":
-            self._say("choose a .h5ad file to write")
+            self._say("choose a file to write, ending in .h5ad (AnnData for scanpy/squidpy)")
             return None
         extra: dict[str, Any] = {"export_scope": self._scope.value}
         rows = None
         if self._scope.value == ROI:
             try:
                 if self._roi.value is None:
-                    raise ValueError("choose a Shapes layer holding the ROI")
+                    raise ValueError(
+                        "choose a Shapes layer holding the ROI (draw a rectangle), or 'all predicted'"
+                    )
                 box = shapes_box(self._roi.value, points)
             except ValueError as exc:
                 self._say(f"cannot export: {exc}")
@@ -118,10 +120,13 @@ class ExportWidget(_JobWidget):
             rows = spots_in_box(points.data, box)
             extra["roi"] = list(box)
         meta = {"name": points.name, "features": points.features, "metadata": points.metadata}
+        if rows is not None and len(rows) == 0:
+            self._say("cannot export: no spots in this ROI: draw it over the predicted spots")
+            return None
         try:
             args = export_arguments(np.asarray(points.data), meta, rows=rows)  # copies: the job owns them
         except ValueError as exc:
-            self._say(f"cannot export: {exc} (run Predict)")
+            self._say(f"cannot export: {exc}")
             return None
         args["provenance"].update(extra)
         values, genes, spots = args.pop("values"), args.pop("genes"), args.pop("spots")

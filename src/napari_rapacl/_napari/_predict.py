@@ -21,16 +21,18 @@ from ._common import (
     VISIBLE,
     _JobWidget,
     _nullable,
-    apply_gene_colors,
     colored_by,
     keep_units_consistent,
 )
+from ._genes import most_reliable, spots_base_name, style_spots
 from .layers import (
     META_KEY,
+    box_um,
     dense_layer_data,
     merge_columns,
     slide_from_layer,
     spots_from_layer_data,
+    spots_in_box,
 )
 
 if TYPE_CHECKING:
@@ -73,6 +75,7 @@ class PredictWidget(_JobWidget):
         self._roi = _nullable("napari.layers.Shapes", "ROI")
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
         self._dense = CheckBox(text="dense map (PixNet)", value=True)
+        self._dense_wanted = True  # the user's choice, kept while a model without a dense head is chosen
         super().__init__(
             widgets=[
                 self._image,
@@ -96,7 +99,24 @@ class PredictWidget(_JobWidget):
         self._checkpoint.changed.connect(self._on_checkpoint)
         self._checkpoint.changed.connect(self._preload_model)
         self._model.changed.connect(self._preload_model)
+        self._model.changed.connect(self._update_dense)
+        self._dense.changed.connect(self._on_dense)
         self._preload_model()
+        self._update_dense()
+
+    # -- the dense-map box follows the model ----------------------------------------------------
+    def _on_dense(self, value):
+        if self._dense.enabled:
+            self._dense_wanted = bool(value)
+
+    def _update_dense(self, *_):
+        """Only models with a dense head (PixNet) draw a dense map: the box is unticked and disabled
+        for the others (the user's choice comes back with a dense model)."""
+        dense = "pixnet" in str(self._model.value or "").lower()
+        with self._dense.changed.blocked():
+            self._dense.enabled = dense
+            self._dense.value = self._dense_wanted if dense else False
+        self._dense.tooltip = None if dense else f"{self._model.value} has no dense head (PixNet has)"
 
     # -- model -------------------------------------------------------------------------------
     def _choice(self):
@@ -133,6 +153,7 @@ class PredictWidget(_JobWidget):
         self._model.reset_choices()
         if self._checkpoint_model is not None:
             self._model.value = self._checkpoint_model
+        self._update_dense()
 
     def _preload_model(self, *_):
         """Build the chosen model in the background (imports, weights, the hash that keys its cached
@@ -170,6 +191,9 @@ class PredictWidget(_JobWidget):
         except Exception as exc:  # a message for the user, not a traceback
             self._say(f"cannot predict: {exc}")
             return None
+        if len(spots_in_box(points.data, box)) == 0:
+            self._say(self._no_spots_message(box, slide.mpp))
+            return None
         avoid_llvm_clash()  # before the worker imports torch
         spots = spots_from_layer_data(points.data, points.features, slide.mpp)
         if self._loaded is not None and key == self._loaded_choice:
@@ -192,9 +216,23 @@ class PredictWidget(_JobWidget):
             dense_gene=colored_by(points),  # the map of the gene the spots show (else the first)
             tile_px=self.tile_px,
             view_first=True,  # show the region's spots first, then complete the tiles around it
-            desc=f"predict {box}",
+            desc=f"predict {box_um(box, slide.mpp)}",
             on_done=self._on_done,
         )
+
+    def _no_spots_message(self, box, mpp) -> str:
+        where = box_um(box, mpp)
+        if self._scope.value == ROI:
+            return f"no spots in this ROI ({where}): draw the ROI over the spots, or choose 'all spots'"
+        if self._scope.value == VISIBLE:
+            return (
+                f"no spots in the visible region ({where}): pan or zoom to the spots, or choose 'all spots'"
+            )
+        return "the spots layer holds no spots: open a spot file with the slide"
+
+    def _on_error(self, exc):
+        self._job_open = False
+        self._say(f"prediction failed: {exc}")
 
     def _on_progress(self, progress):
         super()._on_progress(progress)
@@ -232,10 +270,15 @@ class PredictWidget(_JobWidget):
         self.last_result = res
         genes = res.loaded.genes
         n_done = int(np.isfinite(points.features[genes[0]].to_numpy(dtype=float)).sum())
+        seconds = time.perf_counter() - self._pending[-1]
+        if len(res.index) == 0:
+            self._say(self._no_spots_message(res.box, self._pending[3]))
+            return
+        gene = colored_by(points)
         self._say(
-            f"{res.loaded.name}: {len(res.index)} spots in {time.perf_counter() - self._pending[-1]:.1f} s "
-            f"({res.tiles_computed} tiles computed, {res.tiles_cached} cached); "
-            f"{n_done}/{len(points.data)} predicted"
+            f"{res.loaded.name}: {len(res.index)} spots predicted in {seconds:.1f} s "
+            f"({n_done}/{len(points.data)} of the section so far); showing {gene}"
+            + ("" if self._reliability(res) else " (no validation scores stored in this checkpoint)")
         )
 
     def _show_spots(self, res):
@@ -250,6 +293,7 @@ class PredictWidget(_JobWidget):
         model_id = repr(loaded.key)
         reset = info.get("model_id") != model_id  # another model: earlier predictions are stale
         base = points.features
+        reliability = self._reliability(res)
         if reset:  # drop the previous model's genes (this model's are reset to NaN below)
             base = base.drop(columns=[g for g in info.get("genes") or [] if g in base and g not in genes])
         features = merge_columns(base, res.index, res.values, genes, reset=reset)
@@ -266,16 +310,31 @@ class PredictWidget(_JobWidget):
         gene = colored_by(points)
         cmap = getattr(points.face_colormap, "name", "viridis")
         points.features = features
-        info.update(genes=list(genes), provenance=prov, model_id=model_id, radiomics_columns=rad_cols)
+        info.setdefault("base_name", points.name)
+        info.update(
+            genes=list(genes),
+            provenance=prov,
+            model_id=model_id,
+            radiomics_columns=rad_cols,
+            gene_reliability=reliability,
+        )
         points.metadata = {**points.metadata, META_KEY: info}
-        if gene not in genes:  # first prediction: colour by the first gene
-            gene, cmap = genes[0], "viridis"
-        apply_gene_colors(points, gene, cmap if cmap in COLORMAPS else "viridis")
+        if gene not in genes:  # first prediction: the most reliable gene (else the model's first)
+            gene, cmap = most_reliable(list(genes), reliability) or genes[0], "viridis"
+        style_spots(points, gene, cmap if cmap in COLORMAPS else "viridis", viewer=self._viewer)
+
+    @staticmethod
+    def _reliability(res) -> dict[str, float] | None:
+        """The genes' validation r stored in the checkpoint (None for older checkpoints or none)."""
+        rel = getattr(res, "gene_reliability", None)
+        if rel is None:
+            rel = getattr(getattr(res.loaded, "model", None), "gene_reliability", None)
+        return {str(g): float(r) for g, r in rel.items()} if rel else None
 
     def _show_dense(self, res, points, mpp):
         dense = res.dense
         gene = res.dense_gene
-        meta = {"spots": points.name, "region": list(res.box), "model": res.loaded.name}
+        meta = {"spots": spots_base_name(points), "region": list(res.box), "model": res.loaded.name}
         data, kwargs, _ = dense_layer_data(
             dense.values[0], dense.translate_px, dense.px_size, mpp, gene=gene, metadata=meta
         )

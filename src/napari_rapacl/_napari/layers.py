@@ -24,6 +24,23 @@ if TYPE_CHECKING:
 META_KEY = "napari_rapacl"
 #: feature columns that describe a spot rather than a predicted gene
 SPOT_COLUMNS = ("barcode", "radius_px")
+#: the unit of predicted (and measured) expression: ln(1 + 10^4 x / library size)
+EXPRESSION_UNIT = "log1p(CP10k)"
+#: fill opacity of spots (the tissue shows through); the Gene widget lets the user change it
+SPOT_OPACITY = 0.6
+#: outline width of spots, relative to their diameter (thin)
+SPOT_BORDER = 0.04
+#: outline of spots that have no value yet (hollow grey rings)
+NOT_PREDICTED_EDGE = "#b4b4b4"
+#: outline of coloured spots, chosen outside each colormap (viridis ends in yellow, magma in white)
+EDGE_COLOURS = {
+    "viridis": "white",
+    "plasma": "white",
+    "turbo": "white",
+    "magma": "black",
+    "inferno": "black",
+    "gray": "#ff3b30",
+}
 
 
 def _scale(mpp: float | None) -> tuple[tuple[float, float], tuple[str, str] | None]:
@@ -127,18 +144,22 @@ def spots_layer_data(
         "features": features,
         "size": 2.0 * np.asarray(spots.radius, dtype=float),
         "scale": scale,
-        "border_width": 0.05,
-        "border_color": "white",
-        "opacity": 0.9,
+        "border_width": SPOT_BORDER,
+        "border_color": EDGE_COLOURS.get(colormap, "white"),
+        "opacity": SPOT_OPACITY,
         "metadata": {
             META_KEY: {
                 "kind": "spots",
                 "mpp": mpp,
                 "library_id": library_id or name,
+                "base_name": name,
                 "genes": list(genes or []),
                 "slide_path": slide_path,
                 "source": str(spots.source) if spots.source else None,
                 "provenance": provenance or {},
+                # raw counts of the spots (her2st, Visium), rows in the layer's order: the Gene widget
+                # shows the measured expression beside the predicted one and export writes both
+                "counts": getattr(spots, "counts", None),
             }
         },
     }
@@ -148,7 +169,7 @@ def spots_layer_data(
         kwargs.update(color_kwargs(features, color_by, colormap))
     else:
         kwargs["face_color"] = "transparent"
-        kwargs["border_color"] = "yellow"
+        kwargs["border_color"] = NOT_PREDICTED_EDGE
     data = np.column_stack([spots.y, spots.x]).astype(np.float64)
     return data, kwargs, "points"
 
@@ -203,14 +224,14 @@ def export_arguments(data: np.ndarray, meta: dict, *, rows: np.ndarray | None = 
     features = meta["features"]
     genes = [g for g in info.get("genes", []) if g in features.columns]
     if not genes:
-        raise ValueError(
-            f"layer {meta.get('name')!r} holds no predicted genes "
-            "(run a prediction first; metadata['napari_rapacl']['genes'] is empty)"
-        )
+        raise ValueError(f"layer {meta.get('name')!r} holds no predicted genes yet: run Predict on it first")
     ready = predicted_rows(features, genes)
     rows = ready if rows is None else np.intersect1d(np.asarray(rows, dtype=np.int64), ready)
     if len(rows) == 0:
-        raise ValueError(f"layer {meta.get('name')!r}: no spot in the chosen scope has been predicted yet")
+        raise ValueError(
+            f"layer {meta.get('name')!r}: none of the chosen spots has been predicted yet: "
+            "run Predict on them first"
+        )
     spots = spots_from_layer_data(np.asarray(data), features, info.get("mpp")).subset(rows)
     radiomics = None
     cols = radiomics_columns(meta)
@@ -218,7 +239,7 @@ def export_arguments(data: np.ndarray, meta: dict, *, rows: np.ndarray | None = 
         frame = features[cols].iloc[rows].reset_index(drop=True)
         if np.isfinite(frame.to_numpy(dtype=np.float64)).all():
             radiomics = frame
-    return {
+    args = {
         "values": features[genes].to_numpy(dtype=np.float32)[rows],
         "genes": genes,
         "spots": spots,
@@ -228,6 +249,49 @@ def export_arguments(data: np.ndarray, meta: dict, *, rows: np.ndarray | None = 
         "provenance": dict(info.get("provenance") or {}),
         "radiomics": radiomics,
     }
+    # what the job's builder accepts of the rest: the genes' validation r (checkpoint) and the
+    # measured log1p(CP10k) of the same spots and genes (spots with counts)
+    extra: dict[str, Any] = {}
+    if info.get("gene_reliability"):
+        extra["gene_reliability"] = {g: float(r) for g, r in info["gene_reliability"].items() if g in genes}
+    measured = measured_expression(info.get("counts"), genes)
+    if measured is not None:
+        extra["measured"] = {"measured": measured[rows]}
+    args.update(_accepted(extra))
+    return args
+
+
+def _accepted(extra: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``extra`` that :func:`napari_rapacl.jobs.prediction_adata` takes."""
+    import inspect
+
+    from ..jobs import prediction_adata
+
+    params = inspect.signature(prediction_adata).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return extra
+    return {k: v for k, v in extra.items() if k in params}
+
+
+def measured_expression(counts, genes: list[str]) -> np.ndarray | None:
+    """The measured log1p(CP10k) of ``genes`` (spots x genes, float32; zeros for genes absent from the
+    counts) from a spots layer's raw ``counts`` (AnnData, rows in the layer's order), or None."""
+    if counts is None or not genes:
+        return None
+    import warnings
+
+    from ..preprocess import normalize_log1p_cp10k
+
+    with warnings.catch_warnings():  # absent genes are zeros, said elsewhere (measured_genes)
+        warnings.simplefilter("ignore")
+        return np.asarray(normalize_log1p_cp10k(counts, list(genes), missing="zero"), dtype=np.float32)
+
+
+def measured_genes(counts) -> set[str]:
+    """The gene names a spots layer's raw ``counts`` hold (empty without counts)."""
+    if counts is None:
+        return set()
+    return {str(g) for g in counts.var_names}
 
 
 def color_kwargs(features: pd.DataFrame, gene: str, colormap: str = "viridis") -> dict[str, Any]:
@@ -368,6 +432,16 @@ def shapes_box(shapes, image, shape: tuple[int, int] | None = None) -> Box:
     if shape is None and hasattr(image, "rgb"):  # an Image layer: clip to its level 0
         shape = level0_shape(image)
     return clip_box(box, shape)
+
+
+def box_um(box, mpp: float | None) -> str:
+    """A level-0 px box as people read it: ``"1,234 x 987 µm at (2,000, 3,100) µm"`` (rounded; in px
+    when the pixel size is unknown)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if mpp:
+        s = float(mpp)
+        return f"{(x1 - x0) * s:,.0f} x {(y1 - y0) * s:,.0f} µm at ({x0 * s:,.0f}, {y0 * s:,.0f}) µm"
+    return f"{x1 - x0:,.0f} x {y1 - y0:,.0f} px at ({x0:,.0f}, {y0:,.0f}) px"
 
 
 def spots_in_box(data: np.ndarray, box) -> np.ndarray:
