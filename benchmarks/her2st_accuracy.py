@@ -60,13 +60,17 @@ def _section_arrays(name: str, genes: list[str], size: int, mpp: float):
 def run_ridge(fold_list, genes, *, size: int = 112, mpp: float = 1.0) -> dict[str, dict]:
     """The weight-free ridge baseline on every fold."""
     from sklearn.linear_model import Ridge
+    from training.postprocess import choose_sigma, section_xy_um
 
+    from napari_rapacl.datasets import her2st
+    from napari_rapacl.inference import smooth_over_spots
     from napari_rapacl.metrics import pearson_per_gene, summarize
 
     data = {s: _section_arrays(s, genes, size, mpp) for f in fold_list for s in f["test"]}
     for f in fold_list:
         for s in f["train"] + f["val"]:
             data.setdefault(s, _section_arrays(s, genes, size, mpp))
+    xy_um = {s: section_xy_um(s, her2st(s).spots.x, her2st(s).spots.y) for s in data}
     results = {}
     for f in fold_list:
         xtr = np.concatenate([data[s][0] for s in f["train"]])
@@ -80,8 +84,18 @@ def run_ridge(fold_list, genes, *, size: int = 112, mpp: float = 1.0) -> dict[st
             if best is None or score > best[0]:
                 best = (score, alpha, model)
         pred = best[2].predict((xte - mean) / std)
-        results[f["test"][0]] = {**summarize(pred, yte, genes), "alpha": best[1], "val_pcc": float(best[0])}
-        log.info("ridge %s: pcc_m %.3f (alpha %g)", f["test"][0], results[f["test"][0]]["pcc_m"], best[1])
+        test, val = f["test"][0], f["val"][0]
+        sigma, by_sigma = choose_sigma([(best[2].predict((xva - mean) / std), yva, xy_um[val])])
+        raw = summarize(pred, yte, genes)
+        results[test] = {
+            **summarize(smooth_over_spots(pred, xy_um[test], sigma), yte, genes),
+            "pcc_m_raw": raw["pcc_m"],
+            "smooth_sigma_um": sigma,
+            "alpha": best[1],
+            "val_pcc": float(best[0]),
+        }
+        log.info("ridge %s: pcc_m %.3f (raw %.3f, alpha %g, sigma %g)", test,
+                 results[test]["pcc_m"], raw["pcc_m"], best[1], sigma)  # fmt: skip
     return results
 
 
@@ -100,66 +114,107 @@ def _train(config: str, fold: dict, out_dir: Path, extra: list[str]) -> dict:
 
 
 def overrides_for(model: str, overrides: list[str]) -> list[str]:
-    """``key=value`` applies to every deep model, ``model:key=value`` to that model only."""
+    """``key=value`` applies to every deep model, ``model:key=value`` to that model and its variants,
+    ``model@tag:key=value`` to the variant ``model@tag`` only (e.g. ``rapacl@shuffle``, an ablation)."""
     out = []
     for item in overrides:
         head = item.split("=", 1)[0]
         if ":" in head:
             target, rest = item.split(":", 1)
-            if target == model:
+            if target == model or target == model.split("@", 1)[0]:
                 out.append(rest)
         else:
             out.append(item)
     return out
 
 
-def _fold_result(run_dir: Path, test: str) -> dict:
+def _fold_result(run_dir: Path, fold: dict, smooth: bool = True) -> dict:
+    """The test scores of a finished run on the 785 benchmark genes (whatever panel it was trained on),
+    with the spot smoothing chosen on the validation section (stored in ``best.pt``), the unsmoothed
+    score (``pcc_m_raw``) and each marker gene's r (``markers``)."""
+    from training.data import HER2ST_MARKERS
+    from training.postprocess import SMOOTH_GRID_UM, fit_smoothing, section_xy_um
+    from training.run import predict_checkpoint
+
+    from napari_rapacl.datasets import her2st_genes
+    from napari_rapacl.inference import smooth_over_spots
+    from napari_rapacl.metrics import pearson_per_gene, summarize
+    from napari_rapacl.models.checkpoint import read_checkpoint
+
+    test, val = fold["test"][0], fold["val"][0]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    out = {k: v for k, v in metrics["test"][test].items() if not isinstance(v, (list, dict))}
+    ckpt = run_dir / "best.pt"
+    preds = predict_checkpoint(ckpt, [val, test])
+    genes = [str(g) for g in read_checkpoint(ckpt)["genes"]]
+    bench = her2st_genes()
+    cols = [genes.index(g) for g in bench]
+    grid = SMOOTH_GRID_UM if smooth else (0.0,)
+    setting = fit_smoothing(ckpt, [val], score_genes=bench, predictions=preds, grid=grid)
+    p, t = preds[test]["pred"], preds[test]["target"]
+    xy = section_xy_um(test, preds[test]["x"], preds[test]["y"])
+    sm = smooth_over_spots(p, xy, setting["smooth_sigma_um"])
+    out = {
+        k: v for k, v in summarize(sm[:, cols], t[:, cols], bench).items() if not isinstance(v, (list, dict))
+    }
+    out["pcc_m_raw"] = summarize(p[:, cols], t[:, cols], bench)["pcc_m"]
+    out["smooth_sigma_um"] = setting["smooth_sigma_um"]
     out["best_epoch"] = metrics.get("best_epoch")
+    out["n_genes_trained"] = len(genes)
+    markers = [g for g in HER2ST_MARKERS if g in genes]
+    r = pearson_per_gene(sm[:, [genes.index(g) for g in markers]], t[:, [genes.index(g) for g in markers]])
+    out["markers"] = {g: (None if not np.isfinite(v) else float(v)) for g, v in zip(markers, r, strict=True)}
     return out
 
 
-def collect(model: str, fold_list, runs: Path) -> dict:
+def collect(model: str, fold_list, runs: Path, smooth: bool = True) -> dict:
     """Results of the folds whose runs finished (e.g. after an interrupted benchmark), from their
     ``metrics.json``; ``seconds`` is the wall time between the run's config and metrics files."""
+    base, _, tag = model.partition("@")
+    suffix = f"_{tag}" if tag else ""
     results = {}
     for f in fold_list:
         test = f["test"][0]
-        last = runs / (f"rapacl_stage2_{test}" if model == "rapacl" else f"{model}_{test}")
-        first = runs / f"rapacl_stage1_{test}" if model == "rapacl" else last
+        last = runs / (f"rapacl_stage2{suffix}_{test}" if base == "rapacl" else f"{base}{suffix}_{test}")
+        first = runs / f"rapacl_stage1{suffix}_{test}" if base == "rapacl" else last
+        first = first if first.exists() else last
         if not (last / "metrics.json").exists():
             continue
-        results[test] = _fold_result(last, test)
+        results[test] = _fold_result(last, f, smooth=smooth)
         start = (first / "config.yaml").stat().st_mtime
         results[test]["seconds"] = (last / "metrics.json").stat().st_mtime - start
     return results
 
 
 def run_deep(
-    model: str, fold_list, runs: Path, extra: list[str], radiomics_dir: Path | None, save=None
+    model: str, fold_list, runs: Path, extra: list[str], radiomics_dir: Path | None, save=None, smooth=True
 ) -> dict:
     """Train and test ``model`` on every fold; ``save(results)`` is called after each fold."""
     extra = overrides_for(model, extra)
+    base, _, tag = model.partition("@")
+    suffix = f"_{tag}" if tag else ""
     results = {}
     for f in fold_list:
         test = f["test"][0]
         t0 = time.perf_counter()
-        if model == "rapacl":
+        if base == "rapacl":
             if radiomics_dir is None:
                 raise SystemExit("rapacl needs --radiomics-dir with her2st_<section>.parquet tables")
             tables = [f"data.radiomics_table={radiomics_dir}/her2st_{{section}}.parquet"]
+            # a variant (ablation) starts Stage 2 from the main model's Stage 1 when that exists
             stage1 = runs / f"rapacl_stage1_{test}"
-            _train("rapacl_stage1_her2st.yaml", f, stage1, tables + extra)
+            if not (tag and (stage1 / "best.pt").is_file()):
+                stage1 = runs / f"rapacl_stage1{suffix}_{test}"
+                _train("rapacl_stage1_her2st.yaml", f, stage1, tables + extra)
             result = _train(
-                "rapacl_stage2_her2st.yaml", f, runs / f"rapacl_stage2_{test}",
+                "rapacl_stage2_her2st.yaml", f, runs / f"rapacl_stage2{suffix}_{test}",
                 tables + [f"model.init_checkpoint={stage1 / 'best.pt'}", *extra],
             )  # fmt: skip
         else:
-            result = _train(f"{model}_her2st.yaml", f, runs / f"{model}_{test}", extra)
-        results[test] = _fold_result(Path(result.out_dir), test)
+            result = _train(f"{base}_her2st.yaml", f, runs / f"{base}{suffix}_{test}", extra)
+        results[test] = _fold_result(Path(result.out_dir), f, smooth=smooth)
         results[test]["seconds"] = time.perf_counter() - t0
-        log.info("%s %s: pcc_m %.3f", model, test, results[test]["pcc_m"])
+        r = results[test]
+        log.info("%s %s: pcc_m %.3f (unsmoothed %.3f)", model, test, r["pcc_m"], r["pcc_m_raw"])
         if save is not None:
             save(results)
     return results
@@ -168,18 +223,43 @@ def run_deep(
 def table(results: dict) -> str:
     secs = list(HER2ST_SECTIONS)
     lines = [
-        "| model | " + " | ".join(secs) + " | mean |",
-        "|---|" + "---|" * (len(secs) + 1),
+        "| model | " + " | ".join(secs) + " | mean | mean of done folds | unsmoothed (same folds) |",
+        "|---|" + "---|" * (len(secs) + 3),
         "| Reg2ST (published, 31 training sections) | "
         + " | ".join(f"{HER2ST_PUBLISHED_REG2ST[s]:.3f}" for s in secs)
-        + f" | {np.mean([HER2ST_PUBLISHED_REG2ST[s] for s in secs]):.3f} |",
+        + f" | {np.mean([HER2ST_PUBLISHED_REG2ST[s] for s in secs]):.3f} | | |",
     ]
     for model, per in results.items():
         vals = [per.get(s, {}).get("pcc_m") for s in secs]
+        raw = [per.get(s, {}).get("pcc_m_raw") for s in secs]
         shown = [f"{v:.3f}" if v is not None else "-" for v in vals]
         done = [v for v in vals if v is not None]
         mean = f"{np.mean(done):.3f}" if len(done) == len(secs) else "-"
-        lines.append(f"| {model} | " + " | ".join(shown) + f" | {mean} |")
+        part = f"{np.mean(done):.3f} ({len(done)})" if done else "-"
+        raw_done = [r for v, r in zip(vals, raw, strict=True) if v is not None and r is not None]
+        unsm = f"{np.mean(raw_done):.3f}" if raw_done and len(raw_done) == len(done) else "-"
+        lines.append(f"| {model} | " + " | ".join(shown) + f" | {mean} | {part} | {unsm} |")
+    return "\n".join(lines)
+
+
+def marker_table(results: dict) -> str:
+    """Mean r of each marker gene over the finished folds, per model."""
+    markers: list[str] = []
+    for per in results.values():
+        for res in per.values():
+            markers += [g for g in res.get("markers") or {} if g not in markers]
+    if not markers:
+        return ""
+    lines = ["| model | " + " | ".join(markers) + " |", "|---|" + "---|" * len(markers)]
+    for model, per in results.items():
+        cells = []
+        for g in markers:
+            vals = [
+                res["markers"][g] for res in per.values() if (res.get("markers") or {}).get(g) is not None
+            ]
+            cells.append(f"{np.mean(vals):.3f}" if vals else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -194,6 +274,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--radiomics-dir", default=None)
     parser.add_argument(
         "--collect", action="store_true", help="only read the finished runs under --runs into --out"
+    )
+    parser.add_argument(
+        "--no-smooth",
+        action="store_true",
+        help="no test-time spot smoothing (chosen on validation otherwise)",
     )
     parser.add_argument(
         "overrides",
@@ -221,17 +306,20 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         t0 = time.perf_counter()
         if args.collect:
-            per = {} if model == "ridge" else collect(model, fold_list, Path(args.runs))
+            per = {} if model == "ridge" else collect(model, fold_list, Path(args.runs), not args.no_smooth)
         elif model == "ridge":
             per = run_ridge(fold_list, genes)
         else:
             rad = Path(args.radiomics_dir) if args.radiomics_dir else None
             per = run_deep(
-                model, fold_list, Path(args.runs), list(args.overrides), rad, lambda r, m=model: save(m, r)
-            )
+                model, fold_list, Path(args.runs), list(args.overrides), rad,
+                lambda r, m=model: save(m, r), smooth=not args.no_smooth,
+            )  # fmt: skip
         save(model, per)
         log.info("%s done in %.0f s", model, time.perf_counter() - t0)
     print(table(results))
+    print()
+    print(marker_table(results))
 
 
 if __name__ == "__main__":

@@ -287,3 +287,25 @@ def postprocess_setting(payload: dict | None) -> dict[str, Any]:
     if not payload:
         return {}
     return dict(payload.get("postprocess") or {})
+
+
+def model_postprocess(model: Any, checkpoint: str | None = None) -> dict[str, Any]:
+    """The test-time post-processing of a loaded model (``postprocess`` of its checkpoint), read from
+    ``checkpoint`` once and remembered on the model as ``model.postprocess``; ``{}`` without one."""
+    setting = getattr(model, "postprocess", None)
+    if setting is None:
+        setting = {}
+        if checkpoint is not None:
+            from .models.checkpoint import read_checkpoint
+
+            setting = postprocess_setting(read_checkpoint(checkpoint))
+        model.postprocess = setting
+    return setting
+
+
+def postprocess_spots(values: np.ndarray, xy_um: np.ndarray | None, setting: dict[str, Any]) -> np.ndarray:
+    """Apply a checkpoint's ``postprocess`` setting to spot predictions ``(n, genes)`` at ``xy_um``."""
+    sigma = float(setting.get("smooth_sigma_um") or 0.0)
+    if sigma <= 0 or xy_um is None or len(values) == 0:
+        return values
+    return smooth_over_spots(values, xy_um, sigma)

@@ -517,7 +517,14 @@ class RaPaCL(nn.Module):
         pred = self(image, radiomics)
         if target.shape != pred.shape:
             raise RapaclInputError(f"target must have shape {tuple(pred.shape)}, got {tuple(target.shape)}")
-        return mse_loss_dict(pred, target.float())
+        out = mse_loss_dict(pred, target.float())
+        if self.config.pcc_weight > 0:
+            from .pixnet import pcc_loss
+
+            one_minus_r, _ = pcc_loss(pred, target)
+            out["pcc"] = (1.0 - one_minus_r).detach()
+            out["loss"] = out["loss"] + self.config.pcc_weight * one_minus_r
+        return out
 
     def check_can_predict(self) -> None:
         """Raise :class:`RapaclInputError` for a Stage 1 model: its gene head was never trained."""

@@ -82,6 +82,9 @@ class RaPaCLConfig(ModelConfig):
         Also feed the z-scored radiomics themselves (not only the transformer's ``z_rad``) to the gene
         head: ``gene_head([z_img ; z_rad ; radiomics])`` (a lever of issue #12: "radiomics features into
         the head"; the Stage 1 gene head is never trained, so Stage 1 may differ here).
+    pcc_weight
+        Stage 2 loss ``MSE + pcc_weight * (1 - PCC)`` (PCC per gene across the batch's spots, as
+        PixNet's loss; 0 = the paper's MSE only).
     radiomics_ablation
         ``"none"``; ``"shuffle"`` (the radiomics rows are permuted within every batch, in training and
         prediction, so no spot sees its own) or ``"zero"`` (all radiomics replaced by 0, the training
@@ -121,6 +124,7 @@ class RaPaCLConfig(ModelConfig):
     encoder_lr_scale: float = 1.0
     dropout: float = 0.1
     rad_skip: bool = False
+    pcc_weight: float = 0.0
     radiomics_ablation: str = "none"
     init_checkpoint: str | None = None
 
@@ -163,7 +167,7 @@ class RaPaCLConfig(ModelConfig):
             raise RapaclInputError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 <= self.dropout < 1:
             raise RapaclInputError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("mmcl_weight", "recon_weight", "cls_weight"):
+        for name in ("mmcl_weight", "recon_weight", "cls_weight", "pcc_weight"):
             if not getattr(self, name) >= 0:
                 raise RapaclInputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("path_proj_lr_scale", "encoder_lr_scale"):
