@@ -557,3 +557,33 @@ def test_convert_jpeg_to_pyramidal_ome_tiff(tmp_path, capsys):
         main(["convert", str(out), str(out), "--mpp", "0.5", "--overwrite"])  # the input itself
     assert err.value.code == 2 and "input" in capsys.readouterr().err
     assert open_slide(out).mpp == pytest.approx(0.5)  # untouched
+
+
+def test_predict_writes_spatialdata_that_reads_back(synthetic, checkpoint, tmp_path, capsys):
+    """`predict --out x.zarr` writes SpatialData (slide image, spot circles, prediction table) equal to the
+    .h5ad of the same run; an existing store needs --overwrite; read back with spatialdata.read_zarr."""
+    import anndata as ad
+
+    sd = pytest.importorskip("spatialdata")
+    slide_path, spots_path = synthetic
+    common = ("predict", "--slide", slide_path, "--spots", spots_path, "--checkpoint", checkpoint)
+    h5ad, store = tmp_path / "p.h5ad", tmp_path / "p.zarr"
+    code, _, err = _main(capsys, *common, "--device", "cpu", "--out", h5ad)
+    assert code == 0, err
+    code, stdout, err = _main(capsys, *common, "--device", "cpu", "--out", store)
+    assert code == 0, err
+    assert str(store) in stdout
+    sdata = sd.read_zarr(store)
+    table, legacy = sdata.tables["spots"], ad.read_h5ad(h5ad)
+    np.testing.assert_array_equal(np.asarray(table.X), np.asarray(legacy.X))
+    assert list(table.var_names) == ["ERBB2", "GAPDH", "ACTB"]
+    assert list(table.obs_names) == list(legacy.obs_names)
+    (name,) = sdata.shapes
+    np.testing.assert_allclose(sdata.shapes[name].geometry.x, legacy.obsm["spatial"][:, 0])
+    (image,) = sdata.images
+    assert sdata.images[image]["scale0"]["image"].shape == (3, 600, 800)
+    code, _, err = _main(capsys, *common, "--device", "cpu", "--out", store)
+    assert code == 2 and "--overwrite" in err
+    code, _, err = _main(capsys, *common, "--device", "cpu", "--out", store, "--overwrite")
+    assert code == 0, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left

@@ -142,9 +142,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     out_path = check_output(
         args.out,
-        suffixes=(".h5ad",),
+        suffixes=(".h5ad", ".zarr"),
         inputs=[args.slide, args.spots, args.checkpoint, Path(args.checkpoint).with_suffix(".yaml")],
         overwrite=args.overwrite,
+        folder=Path(args.out).suffix.lower() == ".zarr",  # a SpatialData store is a folder
     )
     if args.library_id is not None and (not args.library_id.strip() or "/" in args.library_id):
         raise RapaclInputError(f"--library-id {args.library_id!r}: must be a non-empty name without '/'")
@@ -185,7 +186,15 @@ def _predict(args: argparse.Namespace) -> int:
             "scheduler": args.scheduler or "none",
         },
     )
-    out = write_h5ad(adata, out_path)
+    if out_path.suffix.lower() == ".zarr":
+        from .export_spatialdata import iter_write_spatialdata
+
+        out = run_to_completion(
+            iter_write_spatialdata(adata, out_path, slide, overwrite=args.overwrite),
+            _progress_logger("SpatialData"),
+        )
+    else:
+        out = write_h5ad(adata, out_path)
     extra = " with their spot radiomics" if result.radiomics is not None else ""
     print(
         f"predicted {len(result.genes)} genes at {len(result.index)} spots{extra} "
@@ -349,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--spots", required=True, help="spot file or Space Ranger folder")
     pred.add_argument("--checkpoint", required=True, help="a napari-rapacl checkpoint (.pt)")
     pred.add_argument("--model", default=None, help="expected registry name (checked against the checkpoint)")
-    pred.add_argument("--out", required=True, help="output .h5ad (never one of the inputs)")
+    pred.add_argument(
+        "--out",
+        required=True,
+        help="output .h5ad (AnnData) or .zarr (SpatialData: slide, spot circles, table); never an input",
+    )
     pred.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     pred.add_argument(
         "--roi", type=parse_roi, default=None, help="x0,y0,x1,y1 in level-0 px: only spots inside"

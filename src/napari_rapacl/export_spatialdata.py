@@ -1,0 +1,221 @@
+"""Export predictions as SpatialData (``.zarr``) for napari-spatialdata, spatialdata-plot and squidpy.
+
+Layout of ``out.zarr`` (``docs/ecosystem.md`` section 3.2), for a library ``lib``:
+
+* ``images/{lib}_wsi``: the slide as a multiscale ``(c, y, x)`` uint8 image (``c`` = ``r, g, b``, the
+  channel names napari-spatialdata needs to show it as RGB), levels by 2 down to ~1024 px, written
+  chunk by chunk from the lazy slide (level 0 is never held in memory whole).
+* ``shapes/{lib}_spots``: one circle per spot (a ``Point`` at the spot centre and its ``radius``),
+  index = ``instance_id`` (0..n-1).
+* ``tables/spots``: the prediction AnnData of :func:`napari_rapacl.jobs.prediction_adata` (genes in
+  ``var``, predictions in ``X``, ``obsm['spatial']``, ``uns['spatial']`` with hires/lowres for the legacy
+  scanpy/squidpy tools, provenance in ``uns['napari_rapacl']``) annotating the circles:
+  ``obs['region']`` (categorical, ``{lib}_spots``) and ``obs['instance_id']``
+  (``uns['spatialdata_attrs']`` written by ``TableModel.parse``).
+
+Coordinate systems: ``global`` is level-0 pixels (the frame of ``obsm['spatial']``; identity for the image
+and the circles) and, when the pixel size is known, ``um`` (micrometres: ``Scale(mpp)`` on both), so
+that the image, the circles and their radii line up in either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._errors import CorruptFileError, RapaclInputError, UnsupportedFormatError
+from .progress import Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from .io.slide import Slide
+
+__all__ = [
+    "SPOTS_TABLE",
+    "iter_write_spatialdata",
+    "read_spatialdata_prediction",
+    "to_spatialdata",
+    "write_spatialdata",
+]
+
+#: Name of the spot table in ``sdata.tables``.
+SPOTS_TABLE = "spots"
+REGION_KEY = "region"
+INSTANCE_KEY = "instance_id"
+UM_SYSTEM = "um"
+#: Stop adding image levels once the longest side is below this many pixels.
+MIN_LEVEL_SIZE = 1024
+IMAGE_CHUNK = 1024
+
+
+def _library_id(adata: AnnData) -> str:
+    spatial = adata.uns.get("spatial")
+    if isinstance(spatial, dict) and len(spatial) == 1:
+        return str(next(iter(spatial)))
+    libs = adata.obs["library_id"].unique() if "library_id" in adata.obs else []
+    return str(libs[0]) if len(libs) == 1 else "sample"
+
+
+def _element_name(library_id: str, what: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in library_id) or "sample"
+    return f"{safe}_{what}"
+
+
+def _mpp(adata: AnnData, slide: Slide | None) -> float | None:
+    if slide is not None and slide.mpp is not None:
+        return float(slide.mpp)
+    lib = _library_id(adata)
+    sf = adata.uns.get("spatial", {}).get(lib, {}).get("scalefactors", {})
+    value = sf.get("microns_per_pixel")
+    return float(value) if value is not None else None
+
+
+def _scale_factors(height: int, width: int) -> list[int]:
+    factors = []
+    h, w = height, width
+    while max(h, w) >= 2 * MIN_LEVEL_SIZE and min(h, w) >= 4:
+        factors.append(2)
+        h, w = h // 2, w // 2
+    return factors
+
+
+def to_spatialdata(adata: AnnData, slide: Slide | None = None) -> SpatialData:
+    """A :class:`spatialdata.SpatialData` of a prediction AnnData (see the module doc for the layout).
+
+    ``adata`` is a prediction AnnData (:func:`napari_rapacl.jobs.prediction_adata`: barcodes as
+    ``obs_names``, ``obsm['spatial']`` in level-0 px, ``obs['radius']`` in level-0 px); ``slide`` adds the
+    image (lazy: nothing is read until the object is written). Raises :class:`RapaclInputError` for an
+    AnnData without spot centres or radii.
+    """
+    import geopandas as gpd
+    import pandas as pd
+    from shapely import points
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    if "spatial" not in adata.obsm or np.asarray(adata.obsm["spatial"]).shape != (adata.n_obs, 2):
+        raise RapaclInputError("the predictions have no obsm['spatial'] (x, y) spot centres to place")
+    if "radius" not in adata.obs:
+        raise RapaclInputError("the predictions have no obs['radius'] (spot radius, level-0 px)")
+    lib = _library_id(adata)
+    mpp = _mpp(adata, slide)
+
+    def transforms() -> dict[str, Any]:
+        out: dict[str, Any] = {"global": Identity()}
+        if mpp is not None:
+            out[UM_SYSTEM] = Scale([mpp, mpp], axes=("y", "x"))
+        return out
+
+    images = {}
+    if slide is not None:
+        level0 = slide.levels[0]  # (y, x, 3) dask uint8
+        height, width = slide.shape
+        cyx = level0.transpose(2, 0, 1).rechunk((3, IMAGE_CHUNK, IMAGE_CHUNK))
+        images[_element_name(lib, "wsi")] = Image2DModel.parse(
+            cyx,
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            scale_factors=_scale_factors(height, width) or None,
+            chunks=(3, IMAGE_CHUNK, IMAGE_CHUNK),
+            transformations=transforms(),
+        )
+
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    radius = np.asarray(adata.obs["radius"], dtype=np.float64)
+    if not np.all(np.isfinite(radius)) or (radius <= 0).any():
+        raise RapaclInputError("obs['radius'] must be finite and > 0 for every spot (level-0 px)")
+    n = adata.n_obs
+    circles = gpd.GeoDataFrame({"radius": radius}, geometry=points(xy), index=pd.RangeIndex(n, name=None))
+    spots_name = _element_name(lib, "spots")
+    shapes = {spots_name: ShapesModel.parse(circles, transformations=transforms())}
+
+    table = adata.copy()
+    table.obs[REGION_KEY] = pd.Categorical([spots_name] * n)
+    table.obs[INSTANCE_KEY] = np.arange(n, dtype=np.int64)
+    table = TableModel.parse(table, region=spots_name, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    return SpatialData(images=images, shapes=shapes, tables={SPOTS_TABLE: table})
+
+
+def iter_write_spatialdata(
+    adata: AnnData, path: str | os.PathLike, slide: Slide | None = None, *, overwrite: bool = False
+) -> Generator[Progress, None, Path]:
+    """:func:`to_spatialdata` written to ``path`` (a ``.zarr`` folder), as a job: the store is written into
+    a temporary folder beside ``path`` and renamed in at the end (an existing store is replaced only with
+    ``overwrite``, by rename aside, rename in, then delete), so an interruption leaves the old store or the
+    new one, never a half-written one."""
+    from ._atomic import replace_dir
+
+    path = Path(path)
+    if path.suffix.lower() != ".zarr":
+        raise RapaclInputError(f"{path}: a SpatialData store is a folder named *.zarr")
+    if path.exists() and not overwrite:
+        raise RapaclInputError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder not found: {path.parent}")
+    yield Progress("spatialdata", 0, 2)
+    sdata = to_spatialdata(adata, slide)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        sdata.write(tmp, overwrite=False, consolidate_metadata=True)
+        yield Progress("spatialdata", 1, 2)
+        replace_dir(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    yield Progress("spatialdata", 2, 2)
+    return path
+
+
+def write_spatialdata(
+    adata: AnnData, path: str | os.PathLike, slide: Slide | None = None, *, overwrite: bool = False
+) -> Path:
+    """:func:`iter_write_spatialdata` run to completion."""
+    from .progress import run_to_completion
+
+    return run_to_completion(iter_write_spatialdata(adata, path, slide, overwrite=overwrite))
+
+
+def read_spatialdata_prediction(path: str | os.PathLike) -> tuple[SpatialData, AnnData]:
+    """Open a store written by :func:`write_spatialdata`: the SpatialData and its spot table, checked
+    (the table annotates the circles through ``region``/``instance_id``, one row per circle).
+
+    Raises ``FileNotFoundError`` (no such store), :class:`CorruptFileError` (not readable as SpatialData)
+    or :class:`UnsupportedFormatError` (a SpatialData store without a napari-rapacl spot table).
+    """
+    import spatialdata as sd
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"SpatialData store not found: {path}")
+    try:
+        sdata = sd.read_zarr(path)
+    except Exception as exc:  # zarr/ome-zarr/spatialdata raise many types on damaged stores
+        raise CorruptFileError(f"cannot read {path} as SpatialData: {type(exc).__name__}: {exc}") from exc
+    if SPOTS_TABLE not in sdata.tables:
+        raise UnsupportedFormatError(
+            f"{path} is a SpatialData store without a '{SPOTS_TABLE}' table: not a napari-rapacl prediction"
+        )
+    table = sdata.tables[SPOTS_TABLE]
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region = attrs.get("region")
+    region = region if isinstance(region, str) else (list(region)[0] if len(region or []) == 1 else None)
+    if region is None or region not in sdata.shapes:
+        raise UnsupportedFormatError(f"{path}: the '{SPOTS_TABLE}' table does not annotate a shapes element")
+    circles = sdata.shapes[region]
+    ids = np.asarray(table.obs[attrs.get("instance_key", INSTANCE_KEY)])
+    if len(circles) != table.n_obs or not np.array_equal(np.sort(ids), np.sort(np.asarray(circles.index))):
+        raise CorruptFileError(
+            f"{path}: the '{SPOTS_TABLE}' table ({table.n_obs} rows) does not match the {len(circles)} "
+            f"circles of '{region}'"
+        )
+    return sdata, table
