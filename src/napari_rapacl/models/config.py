@@ -33,11 +33,16 @@ class ModelConfig:
         Side of the square input patch in pixels.
     mpp
         Microns per pixel of the input patch; patches are resampled to it from the slide.
+    freeze_backbone
+        Freeze the image encoder (``model.encoder``): no gradients, eval mode kept during training
+        (BatchNorm statistics frozen), so only the rest of the model learns. For pretrained
+        (foundation) encoders; see :func:`napari_rapacl.models.backbones.freeze_encoder`.
     """
 
     n_genes: int = 785
     patch_size: int = 224
     mpp: float = 0.5
+    freeze_backbone: bool = False
 
     def __post_init__(self) -> None:
         if self.n_genes < 1:

@@ -72,7 +72,8 @@ def create_model(name: str, config: ModelConfig | None = None, **overrides: Any)
     Returns
     -------
     torch.nn.Module
-        The model, with ``model.config`` (the typed config) and ``model.model_name`` set.
+        The model, with ``model.config`` (the typed config) and ``model.model_name`` set; its
+        ``encoder`` frozen when ``config.freeze_backbone``.
 
     Examples
     --------
@@ -93,4 +94,11 @@ def create_model(name: str, config: ModelConfig | None = None, **overrides: Any)
     model = builder(config)
     model.config = config
     model.model_name = name
+    if getattr(config, "freeze_backbone", False):
+        encoder = getattr(model, "encoder", None)
+        if encoder is None:
+            raise RapaclInputError(f"model {name!r} has no image encoder to freeze (freeze_backbone=true)")
+        from .backbones import freeze_encoder
+
+        freeze_encoder(encoder)
     return model
