@@ -845,3 +845,51 @@ def test_unknown_gene_panel_names_the_choices(data_dir):
 
     with pytest.raises(RapaclInputError, match="her2st785\\+markers"):
         resolve_gene_list(DataConfig(data_dir=str(data_dir), genes="her2st785+nothing"), [])
+
+
+# ------------------------------------------------------------------------------------------------
+# test-time spot smoothing (issue #12 item 1: a spot-graph lever chosen on the validation section)
+# ------------------------------------------------------------------------------------------------
+def test_smooth_over_spots_is_a_gaussian_mean_over_the_grid():
+    from napari_rapacl.inference import smooth_over_spots, spot_smoothing_matrix
+
+    xy = np.array([[0.0, 0.0], [100.0, 0.0], [200.0, 0.0], [5000.0, 0.0]])
+    pred = np.array([[1.0, 0.0], [2.0, 1.0], [4.0, 0.0], [7.0, 3.0]], dtype=np.float32)
+    assert smooth_over_spots(pred, xy, 0.0) is pred  # off
+    out = smooth_over_spots(pred, xy, 100.0)
+    w = np.exp(-0.5)  # neighbours 100 um away at sigma 100; 200 um (reach 250 um): exp(-2)
+    w2 = np.exp(-2.0)
+    expect0 = (pred[0] + w * pred[1] + w2 * pred[2]) / (1 + w + w2)
+    np.testing.assert_allclose(out[0], expect0, rtol=1e-6)
+    np.testing.assert_allclose(out[3], pred[3])  # an isolated spot keeps its prediction
+    assert out.dtype == np.float32
+    m = spot_smoothing_matrix(xy, 100.0)
+    np.testing.assert_allclose(np.asarray(m.sum(1)).ravel(), 1.0)
+    with pytest.raises(ValueError, match="one row per spot"):
+        smooth_over_spots(pred[:3], xy, 100.0)
+
+
+def test_smoothing_width_is_chosen_on_validation_and_stored_in_the_checkpoint(tmp_path):
+    """Smooth truth + independent noise: smoothing must win on validation; pure-noise-free spots must
+    keep sigma 0. The setting goes into the checkpoint and is read back by the product."""
+    from training.postprocess import choose_sigma, write_postprocess
+
+    from napari_rapacl.inference import model_postprocess, postprocess_spots
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import load_model, save_checkpoint
+
+    rng = np.random.default_rng(0)
+    gx, gy = np.meshgrid(np.arange(20) * 100.0, np.arange(20) * 100.0)
+    xy = np.stack([gx.ravel(), gy.ravel()], 1)
+    truth = np.stack([np.sin(xy[:, 0] / 400.0 + k) + np.cos(xy[:, 1] / 500.0 - k) for k in range(6)], 1)
+    noisy = truth + rng.normal(0, 1.0, truth.shape)
+    sigma, scores = choose_sigma([(noisy, truth, xy)])
+    assert sigma > 0 and scores[sigma] > scores[0.0] + 0.05
+    sigma_clean, _ = choose_sigma([(truth + 0.0, truth + rng.normal(0, 1e-3, truth.shape), xy)])
+    assert sigma_clean == 0.0
+    path = save_checkpoint(tmp_path / "m.pt", create_model("stnet_tiny", n_genes=3), genes=["a", "b", "c"])
+    write_postprocess(path, {"smooth_sigma_um": sigma})
+    model, payload = load_model(path)  # weights_only load still works
+    assert model_postprocess(model, str(path)) == {"smooth_sigma_um": sigma}
+    vals = postprocess_spots(noisy.astype(np.float32), xy, model.postprocess)
+    assert not np.allclose(vals, noisy)
