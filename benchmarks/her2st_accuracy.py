@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -200,14 +201,17 @@ def run_deep(
             if radiomics_dir is None:
                 raise SystemExit("rapacl needs --radiomics-dir with her2st_<section>.parquet tables")
             tables = [f"data.radiomics_table={radiomics_dir}/her2st_{{section}}.parquet"]
+            # stage1.KEY=VALUE / stage2.KEY=VALUE: for one stage only (e.g. rapacl:stage1.optim.epochs=6)
+            one = {n: [e.split(".", 1)[1] for e in extra if e.startswith(f"stage{n}.")] for n in (1, 2)}
+            both = [e for e in extra if not e.startswith(("stage1.", "stage2."))]
             # a variant (ablation) starts Stage 2 from the main model's Stage 1 when that exists
             stage1 = runs / f"rapacl_stage1_{test}"
             if not (tag and (stage1 / "best.pt").is_file()):
                 stage1 = runs / f"rapacl_stage1{suffix}_{test}"
-                _train("rapacl_stage1_her2st.yaml", f, stage1, tables + extra)
+                _train("rapacl_stage1_her2st.yaml", f, stage1, tables + both + one[1])
             result = _train(
                 "rapacl_stage2_her2st.yaml", f, runs / f"rapacl_stage2{suffix}_{test}",
-                tables + [f"model.init_checkpoint={stage1 / 'best.pt'}", *extra],
+                tables + [f"model.init_checkpoint={stage1 / 'best.pt'}", *both, *one[2]],
             )  # fmt: skip
         else:
             result = _train(f"{base}_her2st.yaml", f, runs / f"{base}{suffix}_{test}", extra)
@@ -297,11 +301,20 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
 
     def save(model: str, per: dict) -> None:
-        results.setdefault(model, {}).update(per)
+        # merged into the file's current content under a lock: benchmark processes running other
+        # models or folds at the same time keep their results
+        import fcntl
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out)
+        with open(out.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = json.loads(out.read_text()) if out.exists() else {}
+            current.setdefault(model, {}).update(per)
+            results.clear()
+            results.update(current)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(results, indent=2))
+            tmp.replace(out)
 
     for model in args.models:
         t0 = time.perf_counter()
