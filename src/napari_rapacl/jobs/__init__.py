@@ -34,6 +34,7 @@ from ._cells import (
 )
 from ._export import RADIOMICS_KEY, iter_export, predicted_rows, prediction_adata, result_adata
 from ._models import LoadedModel, default_genes, load_model_choice, preload_model, user_models
+from ._nuclei_model import iter_build_nuclei_model
 from ._open import Opened, iter_open, iter_open_sample, open_inputs, spots_library_id
 from ._predict import PredictResult, iter_predict
 
@@ -48,6 +49,7 @@ __all__ = [
     "default_genes",
     "feature_column",
     "iter_cell_table",
+    "iter_build_nuclei_model",
     "iter_cells",
     "iter_export",
     "iter_open",

@@ -21,6 +21,10 @@ The package's modules (import the public names from here):
 ``_cellpose``
     cellpose: model lookup (:func:`resolve_cellpose_model`), loading and cache
     (:func:`load_cellpose_model`), offline detection (:class:`CellposeModelUnavailableError`).
+``_cellpose_train``
+    The project's own cellpose nucleus model (:data:`PROJECT_NUCLEI_MODEL`), trained on TNBC patients
+    01-08 with cellpose's training API (:func:`iter_train_nuclei_model`; ``python -m
+    training.cellpose_nuclei``), and its sidecar of inference settings.
 ``_tiling``
     The tiled whole-slide path: a global threshold, overlapping tiles, stitching into zarr.
 
@@ -36,10 +40,18 @@ from ._api import segment_nuclei
 from ._cellpose import (
     CellposeModelUnavailableError,
     cellpose_major_version,
+    cellpose_model_choices,
+    cellpose_model_settings,
     cellpose_models_dir,
     clear_cellpose_cache,
     load_cellpose_model,
     resolve_cellpose_model,
+)
+from ._cellpose_train import (
+    PROJECT_NUCLEI_MODEL,
+    iter_train_nuclei_model,
+    project_nuclei_model_built,
+    project_nuclei_model_path,
 )
 from ._classical import MIN_CONTRAST, MIN_THRESHOLD
 from ._common import (
@@ -60,6 +72,7 @@ __all__ = [
     "METHODS",
     "MIN_CONTRAST",
     "MIN_THRESHOLD",
+    "PROJECT_NUCLEI_MODEL",
     "SEGMENTATION_VERSION",
     "TISSUE_OD",
     "CellposeModelUnavailableError",
@@ -67,11 +80,16 @@ __all__ = [
     "Progress",
     "as_rgb_uint8",
     "cellpose_major_version",
+    "cellpose_model_choices",
+    "cellpose_model_settings",
     "cellpose_models_dir",
     "clear_cellpose_cache",
     "haematoxylin",
     "iter_segment_region",
+    "iter_train_nuclei_model",
     "load_cellpose_model",
+    "project_nuclei_model_built",
+    "project_nuclei_model_path",
     "resolve_cellpose_model",
     "segment_nuclei",
     "region_origin",

@@ -16,7 +16,7 @@ import numpy as np
 
 from .._errors import RapaclInputError
 from .._image import as_rgb_uint8
-from ._cellpose import _cellpose
+from ._cellpose import _cellpose, cellpose_model_settings
 from ._classical import MIN_CONTRAST, MIN_THRESHOLD, _classical, _make_params
 from ._common import (
     DEFAULT_DIAMETER_UM,
@@ -35,7 +35,7 @@ def segment_nuclei(
     method: Method = "classical",
     *,
     diameter_um: float = DEFAULT_DIAMETER_UM,
-    min_area_um2: float = DEFAULT_MIN_AREA_UM2,
+    min_area_um2: float | None = None,
     max_area_um2: float = DEFAULT_MAX_AREA_UM2,
     model: str | os.PathLike | None = None,
     gpu: bool = False,
@@ -70,10 +70,16 @@ def segment_nuclei(
         Typical nucleus diameter (um): sets the watershed marker spacing, or cellpose's ``diameter``
         (converted to pixels with ``mpp``).
     min_area_um2, max_area_um2
-        Objects outside this area range (um^2) are removed (both methods).
+        Objects outside this area range (um^2) are removed (both methods). ``min_area_um2=None``: the
+        method's default, :data:`DEFAULT_MIN_AREA_UM2` (12 um^2), or the size filter a project-trained
+        cellpose model was made with (its sidecar's ``min_area_um2``; 4 um^2 for
+        ``rapacl_nuclei_tnbc``).
     model, gpu
-        cellpose only: a model file or name (default ``"nuclei"`` on cellpose 3.x, ``"cpsam"`` on 4.x)
-        and whether to run on a GPU; see :func:`resolve_cellpose_model`.
+        cellpose only: a model file or name (default: the project's ``"rapacl_nuclei_tnbc"`` when it is
+        built, else ``"nuclei"`` on cellpose 3.x; ``"cpsam"`` on 4.x) and whether to run on a GPU; see
+        :func:`resolve_cellpose_model`. A project-trained model (one with a ``.rapacl.json`` sidecar) is
+        run at its training pixel size: the region is resampled to it and ``diameter_um`` only sets
+        the tile overlap.
     threshold
         classical only: a fixed haematoxylin threshold ``T`` (``rgb2hed`` units) instead of the
         region's Otsu threshold (the tiled path passes the one it measured over the whole region).
@@ -112,6 +118,12 @@ def segment_nuclei(
     if method not in METHODS:
         raise RapaclInputError(f"method={method!r} is not one of {', '.join(METHODS)}")
     _require_skimage()
+    if min_area_um2 is None:
+        min_area_um2 = DEFAULT_MIN_AREA_UM2
+        if method == "cellpose":
+            settings = cellpose_model_settings(model)
+            if settings is not None:
+                min_area_um2 = float(settings.get("min_area_um2", DEFAULT_MIN_AREA_UM2))
     p = _make_params(
         mpp,
         diameter_um,

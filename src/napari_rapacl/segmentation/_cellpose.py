@@ -10,6 +10,13 @@ downloaded by cellpose only on a connected machine: with ``$HF_HUB_OFFLINE`` or
 in-process per (file, gpu). Input: on 3.x the haematoxylin image (bright nuclei, one channel),
 on 4.x the RGB image (``cellpose_input=`` overrides). A region with no tissue is not sent to
 cellpose (all-zero labels).
+
+The project's own nucleus model (:data:`PROJECT_NUCLEI_MODEL`, built by ``python -m
+training.cellpose_nuclei``, see :mod:`._cellpose_train`) is a cellpose 3.x model file with a JSON
+sidecar: it is the default model when it is built (cellpose's pretrained names stay available by
+name), the region is resampled to its training pixel size and fed its training input (the
+haematoxylin channel), and its sidecar's size filter is the default one. Without it and without a
+usable pretrained model, the error names the command that builds it.
 """
 
 from __future__ import annotations
@@ -152,6 +159,12 @@ def _user_models(models_dir: Path) -> list[str]:
         return []
 
 
+def _project_model() -> tuple[str, Path]:
+    from ._cellpose_train import PROJECT_NUCLEI_MODEL, project_nuclei_model_path
+
+    return PROJECT_NUCLEI_MODEL, project_nuclei_model_path()
+
+
 def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
     """The local file of a cellpose model, downloading a named one only on a connected machine.
 
@@ -162,7 +175,8 @@ def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
     ----------
     model
         A file path, or a cellpose model name (cellpose 3.x: ``"nuclei"``, ``"cyto3"``, ... and user
-        models listed in ``gui_models.txt``; 4.x: ``"cpsam"``). ``None``: ``"nuclei"`` on 3.x,
+        models listed in ``gui_models.txt``, and the project's ``"rapacl_nuclei_tnbc"``; 4.x:
+        ``"cpsam"``). ``None``: on 3.x the project's model when it is built, else ``"nuclei"``;
         ``"cpsam"`` on 4.x.
 
     Returns
@@ -179,8 +193,12 @@ def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
         (``$NAPARI_RAPACL_OFFLINE`` / ``$HF_HUB_OFFLINE``) or with the download host unreachable (3 s).
     """
     major = cellpose_major_version()
+    project_name, project_path = _project_model()
+    default = model is None
     if model is None:
         model = "nuclei" if major == 3 else "cpsam"
+        if major == 3 and project_path.is_file():
+            model = project_name
     if isinstance(model, os.PathLike) or _looks_like_path(str(model)):
         path = Path(model).expanduser()
         if not path.is_file():
@@ -197,6 +215,15 @@ def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
     for d in dirs:
         if (d / filename).is_file():
             return d / filename
+    if name == project_name:
+        from ._cellpose_train import not_built_message
+
+        if major != 3:
+            raise CellposeModelUnavailableError(
+                f"cellpose model {name!r} is a cellpose 3.x model and cellpose {major}.x is installed: "
+                "pip install 'cellpose>=3.1,<4', or use model='cpsam'"
+            )
+        raise CellposeModelUnavailableError(f"{not_built_message()} (looked in {dirs[0]})")
     builtin = _CP3_MODEL_NAMES if major == 3 else _CP4_MODEL_NAMES
     if name not in builtin:
         known = sorted(set(builtin) | {m for d in dirs for m in _user_models(d)})
@@ -210,10 +237,17 @@ def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
     if reason is None and not _host_reachable(host):
         reason = f"{host} cannot be reached"
     if reason is not None:
+        build = ""
+        if major == 3:
+            from ._cellpose_train import BUILD_COMMAND, BUILD_TIME
+
+            build = f", build the project's model {project_name!r} with `{BUILD_COMMAND}` ({BUILD_TIME})"
+            if default:
+                build += " (it is then the default)"
         raise CellposeModelUnavailableError(
             f"cellpose model {name!r} (file {filename}) is not in {where} and {reason}, so it cannot be "
             "downloaded; copy the file there (or point CELLPOSE_LOCAL_MODELS_PATH at its folder), pass "
-            "model=<path to a model file>, or use method='classical' (no weights needed)"
+            f"model=<path to a model file>{build}, or use method='classical' (no weights needed)"
         )
     # connected: let cellpose download it into its own models folder
     models = _import_cellpose()  # pragma: no cover - needs the network
@@ -221,6 +255,86 @@ def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
     if not path.is_file():  # pragma: no cover
         raise CellposeModelUnavailableError(f"cellpose could not download model {name!r} to {path}")
     return path  # pragma: no cover
+
+
+_SETTINGS_CACHE: dict[tuple[str, int], dict[str, Any] | None] = {}
+
+
+def cellpose_model_settings(model: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The project sidecar of a cellpose model (training pixel size, input, size filter), or None.
+
+    None for cellpose's own models and any model file without a ``<file>.rapacl.json`` beside it.
+    """
+    from ._cellpose_train import read_sidecar, sidecar_path
+
+    path = resolve_cellpose_model(model)
+    side = sidecar_path(path)
+    try:
+        stamp = side.stat().st_mtime_ns
+    except OSError:
+        return None
+    key = (str(side), stamp)
+    if key not in _SETTINGS_CACHE:
+        _SETTINGS_CACHE[key] = read_sidecar(path)
+    return _SETTINGS_CACHE[key]
+
+
+def cellpose_model_choices(probe_network: bool = True, timeout: float = 1.0) -> list[str]:
+    """cellpose model names usable now, for a model picker; never waits more than ``timeout`` s.
+
+    The project's model first when it is built, then the user's models in the cellpose models folder
+    (``gui_models.txt`` entries whose file exists), then cellpose's pretrained models: those whose file
+    is already on this machine, and (3.x ``nuclei``, ``cyto3``; 4.x ``cpsam``) those that can be
+    downloaded, only when the machine is online (not ``$NAPARI_RAPACL_OFFLINE`` / ``$HF_HUB_OFFLINE``,
+    and the download host answers within ``timeout`` s; ``probe_network=False`` skips the probe and
+    offers only local files). An empty list when cellpose is not installed.
+    """
+    try:
+        major = cellpose_major_version()
+    except ImportError:
+        return []
+    models_dir = cellpose_models_dir()
+    names: list[str] = []
+    project_name, project_path = _project_model()
+    if major == 3 and project_path.is_file():
+        names.append(project_name)
+    for name in _user_models(models_dir):
+        if name not in names and name != project_name and (models_dir / name).is_file():
+            names.append(name)
+    builtin = _CP3_MODEL_NAMES if major == 3 else _CP4_MODEL_NAMES
+    for name in builtin:
+        filename = _CP3_FILENAMES.get(name, name) if major == 3 else name
+        if name not in names and (models_dir / filename).is_file():
+            names.append(name)
+    online = (
+        probe_network
+        and _offline_reason() is None
+        and _host_reachable(_CELLPOSE_HOSTS[major], timeout=max(0.1, timeout - 0.5))
+    )
+    if online:
+        for name in ("nuclei", "cyto3") if major == 3 else ("cpsam",):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _load_project_net(models: Any, path: Path, settings: dict[str, Any], use_gpu: bool) -> Any:
+    """A ``CellposeModel`` whose network is the project's U-Net (its width from the sidecar)."""
+    import torch
+    from cellpose.resnet_torch import CPnet
+
+    nbase = [int(c) for c in settings.get("nbase", (2, 32, 64, 128, 256))]
+    diam_mean = float(settings.get("diam_mean", 30.0))
+    net = models.CellposeModel(gpu=use_gpu, pretrained_model=False, diam_mean=diam_mean, nchan=nbase[0])
+    cpnet = CPnet(nbase, 3, sz=3, mkldnn=False, max_pool=True, diam_mean=diam_mean)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    cpnet.load_state_dict(state)
+    net.net = cpnet.to(net.device)
+    net.net.eval()
+    net.diam_mean = float(cpnet.diam_mean.data.cpu().numpy()[0])
+    net.diam_labels = float(cpnet.diam_labels.data.cpu().numpy()[0])
+    net.pretrained_model = str(path)
+    return net
 
 
 def load_cellpose_model(model: str | os.PathLike | None = None, gpu: bool = False) -> Any:
@@ -245,8 +359,11 @@ def load_cellpose_model(model: str | os.PathLike | None = None, gpu: bool = Fals
             if not core.use_gpu():
                 warnings.warn("gpu=True but no usable GPU was found; cellpose runs on the CPU", stacklevel=2)
                 use_gpu = False
+        settings = cellpose_model_settings(path)
         try:
-            if major == 3:
+            if settings is not None:
+                net = _load_project_net(models, path, settings, use_gpu)
+            elif major == 3:
                 net = models.CellposeModel(gpu=use_gpu, pretrained_model=str(path))
             else:
                 net = models.CellposeModel(gpu=use_gpu, pretrained_model=str(path), use_bfloat16=use_gpu)
@@ -260,9 +377,10 @@ def load_cellpose_model(model: str | os.PathLike | None = None, gpu: bool = Fals
 
 
 def clear_cellpose_cache() -> None:
-    """Forget every cellpose model loaded by :func:`load_cellpose_model`."""
+    """Forget every cellpose model loaded by :func:`load_cellpose_model` (and the sidecars read)."""
     with _CELLPOSE_LOCK:
         _CELLPOSE_CACHE.clear()
+        _SETTINGS_CACHE.clear()
 
 
 def _cellpose(
@@ -274,9 +392,12 @@ def _cellpose(
     cellpose_kwargs: dict[str, Any] | None,
 ) -> np.ndarray:
     major = cellpose_major_version()
+    settings = cellpose_model_settings(model)
     mode = cellpose_input
     if mode == "auto":
         mode = "haematoxylin" if major == 3 else "rgb"
+        if settings is not None:
+            mode = str(settings.get("input", mode))
     if mode not in ("haematoxylin", "rgb"):
         raise RapaclInputError(f"cellpose_input={cellpose_input!r} must be 'auto', 'haematoxylin' or 'rgb'")
     # no tissue -> nothing to segment (cellpose's percentile normalisation would amplify glass noise)
@@ -288,6 +409,9 @@ def _cellpose(
         "diameter": p.diameter_um / p.mpp,
         "min_size": max(1, int(math.floor(p.min_area_um2 / p.mpp**2))),
     }
+    if settings is not None:  # run at the training pixel size: rescale instead of a diameter
+        kwargs["diameter"] = None
+        kwargs["rescale"] = p.mpp / float(settings["train_mpp"])
     if mode == "haematoxylin":
         x = _haematoxylin(rgb)
         if major == 3:
