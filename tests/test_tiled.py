@@ -296,6 +296,53 @@ def test_dask_distributed_local_cluster_equals_in_thread(stnet, slide, spots, re
     assert again.tiles_computed == 0
 
 
+def _slow_square(x: int) -> int:
+    import time
+
+    time.sleep(0.002 * (x % 3))
+    return x * x
+
+
+@pytest.mark.parametrize("scheduler", [None, "threads", "dask"])
+def test_run_tasks_pulls_tasks_lazily_and_bounds_the_work_in_flight(scheduler):
+    """run_tasks takes a generator of tasks and never holds more than ``in_flight`` of them submitted and
+    not yet handed out (a caller builds each task's data only when it is about to run); ``ordered``
+    hands results out in task order; every task runs once on one pool."""
+    from napari_rapacl.tiled import run_tasks
+
+    client = None
+    if scheduler == "dask":
+        distributed = pytest.importorskip("distributed")
+        client = distributed.Client(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        )
+    try:
+        for ordered in (False, True):
+            pulled = []
+
+            def tasks(pulled=pulled):
+                for i in range(40):
+                    pulled.append(i)
+                    yield i, (i,)
+
+            handed = []
+            for tag, result in run_tasks(
+                _slow_square, tasks(), client or scheduler, in_flight=3, ordered=ordered
+            ):
+                assert result == tag * tag
+                handed.append(tag)
+                # at most 3 submitted and not handed out, +1 being pulled for refill after this one
+                assert len(pulled) - len(handed) <= 3
+            assert sorted(handed) == list(range(40))
+            if ordered or scheduler is None:
+                assert handed == list(range(40))
+        with pytest.raises(RapaclInputError, match="in_flight"):
+            list(run_tasks(_slow_square, [(0, (0,))], "threads", in_flight=0))
+    finally:
+        if client is not None:
+            client.close()
+
+
 def test_process_pool_equals_in_thread(stnet, slide, spots, reference):
     box = (0, 0, 250, 250)  # one tile: one spawned worker
     result = predict_region(stnet, slide, *spots, box=box, tile_px=TILE, cache=False, scheduler="processes")

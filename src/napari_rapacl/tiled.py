@@ -63,7 +63,7 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Hashable
+from collections.abc import Callable, Generator, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -808,18 +808,29 @@ def _run_distributed(model, slide, tasks, scheduler) -> Generator[tuple[Any, np.
 
 
 def run_tasks(
-    fn: Callable[..., Any], tasks: list[tuple[Any, tuple]], scheduler: Any = None
+    fn: Callable[..., Any],
+    tasks: Iterable[tuple[Any, tuple]],
+    scheduler: Any = None,
+    *,
+    in_flight: int | None = None,
+    ordered: bool = False,
 ) -> Generator[tuple[Any, Any], None, None]:
-    """Run ``fn(*args)`` for every ``(tag, args)`` and yield ``(tag, result)`` as tasks finish.
+    """Run ``fn(*args)`` for every ``(tag, args)`` and yield ``(tag, result)``.
 
     ``scheduler``: None or ``"synchronous"`` (this thread, in order), ``"threads"``, ``"processes"``
     (spawned; ``fn`` and its arguments must be picklable, module-level) or a ``dask.distributed``
-    Client, cluster or scheduler address (as for :func:`iter_predict_region`). Closing the generator
-    cancels the tasks not started yet.
+    Client, cluster or scheduler address (as for :func:`iter_predict_region`).
+
+    ``tasks`` is consumed lazily: at most ``in_flight`` tasks (default: twice the local workers, or
+    every task for a dask client) are submitted and not yet handed out, so a caller can build each
+    task's arguments (a window of labels, say) only when it is about to run, and memory stays bounded
+    whatever the number of tasks. One pool serves all of them. Results come as they finish, or in task
+    order with ``ordered=True`` (results that finish early wait, and count against ``in_flight``).
+    Closing the generator cancels the tasks not started yet.
     """
     _check_scheduler(scheduler)
-    if not tasks:
-        return
+    if in_flight is not None and in_flight < 1:
+        raise RapaclInputError(f"in_flight must be at least 1, got {in_flight}")
     if scheduler is None or scheduler == "synchronous":
         for tag, args in tasks:
             yield tag, fn(*args)
@@ -831,18 +842,81 @@ def run_tasks(
         if scheduler == "threads":
             pool: cf.Executor = cf.ThreadPoolExecutor(max_workers=_local_workers())
         else:
-            n = min(_local_workers(), len(tasks))
-            pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+            pool = cf.ProcessPoolExecutor(
+                max_workers=_local_workers(), mp_context=multiprocessing.get_context("spawn")
+            )
         try:
-            futures = {pool.submit(fn, *args): tag for tag, args in tasks}
-            for fut in cf.as_completed(futures):
-                yield futures[fut], fut.result()
+            yield from _bounded(
+                tasks,
+                lambda args: pool.submit(fn, *args),
+                lambda fs: cf.wait(fs, return_when=cf.FIRST_COMPLETED).done,
+                in_flight or 2 * _local_workers(),
+                ordered,
+            )
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return
-    yield from _on_client(
-        scheduler, lambda client: {client.submit(fn, *args, pure=False): tag for tag, args in tasks}
-    )
+
+    from distributed import wait
+
+    client, owned = _get_client(scheduler)
+    futures: list = []
+
+    def submit(args: tuple) -> Any:
+        fut = client.submit(fn, *args, pure=False)
+        futures.append(fut)
+        return fut
+
+    try:
+        yield from _bounded(
+            tasks,
+            submit,
+            lambda fs: wait(list(fs), return_when="FIRST_COMPLETED").done,
+            in_flight or math.inf,
+            ordered,
+        )
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
+        if owned:
+            client.close()
+
+
+def _bounded(
+    tasks: Iterable[tuple[Any, tuple]],
+    submit: Callable[[tuple], Any],
+    first_done: Callable[[Any], Any],
+    limit: float,
+    ordered: bool,
+) -> Generator[tuple[Any, Any], None, None]:
+    """The loop of :func:`run_tasks` over futures: keep at most ``limit`` submitted tasks not yet
+    handed out, pull the next task only when one is handed out."""
+    from collections import deque
+
+    todo = iter(tasks)
+    pending: deque = deque()  # (future, tag) in submission order
+
+    def fill() -> None:
+        while len(pending) < limit:
+            item = next(todo, None)
+            if item is None:
+                return
+            tag, args = item
+            pending.append((submit(args), tag))
+
+    fill()
+    while pending:
+        if ordered:
+            fut, tag = pending.popleft()
+        else:
+            done = first_done([f for f, _ in pending])
+            index = next(i for i, (f, _) in enumerate(pending) if f in done)
+            fut, tag = pending[index]
+            del pending[index]
+        result = fut.result()
+        fill()
+        yield tag, result
 
 
 def _check_scheduler(scheduler: Any) -> None:

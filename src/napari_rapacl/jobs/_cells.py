@@ -205,13 +205,11 @@ def iter_cell_table(
     frames = []
     yield Progress("cell radiomics", done, total)
     # label windows are read a few at a time, so a whole slide's labels are never all in memory
-    in_flight = 1 if scheduler is None or scheduler == "synchronous" else 16
-    for start in range(0, len(windows), in_flight):
-        chunk = [(tag, task(mine, *box)) for tag, mine, box in windows[start : start + in_flight]]
-        for _tag, frame in run_tasks(_window_cell_features, chunk, scheduler):
-            frames.append(frame)
-            done += 1
-            yield Progress("cell radiomics", done, total)
+    lazy_tasks = ((tag, task(mine, *box)) for tag, mine, box in windows)
+    for _tag, frame in run_tasks(_window_cell_features, lazy_tasks, scheduler, in_flight=16):
+        frames.append(frame)
+        done += 1
+        yield Progress("cell radiomics", done, total)
     measured = pd.concat(frames).sort_index() if frames else pd.DataFrame(index=pd.Index([], name="label"))
     measured = measured.rename(columns=feature_column)
     table = table.join(measured, on="label", how="left")

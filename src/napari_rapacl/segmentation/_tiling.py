@@ -156,18 +156,17 @@ def _windows_in_order(
 ) -> Generator[tuple[int, np.ndarray], None, None]:
     """``(i, labels)`` of the tile windows in task order, computed here (``scheduler=None``) or on a
     scheduler, at most ``in_flight`` windows at a time (bounded memory: results are stitched in order)."""
-    if scheduler is None or scheduler == "synchronous":
-        for i, args in tasks:
-            yield i, _segment_window(slide, *args)
-        return
     from ..tiled import _SlideRef, run_tasks
 
-    ref = slide if scheduler == "threads" else _SlideRef.of(slide)
-    for start in range(0, len(tasks), in_flight):
-        chunk = tasks[start : start + in_flight]
-        done = dict(run_tasks(_segment_window, [(i, (ref, *args)) for i, args in chunk], scheduler))
-        for i, _ in chunk:
-            yield i, done.pop(i)
+    here = scheduler is None or scheduler in ("synchronous", "threads")
+    ref = slide if here else _SlideRef.of(slide)
+    yield from run_tasks(
+        _segment_window,
+        ((i, (ref, *args)) for i, args in tasks),
+        scheduler,
+        in_flight=in_flight,
+        ordered=True,
+    )
 
 
 def _open_output(
