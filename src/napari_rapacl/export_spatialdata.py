@@ -79,8 +79,8 @@ def _mpp(adata: AnnData, slide: Slide | None) -> float | None:
 
 
 def _scale_factors(height: int, width: int) -> list[int]:
-    factors = []
-    h, w = height, width
+    factors = [2] if min(height, width) >= 4 else []  # always a multiscale image (a DataTree)
+    h, w = height // 2, width // 2
     while max(h, w) >= 2 * MIN_LEVEL_SIZE and min(h, w) >= 4:
         factors.append(2)
         h, w = h // 2, w // 2
