@@ -507,13 +507,13 @@ def test_load_widget_opens_files_and_the_sample(make_napari_viewer, qtbot, data_
     widget._slide.value, widget._spots.value = str(jpg), str(selection)
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
-    image, points = viewer.layers["5714_HE_BT_C2"], viewer.layers["5714_HE_BT_C2 spots"]
+    image, points = viewer.layers["C2"], viewer.layers["C2 spots"]  # named by section (#13)
     assert image.multiscale and image.rgb and len(points.data) == 187
     mpp = image.metadata["napari_rapacl"]["mpp"]
     assert tuple(image.scale) == tuple(points.scale) == (mpp, mpp) and 0.5 < mpp < 2
     assert tuple(str(u) for u in image.units) == ("micrometer", "micrometer")
     np.testing.assert_allclose(points.size, 2 * points.features["radius_px"].to_numpy())  # data px
-    assert "187 spots" in widget.status and "um/px (spot-grid)" in widget.status
+    assert "187 spots" in widget.status and "µm/px (from the spot grid)" in widget.status
     # the spots sit on the tissue: mean intensity under them darker than the slide's background
     level = image.data[-1]
     ds = image.downsample_factors[-1][0]
@@ -533,7 +533,7 @@ def test_load_widget_opens_files_and_the_sample(make_napari_viewer, qtbot, data_
     widget._mpp.value = 0.2527
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
-    image, points = viewer.layers["5714_HE_BT_C2"], viewer.layers["5714_HE_BT_C2 spots"]
+    image, points = viewer.layers["C2"], viewer.layers["C2 spots"]  # named by section (#13)
     assert tuple(image.scale) == tuple(points.scale) == pytest.approx((0.2527, 0.2527))
     assert image.metadata["napari_rapacl"]["mpp_source"] == "caller"
 

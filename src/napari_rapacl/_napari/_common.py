@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,10 +14,12 @@ import numpy as np
 from magicgui.widgets import (
     Container,
     Label,
+    ProgressBar,
     PushButton,
     create_widget,
 )
 
+from ..jobs._estimate import Estimate, eta_seconds, format_duration
 from .layers import (
     META_KEY,
     SPOT_COLUMNS,
@@ -168,6 +172,56 @@ def keep_units_consistent(viewer) -> None:
     _UNITS_HOOKED.add(viewer)
 
 
+def um_range(lo: float, hi: float) -> str:
+    """``"-3,000 to -2,500 µm"``: a world interval rounded to whole microns, for people."""
+    return f"{lo:,.0f} to {hi:,.0f} µm"
+
+
+def world_box_text(ymin: float, xmin: float, ymax: float, xmax: float, units: str = "µm") -> str:
+    """A world rectangle for people: ``"x 120 to 860 µm, y 40 to 300 µm"`` (rounded)."""
+    if units == "µm":
+        return f"x {um_range(xmin, xmax)}, y {um_range(ymin, ymax)}"
+    return f"x {xmin:,.0f} to {xmax:,.0f} {units}, y {ymin:,.0f} to {ymax:,.0f} {units}"
+
+
+def _world_units(layer) -> str:
+    names = _unit_names(layer)
+    return "µm" if names and names[-1] in ("micrometer", "um", "µm") else "px"
+
+
+def image_world_box(image) -> tuple[float, float, float, float]:
+    """``(ymin, xmin, ymax, xmax)`` of an Image layer's level 0 in world units (scale and translate)."""
+    h, w = level0_shape(image)
+    sy, sx = (float(v) for v in np.asarray(image.scale, dtype=float)[-2:])
+    ty, tx = (float(v) for v in np.asarray(image.translate, dtype=float)[-2:])
+    return ty, tx, ty + h * sy, tx + w * sx
+
+
+def beside_offset(viewer, gap_fraction: float = 0.05) -> tuple[float, float] | None:
+    """Where a new slide goes so that it does not cover those already open: ``(0, x)`` in world units,
+    right of the rightmost slide plus a gap (``gap_fraction`` of its width), or None when no slide is
+    open."""
+    right, width = None, 0.0
+    for layer in viewer.layers:
+        info = layer.metadata.get(META_KEY, {}) if isinstance(layer.metadata, dict) else {}
+        if info.get("kind") != "slide":
+            continue
+        _, x0, _, x1 = image_world_box(layer)
+        if right is None or x1 > right:
+            right, width = x1, x1 - x0
+    if right is None:
+        return None
+    return 0.0, right + gap_fraction * width
+
+
+def ask_yes_no(parent, title: str, text: str) -> bool:
+    """A modal Yes/No question (No by default)."""
+    from qtpy.QtWidgets import QMessageBox
+
+    answer = QMessageBox.question(parent, title, text, QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+    return answer == QMessageBox.Yes
+
+
 def _nullable(annotation: str, label: str):
     return create_widget(annotation=annotation, label=label, options={"nullable": True})
 
@@ -193,7 +247,15 @@ def _guarded(gen_fn, *args, **kwargs):
 # base: a widget that runs one generator job at a time
 # --------------------------------------------------------------------------------------------
 class _JobWidget(Container):
-    """Run/Cancel buttons, a status line, and one ``thread_worker`` job at a time."""
+    """Run/Cancel buttons, a progress bar with the time elapsed and left, a status line, and one
+    ``thread_worker`` job at a time.
+
+    The bar is the widget's own (it works without napari's activity dock, which stays off under
+    software OpenGL): each :class:`~napari_rapacl.progress.Progress` the job yields sets it, and the
+    line under it reads ``"segment: 56/100 · 52 s elapsed · about 40 s left"`` (the time left is
+    extrapolated from the current stage's rate). A job whose :class:`~napari_rapacl.jobs._estimate.Estimate`
+    is above its threshold asks first through :attr:`confirm` (a Yes/No dialog; tests replace it).
+    """
 
     run_text = "Run"
     #: a progress bar in napari's activity dock for each job (False: the status line only). ``None``:
@@ -202,18 +264,26 @@ class _JobWidget(Container):
     #: CPU -- measured at about 3/4 of a 2-core machine, making a prediction ~4x slower
     #: (benchmarks/README.md, "Viewer responsiveness").
     show_progress: bool | None = None
+    #: ``confirm(question) -> bool``: asked before a job estimated above its threshold; the default
+    #: shows a Yes/No dialog. Replace it on an instance (tests answer programmatically).
+    confirm: Callable[[str], bool] | None = None
 
     def _init_job(self):
         self._run = PushButton(text=self.run_text)
         self._cancel = PushButton(text="Cancel", enabled=False)
+        self._bar = ProgressBar(value=0, min=0, max=1, visible=False, label="")
+        self._bar.native.setTextVisible(True)
+        self._bar.native.setFormat("%v / %m")
         self._status = Label(value="")
         self._status.native.setWordWrap(True)
         self._worker = None
         self._job_desc = ""
         self._stage = None
+        self._t0 = self._stage_t0 = 0.0
+        self.last_question: str | None = None
         self._run.changed.connect(self.start)
         self._cancel.changed.connect(self.cancel)
-        return [self._run, self._cancel, self._status]
+        return [self._run, self._cancel, self._bar, self._status]
 
     @property
     def status(self) -> str:
@@ -224,14 +294,37 @@ class _JobWidget(Container):
         """A job is running (until its ``finished`` signal has been handled)."""
         return self._worker is not None
 
+    @property
+    def progress_bar(self):
+        """The job's progress bar (magicgui ``ProgressBar``; hidden when no job runs)."""
+        return self._bar
+
     def _say(self, text: str) -> None:
         self._status.value = text
 
-    def _launch(self, gen_fn, *args, desc: str, on_done, **kwargs):
+    def _ask(self, question: str) -> bool:
+        self.last_question = question
+        if self.confirm is not None:
+            return bool(self.confirm(question))
+        return ask_yes_no(self.native, "Long job", question)
+
+    def _launch(self, gen_fn, *args, desc: str, on_done, estimate: Estimate | None = None, **kwargs):
+        """Run ``gen_fn(*args, **kwargs)`` in a worker thread; ``on_done(result)`` in the UI thread.
+
+        With an ``estimate`` above its threshold the user is asked first (:attr:`confirm`); a No
+        starts nothing and returns None."""
         from napari.qt.threading import thread_worker
 
         if self._refuse_if_busy():
             return None
+        if estimate is not None and estimate.needs_confirmation():
+            question = f"{desc} will take {estimate.text}. Start it now?"
+            if not self._ask(question):
+                self._say(
+                    f"{desc}: not started ({estimate.text}). Choose a smaller region (visible region or "
+                    "a drawn ROI) to try it quickly."
+                )
+                return None
 
         show = self.show_progress if self.show_progress is not None else not software_rendering()
         progress = {"desc": desc} if show else None
@@ -241,6 +334,9 @@ class _JobWidget(Container):
         worker = thread_worker(_guarded, progress=progress, start_thread=False, ignore_errors=True)(
             gen_fn, *args, **kwargs
         )
+        viewer = getattr(self, "_viewer", None)
+        before = list(viewer.layers) if viewer is not None else []  # kept alive: identities stay unique
+        image, self._region_image = getattr(self, "_region_image", None), None
 
         def returned(result):
             self._settled()
@@ -248,6 +344,9 @@ class _JobWidget(Container):
                 self._on_error(result.error)
             else:
                 on_done(result)
+                if viewer is not None and image is not None:
+                    new = [lyr for lyr in viewer.layers if not any(lyr is old for old in before)]
+                    place_on_slide(new, image)
 
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(returned)
@@ -257,7 +356,10 @@ class _JobWidget(Container):
         self._worker, self._job_desc, self._stage = worker, desc, None
         self._job_open = True
         self._run.enabled, self._cancel.enabled = False, True
-        self._say(f"{desc}: starting")
+        self._t0 = self._stage_t0 = time.perf_counter()
+        self._bar.max, self._bar.value, self._bar.visible = 1, 0, True
+        self._bar.native.setFormat(f"{desc}: starting")
+        self._say(f"{desc}: starting" + (f" ({estimate.text})" if estimate is not None else ""))
         worker.start()
         return worker
 
@@ -265,7 +367,7 @@ class _JobWidget(Container):
         """One job at a time: says so and returns True while one runs (checked before a new job
         overwrites what the running one will need when it ends)."""
         if self._worker is not None:
-            self._say(f"busy: {self._job_desc} is still running")
+            self._say(f"busy: {self._job_desc} is still running; wait for it or press Cancel")
             return True
         return False
 
@@ -278,13 +380,30 @@ class _JobWidget(Container):
     def _settled(self, *_):
         self._job_open = False  # queued progress arriving after the result must not overwrite the status
 
+    def progress_text(self, progress, now: float | None = None) -> str:
+        """``"segment: 56/100 · 52 s elapsed · about 40 s left"`` for a :class:`Progress` value."""
+        now = time.perf_counter() if now is None else now
+        text = f"{progress.stage}: {progress.done}/{progress.total}"
+        text += f" · {format_duration(now - self._t0)} elapsed"
+        left = eta_seconds(now - self._stage_t0, progress.done, progress.total)
+        if left is not None and progress.done < progress.total:
+            text += f" · about {format_duration(left)} left"
+        return text
+
     def _on_progress(self, progress):
         if not getattr(self, "_job_open", False):
             return
+        if progress.stage != self._stage:
+            self._stage, self._stage_t0 = progress.stage, time.perf_counter()
+        total = max(1, int(progress.total))
+        if self._bar.max != total:
+            self._bar.max = total
+        self._bar.value = min(int(progress.done), total)
+        self._bar.native.setFormat(f"{progress.stage}: %v / %m")
         pbar = getattr(self._worker, "pbar", None)
         if pbar is not None and progress.total:
-            if progress.stage != self._stage or pbar.total != progress.total:
-                self._stage = progress.stage
+            if getattr(self, "_pbar_stage", None) != progress.stage or pbar.total != progress.total:
+                self._pbar_stage = progress.stage
                 pbar.n = 0
                 pbar.total = progress.total
                 pbar.set_description(f"{self._job_desc}: {progress.stage}")
@@ -292,7 +411,7 @@ class _JobWidget(Container):
                 pbar.update(progress.done - pbar.n)
         # napari's activity dock may process queued events (even the result) while the bar updates
         if self._job_open:
-            self._say(f"{progress.stage}: {progress.done}/{progress.total}")
+            self._say(self.progress_text(progress))
 
     def _on_error(self, exc):
         self._job_open = False
@@ -304,18 +423,64 @@ class _JobWidget(Container):
 
     def _on_finished(self):
         self._run.enabled, self._cancel.enabled = True, False
+        self._bar.visible = False
         self._worker = None
 
     def _region(self, scope: str, image, shapes):
-        """The level-0 px box for a scope, or raise ValueError saying what is missing."""
+        """The level-0 px box for a scope, or raise ValueError saying, in rounded µm, what is wrong
+        and what to do."""
+        self._region_image = image
+        units = _world_units(image)
+        slide = world_box_text(*image_world_box(image), units=units)
         if scope == VISIBLE:
-            return visible_box(image, view=camera_view(self._viewer))
+            view = camera_view(self._viewer)
+            try:
+                return visible_box(image, view=view)
+            except ValueError:
+                (y0, x0), (y1, x1) = view
+                raise ValueError(
+                    f"the view ({world_box_text(y0, x0, y1, x1, units)}) shows none of {image.name!r} "
+                    f"({slide}): pan or zoom to the slide (View > Reset view), or choose 'all spots'"
+                ) from None
         if scope == ROI:
             if shapes is None:
-                raise ValueError("choose a Shapes layer holding the ROI (draw a rectangle)")
-            return shapes_box(shapes, image)
+                raise ValueError(
+                    "choose a Shapes layer holding the ROI: add a Shapes layer, draw a rectangle over "
+                    "the tissue, and pick that layer as ROI"
+                )
+            if len(shapes.data) == 0:
+                raise ValueError(f"the Shapes layer {shapes.name!r} holds no ROI: draw a rectangle in it")
+            try:
+                return shapes_box(shapes, image)
+            except ValueError:
+                verts = np.concatenate([np.asarray(d, dtype=float)[:, -2:] for d in shapes.data])
+                world = (
+                    verts * np.asarray(shapes.scale, dtype=float)[-2:]
+                    + np.asarray(shapes.translate, dtype=float)[-2:]
+                )
+                (y0, x0), (y1, x1) = world.min(axis=0), world.max(axis=0)
+                raise ValueError(
+                    f"the ROI in {shapes.name!r} ({world_box_text(y0, x0, y1, x1, units)}) lies outside "
+                    f"{image.name!r} ({slide}): draw the rectangle over the tissue"
+                ) from None
         h, w = level0_shape(image)
         return 0, 0, w, h
+
+
+def place_on_slide(layers, image) -> None:
+    """Layers a job made from ``image`` (nuclei, dense maps: placed in its level-0 px, scale = its um)
+    follow the slide when it was opened beside another one (translated): the slide's translate is
+    added to theirs."""
+    offset = np.asarray(image.translate, dtype=float)[-2:]
+    if not np.any(offset):
+        return
+    for layer in layers:
+        info = layer.metadata.get(META_KEY, {}) if isinstance(layer.metadata, dict) else {}
+        if info.get("kind") in ("slide", "spots"):
+            continue
+        t = np.asarray(layer.translate, dtype=float).copy()
+        t[-2:] += offset
+        layer.translate = t
 
 
 # --------------------------------------------------------------------------------------------

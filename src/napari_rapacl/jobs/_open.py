@@ -96,3 +96,33 @@ def iter_open_sample(section: str) -> Generator[Progress, None, Opened]:
     sec = her2st(section)
     yield Progress("open sample", 1, 1)
     return Opened(sec.slide, sec.spots, f"her2st {sec.name}", sec.name)
+
+
+#: where a slide's pixel size came from, for people
+MPP_SOURCE_TEXT = {
+    "metadata": "from the file",
+    "caller": "typed",
+    "spot-grid": "from the spot grid",
+    "layer-scale": "from the layer's scale",
+}
+
+
+def pixel_size_text(slide: Slide) -> str:
+    """``"0.7351 µm/px (from the spot grid)"`` or ``"pixel size unknown"``."""
+    if slide.mpp is None:
+        return "pixel size unknown"
+    source = MPP_SOURCE_TEXT.get(slide.mpp_source, slide.mpp_source)
+    return f"{slide.mpp:.4g} µm/px ({source})"
+
+
+def missing_pixel_size(slide: Slide, *, field: str = "um / px") -> str | None:
+    """None when ``slide`` has a pixel size; else what to tell people (JPEG/PNG carry none): the file,
+    why it matters and the two ways to give it (``field``: the name of the input, e.g. ``"--mpp"``)."""
+    if slide.mpp is not None:
+        return None
+    name = slide.path.name if slide.path is not None else "this slide"
+    return (
+        f"{name} carries no pixel size: without it nuclei, spots and scale bars cannot be in µm. "
+        f"Give its {field} (about 0.25 for a 40x scan, 0.5 for 20x), or open it with its spot file, "
+        "which gives the pixel size."
+    )
