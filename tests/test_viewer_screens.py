@@ -102,6 +102,7 @@ def _shot(viewer, qtbot, artifacts_dir, name, size, dock=None):
 def test_screens_prediction_measured_beside_and_nuclei(
     make_napari_viewer, qtbot, reliable_checkpoint, artifacts_dir, data_dir
 ):
+    from napari_rapacl._napari._genes import frame_beside
     from napari_rapacl._napari._widgets import CellsWidget, GeneWidget, PredictWidget
     from napari_rapacl.datasets import her2st
     from napari_rapacl.models.checkpoint import load_model
@@ -178,7 +179,7 @@ def test_screens_prediction_measured_beside_and_nuclei(
     assert "left predicted, right measured" in viewer.canvas.overlays.text.text
     for size in SIZES:
         _resize(viewer, qtbot, size)
-        viewer.reset_view()
+        frame_beside(viewer, points)
         _shot(viewer, qtbot, artifacts_dir, "screen_measured_beside", size, docks["Genes"])
     genes_w._measured.value = False
     assert not [lyr for lyr in viewer.layers if lyr.metadata.get("napari_rapacl", {}).get("beside")]
@@ -193,6 +194,8 @@ def test_screens_prediction_measured_beside_and_nuclei(
         face_color="transparent",
         edge_color="cyan",
         edge_width=2,
+        scale=None,
+        units=image.units,
     )
     cells._image.value, cells._scope.value, cells._roi.value = image, "selected ROI", roi
     cells._radiomics.value = False
@@ -201,11 +204,17 @@ def test_screens_prediction_measured_beside_and_nuclei(
     assert nuclei is not None and nuclei.name == "C2 nuclei (ROI 1)" and nuclei.contour == 2
     assert "nuclei, median area" in cells.status and "µm²" in cells.status, cells.status
     assert " in 357 x 357 µm" in cells.status or "µm at (" in cells.status
-    cells._colour.value = "area_um2"
+    assert nuclei.colormap.color_dict[None].tolist() == pytest.approx([0.2, 1.0, 0.3, 1.0])
     for size in SIZES:
         _resize(viewer, qtbot, size)
         _look_at(viewer, qtbot, (cy, cx), 2 * half + 100, mpp)
         _shot(viewer, qtbot, artifacts_dir, "screen_nuclei", size, docks["Cells"])
+    # coloured by a per-cell feature: the largest nucleus yellow, the smallest red
+    cells._colour.value = "area_um2"
+    area = nuclei.features.set_index("index")["area_um2"]
+    np.testing.assert_allclose(nuclei.colormap.color_dict[int(area.idxmax())][:3], [1, 1, 0], atol=0.01)
+    np.testing.assert_allclose(nuclei.colormap.color_dict[int(area.idxmin())][:3], [1, 0, 0], atol=0.01)
+    _shot(viewer, qtbot, artifacts_dir, "screen_nuclei_by_area", SIZES[-1], docks["Cells"])
 
     # on glass: no layer, a message saying so
     n_layers = len(viewer.layers)

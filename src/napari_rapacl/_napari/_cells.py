@@ -37,8 +37,12 @@ CELLPOSE_FILE = "cellpose: a model file..."
 CELLPOSE_PREFIX = "cellpose: "
 #: nuclei drawn as outlines this thick (level-0 px), as QuPath draws them
 NUCLEI_CONTOUR = 2
-#: how nuclei are coloured: one colour per nucleus (napari's label colours), else by a cell feature
+#: how nuclei are coloured: one bright colour (default: outlines that stand out on H&E), one colour
+#: per nucleus (napari's label colours), else by a per-cell feature (FEATURE_COLORMAP, red to yellow)
+ONE_COLOUR = "outlines in one colour"
 LABEL_COLOURS = "one colour per nucleus"
+OUTLINE_COLOUR = (0.2, 1.0, 0.3, 1.0)
+FEATURE_COLORMAP = "autumn"
 #: plausible median nucleus areas on H&E (um^2): outside, the message asks to check the outlines
 PLAUSIBLE_AREA_UM2 = (12.0, 150.0)
 #: fraction of a region that must be tissue for "no nuclei" to mean a failed segmentation
@@ -113,7 +117,7 @@ def nuclei_summary(cells, box, mpp) -> str:
     return text
 
 
-def feature_colours(labels_features, column: str, colormap: str = "viridis") -> dict:
+def feature_colours(labels_features, column: str, colormap: str = FEATURE_COLORMAP) -> dict:
     """``{label: RGBA}`` colouring each nucleus by a cell-table ``column`` (1st-99th percentile),
     label 0 and unknown labels transparent."""
     from napari.utils.colormaps import ensure_colormap
@@ -155,7 +159,7 @@ class CellsWidget(_JobWidget):
         self._diameter = FloatSpinBox(label="diameter (µm)", value=8.0, min=2.0, max=60.0, step=0.5)
         self._radiomics = CheckBox(text="radiomics (cells and spots)", value=True)
         self._spots = _nullable("napari.layers.Points", "spots")
-        self._colour = ComboBox(label="colour nuclei by", choices=self._colour_choices, value=LABEL_COLOURS)
+        self._colour = ComboBox(label="colour nuclei by", choices=self._colour_choices, value=ONE_COLOUR)
         super().__init__(
             widgets=[
                 self._image,
@@ -311,9 +315,7 @@ class CellsWidget(_JobWidget):
         # at the slide's translate (a second slide may sit beside the first)
         kwargs["translate"] = tuple(np.asarray(kwargs["translate"]) + np.asarray(image.translate)[-2:])
         layer = self._viewer.add_labels(data, **kwargs)
-        layer.contour = NUCLEI_CONTOUR  # outlines, as QuPath draws nuclei
-        if points is not None and points in self._viewer.layers:  # spots stay on top of the nuclei
-            self._viewer.layers.move(self._viewer.layers.index(layer), self._viewer.layers.index(points))
+        layer.contour = NUCLEI_CONTOUR  # outlines, as QuPath draws nuclei (above the spots)
         summary = nuclei_summary(res.cells, res.box, mpp)
         parts = [summary]
         if res.cells.shape[1] > len(BASE_COLUMNS):
@@ -337,21 +339,24 @@ class CellsWidget(_JobWidget):
     def _colour_choices(self, _w=None) -> list[str]:
         layer = getattr(self, "labels_layer", None)
         if layer is None:
-            return [LABEL_COLOURS]
+            return [ONE_COLOUR, LABEL_COLOURS]
         feats = layer.features
-        cols = [c for c in feats.columns if c not in ("index", "label") and feats[c].dtype.kind in "fiu"]
-        return [LABEL_COLOURS, *cols]
+        skip = ("index", "label", "centroid_x_px", "centroid_y_px")
+        cols = [c for c in feats.columns if c not in skip and feats[c].dtype.kind in "fiu"]
+        return [ONE_COLOUR, LABEL_COLOURS, *cols]
 
     def _on_colour(self, value):
         """Outlines in one colour per nucleus, or coloured by a per-cell feature (e.g. area_um2)."""
         layer = self.labels_layer
         if layer is None or layer not in self._viewer.layers:
             return
-        if value == LABEL_COLOURS or value not in layer.features:
-            from napari.utils.colormaps import label_colormap
+        from napari.utils.colormaps import DirectLabelColormap, label_colormap
 
+        if value == LABEL_COLOURS:
             layer.colormap = label_colormap()
-            return
-        from napari.utils.colormaps import DirectLabelColormap
-
-        layer.colormap = DirectLabelColormap(color_dict=feature_colours(layer.features, value))
+        elif value == ONE_COLOUR or value not in layer.features:
+            clear = np.zeros(4, np.float32)
+            colours = {None: np.asarray(OUTLINE_COLOUR, np.float32), 0: clear}
+            layer.colormap = DirectLabelColormap(color_dict=colours)
+        else:
+            layer.colormap = DirectLabelColormap(color_dict=feature_colours(layer.features, value))

@@ -187,7 +187,8 @@ def style_spots(layer, gene: str, colormap: str = "viridis", limits=None, *, vie
     diameter = spot_diameter_um(layer)
     if diameter is not None and not len(layer.selected_data):
         layer.current_size = float(2.0 * np.median(layer.features["radius_px"]))  # napari's "point size"
-    if hasattr(layer, "face_colorbar"):
+    if hasattr(layer, "face_colorbar"):  # bottom right: the title is top left, never under it
+        layer.face_colorbar.position = "bottom_right"
         layer.face_colorbar.visible = True
     show_coloured_value_on_hover(layer)
     if viewer is not None:
@@ -229,6 +230,46 @@ def slide_of(viewer, points):
     return slides[0] if slides else None
 
 
+def spots_crop(points, slide) -> tuple[int, int, int, int]:
+    """The slide's level-0 px box around the spots (two spot diameters of margin), its corners on
+    multiples of the coarsest level's downsample so every pyramid level crops the same area."""
+    mpp = float(slide.scale[-1])
+    offset = (np.asarray(points.translate, float)[-2:] - np.asarray(slide.translate, float)[-2:]) / mpp
+    yx = np.asarray(points.data, dtype=float)[:, -2:] + offset
+    r = np.nanmax(points.features["radius_px"].to_numpy(dtype=float)) if len(yx) else 0.0
+    margin = 5.0 * (r if np.isfinite(r) else 0.0)
+    h, w = level0_shape(slide)
+    levels = list(slide.data) if slide.multiscale else [slide.data]
+    step = int(round(levels[0].shape[1] / levels[-1].shape[1]))
+    lo = np.floor((yx.min(axis=0) - margin) / step) * step
+    hi = np.ceil((yx.max(axis=0) + margin) / step) * step
+    y0, x0 = (max(0, int(v)) for v in lo)
+    y1, x1 = min(h, int(hi[0])), min(w, int(hi[1]))
+    return x0, y0, x1, y1
+
+
+def frame_beside(viewer, points) -> None:
+    """Centre the camera on the predicted spots and their measured copy, both in view."""
+    from ._common import viewer_camera
+
+    shown = [
+        points,
+        *[lyr for lyr in _beside_layers(viewer, points) if spots_info(lyr).get("kind") == "measured"],
+    ]
+    world = np.concatenate(
+        [
+            np.asarray(lyr.data, float)[:, -2:] * np.asarray(lyr.scale)[-2:] + np.asarray(lyr.translate)[-2:]
+            for lyr in shown
+        ]
+    )
+    pad = 2.0 * float(np.nanmax(points.features["radius_px"])) * float(points.scale[-1])
+    lo, hi = world.min(axis=0) - pad, world.max(axis=0) + pad
+    cam = viewer_camera(viewer)
+    cam.center = (*(tuple(cam.center)[:-2]), *((lo + hi) / 2.0))
+    h, w = viewer.canvas.size
+    cam.zoom = float(min(h / (hi[0] - lo[0]), w / (hi[1] - lo[1])))
+
+
 def _beside_layers(viewer, points) -> list:
     base = spots_base_name(points)
     return [
@@ -267,22 +308,30 @@ def show_measured_beside(viewer, points, gene: str, colormap: str = "viridis") -
     if slide is None:
         raise ValueError("no slide layer to place the measured spots beside: open the slide first")
     mpp = float(slide.scale[-1])
-    dx = level0_shape(slide)[1] * mpp * 1.04  # the slide's width and a gap, in um
+    levels = list(slide.data) if slide.multiscale else [slide.data]
+    x0, y0, x1, y1 = spots_crop(points, slide)
+    gap = 0.02 * (x1 - x0)
+    dx = (x1 - x0 + gap) * mpp  # the copy starts right of the spots' crop, in um
     base = spots_base_name(points)
     layers = {lyr.metadata[META_KEY].get("kind"): lyr for lyr in _beside_layers(viewer, points)}
-    tr_slide = np.asarray(slide.translate, dtype=float) + np.r_[0.0, dx]
+    tr_slide = np.asarray(slide.translate, dtype=float)[-2:] + np.r_[y0 * mpp, x0 * mpp + dx]
     tr_points = np.asarray(points.translate, dtype=float) + np.r_[0.0, dx]
     if "slide_view" not in layers:
+        width0 = levels[0].shape[1]
+        crops = []
+        for lvl in levels:
+            ds = width0 / lvl.shape[1]
+            crops.append(lvl[int(y0 / ds) : int(np.ceil(y1 / ds)), int(x0 / ds) : int(np.ceil(x1 / ds))])
         layers["slide_view"] = viewer.add_image(
-            slide.data,
+            crops if len(crops) > 1 else crops[0],
             name=f"{slide.name} (measured side)",
             rgb=True,
-            multiscale=slide.multiscale,
+            multiscale=len(crops) > 1,
             contrast_limits=(0, 255),
             scale=slide.scale,
             translate=tr_slide,
             units=slide.units,
-            metadata={META_KEY: {"kind": "slide_view", "beside": base}},
+            metadata={META_KEY: {"kind": "slide_view", "beside": base, "crop_px": [x0, y0, x1, y1]}},
         )
     import pandas as pd
 
@@ -595,8 +644,11 @@ class GeneWidget(Container):
         text = str(self._search.value or "").strip()
         n = len(self._gene.choices)
         if not text:
-            if self._status.value and "match" in str(self._status.value):
-                self._status.value = ""
+            old = str(self._status.value)
+            if "match" in old or "not predicted by this model" in old:
+                layer = self._layer.value
+                scores = layer is None or not predicted_genes(layer) or gene_reliability(layer)
+                self._status.value = "" if scores else NO_SCORES
             return
         if n:
             self._status.value = f"{n} match{'es' if n != 1 else ''}"
@@ -689,6 +741,7 @@ class GeneWidget(Container):
             if self._measured.value:
                 self._status.value = f"{gene} is not a predicted gene: pick a gene to compare with its counts"
             return
+        first = not _beside_layers(self._viewer, layer)
         try:
             r, n = show_measured_beside(self._viewer, layer, gene, cmap)
         except ValueError as exc:
@@ -701,8 +754,14 @@ class GeneWidget(Container):
             f"{section_name(layer)}: {gene}, {EXPRESSION_UNIT} - left predicted, right measured; "
             f"{rtext} over {n} predicted spots"
         )
-        canvas_title(self._viewer, text)
+        canvas_title(
+            self._viewer,
+            f"{section_name(layer)}: {gene}, {EXPRESSION_UNIT}\nleft predicted, right measured; "
+            f"{rtext} ({n} spots)",
+        )
         self._status.value = text
+        if first:
+            frame_beside(self._viewer, layer)
         for lyr in _beside_layers(self._viewer, layer):
             if spots_info(lyr).get("kind") == "measured" and hasattr(lyr, "face_colorbar"):
                 lyr.face_colorbar.visible = bars
