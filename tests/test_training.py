@@ -893,3 +893,32 @@ def test_smoothing_width_is_chosen_on_validation_and_stored_in_the_checkpoint(tm
     assert model_postprocess(model, str(path)) == {"smooth_sigma_um": sigma}
     vals = postprocess_spots(noisy.astype(np.float32), xy, model.postprocess)
     assert not np.allclose(vals, noisy)
+
+
+def test_predict_job_applies_the_checkpoints_spot_smoothing(tmp_path, data_dir):
+    """A checkpoint's ``postprocess`` (as the benchmark scores it) is applied by jobs.iter_predict."""
+    from training.postprocess import write_postprocess
+
+    from napari_rapacl.datasets import her2st
+    from napari_rapacl.inference import predict_spots, smooth_over_spots
+    from napari_rapacl.jobs import iter_predict
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import save_checkpoint
+    from napari_rapacl.progress import run_to_completion
+
+    sec = her2st("C2", data_dir=data_dir)
+    s = sec.spots
+    model = create_model("stnet_tiny", n_genes=4).eval()
+    plain = save_checkpoint(tmp_path / "plain.pt", model, genes=["A", "B", "C", "D"])
+    smooth = save_checkpoint(tmp_path / "smooth.pt", model, genes=["A", "B", "C", "D"])
+    write_postprocess(smooth, {"smooth_sigma_um": 150.0})
+    box = (4500, 5000, 7000, 7500)
+    inside = np.flatnonzero((s.x >= 4500) & (s.x < 7000) & (s.y >= 5000) & (s.y < 7500))
+    assert len(inside) >= 6
+    raw = run_to_completion(iter_predict((None, plain), sec.slide, s, box, cache=False, device="cpu"))
+    ref = predict_spots(model, sec.slide, s.x[inside], s.y[inside], device="cpu")
+    np.testing.assert_allclose(raw.values, ref, rtol=1e-4, atol=1e-5)  # no setting: unchanged
+    res = run_to_completion(iter_predict((None, smooth), sec.slide, s, box, cache=False, device="cpu"))
+    xy_um = np.stack([s.x[inside], s.y[inside]], 1) * sec.slide.mpp
+    np.testing.assert_allclose(res.values, smooth_over_spots(ref, xy_um, 150.0), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(res.values, raw.values)

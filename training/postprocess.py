@@ -108,3 +108,34 @@ def fit_smoothing(
     if write:
         write_postprocess(checkpoint, setting)
     return setting
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.postprocess CHECKPOINT [--val C4 ...]``: choose and store the smoothing."""
+    import argparse
+
+    from napari_rapacl.models.checkpoint import read_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.postprocess",
+        description="Choose a checkpoint's test-time spot smoothing on its inner validation section(s) "
+        "and store it in the checkpoint (prediction from a slide then applies it).",
+    )
+    parser.add_argument("checkpoint")
+    parser.add_argument("--val", nargs="+", default=None, help="validation sections (default: the run's)")
+    parser.add_argument("--grid", nargs="+", type=float, default=list(SMOOTH_GRID_UM), help="widths in um")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    val = args.val
+    if val is None:
+        cfg = read_checkpoint(args.checkpoint).get("train_config") or {}
+        val = list((cfg.get("data") or {}).get("val") or [])
+        if not val:
+            raise SystemExit(f"{args.checkpoint} records no validation section: pass --val SECTION")
+    setting = fit_smoothing(args.checkpoint, val, grid=args.grid)
+    print(f"{args.checkpoint}: smooth_sigma_um = {setting['smooth_sigma_um']:g} (chosen on {val})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
