@@ -224,6 +224,28 @@ def _segment_outputs(paths: list[str], overwrite: bool, inputs: list[str]) -> di
     return outs
 
 
+def _segment_cellpose_model(model: str | None, build: bool) -> str:
+    """The cellpose model ``segment`` runs (named, so the provenance says which); the project's nucleus
+    model is built first when ``build`` is set and it is missing. A model that cannot be had is an
+    error that names the command that builds the project's model."""
+    from .progress import run_to_completion
+    from .segmentation import PROJECT_NUCLEI_MODEL, project_nuclei_model_built, resolve_cellpose_model
+
+    if build and model in (None, PROJECT_NUCLEI_MODEL) and not project_nuclei_model_built():
+        from .jobs import iter_build_nuclei_model
+
+        path = run_to_completion(iter_build_nuclei_model(), _progress_logger("nucleus model"))
+        print(f"built the nucleus model {PROJECT_NUCLEI_MODEL!r} -> {path}")
+    if model is None and project_nuclei_model_built():
+        return PROJECT_NUCLEI_MODEL
+    resolve_cellpose_model(model)  # fails here, before any work, with what to do
+    if model is None:
+        from .segmentation import cellpose_major_version
+
+        model = "nuclei" if cellpose_major_version() == 3 else "cpsam"
+    return model
+
+
 def _segment(args: argparse.Namespace) -> int:
     import shutil
     import uuid
@@ -247,6 +269,10 @@ def _segment(args: argparse.Namespace) -> int:
         raise RapaclInputError(f"--diameter-um {args.diameter_um}: must be > 0 (microns)")
     if args.model is not None and args.method != "cellpose":
         raise RapaclInputError(f"--model {args.model!r} is only used with --method cellpose")
+    if args.build_model and args.method != "cellpose":
+        raise RapaclInputError("--build-model builds the cellpose nucleus model: add --method cellpose")
+    if args.method == "cellpose":
+        args.model = _segment_cellpose_model(args.model, args.build_model)
     slide = open_inputs(args.slide, mpp=args.mpp).slide
     if not 0 <= args.level < len(slide.levels):
         raise RapaclInputError(f"--level {args.level}: {args.slide} has levels 0..{len(slide.levels) - 1}")
@@ -400,7 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--roi", type=parse_roi, default=None, help="x0,y0,x1,y1 in level-0 px (default: all)")
     seg.add_argument("--method", default="classical", choices=["classical", "cellpose"])
-    seg.add_argument("--model", default=None, help="cellpose model name or file (with --method cellpose)")
+    seg.add_argument(
+        "--model",
+        default=None,
+        help="cellpose model name or file (with --method cellpose; default: the project's rapacl_nuclei_tnbc "
+        "when built, else cellpose's 'nuclei')",
+    )
+    seg.add_argument(
+        "--build-model",
+        action="store_true",
+        help="build the project's cellpose nucleus model first if it is missing (python -m "
+        "training.cellpose_nuclei; needs $NAPARI_RAPACL_DATA_DIR/tnbc_nuclei)",
+    )
     seg.add_argument("--diameter-um", type=float, default=None, help="typical nucleus diameter in um")
     seg.add_argument("--level", type=int, default=0, help="pyramid level to segment at (default 0)")
     seg.add_argument("--tile", type=_positive_int, default=1024, help="tile core side in level px")
