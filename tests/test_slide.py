@@ -376,3 +376,107 @@ def test_write_ome_tiff_validation(tmp_path):
     path = write_ome_tiff(tmp_path / "two.ome.tif", pattern_image(1000, 1000), n_levels=2, tile=128)
     assert len(open_slide(path).levels) == 2
     assert math.isclose(open_slide(path).downsamples[1], 2.0)
+
+
+# ---- #14 item 2: damaged data detected at open; flat TIFF thumbnails with bounded memory ---------------
+
+
+def _jpeg(tmp_path, name="ok.jpg", shape=(1200, 1600)) -> Path:
+    rng = np.random.default_rng(1)
+    img = pattern_image(*shape)
+    img = np.clip(img.astype(int) + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+    path = tmp_path / name
+    Image.fromarray(img).save(path, quality=90)
+    return path
+
+
+def test_truncated_and_filler_padded_jpegs_are_refused(tmp_path):
+    good = _jpeg(tmp_path)
+    data = good.read_bytes()
+    assert open_slide(good).shape == (1200, 1600)
+    trailer = tmp_path / "trailer.jpg"  # zeros after the end marker are harmless
+    trailer.write_bytes(data + bytes(100_000))
+    assert open_slide(trailer).shape == (1200, 1600)
+
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(CorruptFileError, match=r"cut\.jpg.*truncated"):
+        open_slide(cut)
+
+    # cut short, then padded back to its size with zeros (a failed copy or download): libjpeg decodes it
+    # without an error, the missing part as made-up pixels
+    padded = tmp_path / "padded.jpg"
+    padded.write_bytes(data[: len(data) * 6 // 10] + bytes(len(data) - len(data) * 6 // 10))
+    with Image.open(padded) as im, Image.open(good) as ref:
+        im.load()  # no error from the decoder: the damage would be silent
+        wrong = np.abs(np.asarray(im)[-100:].astype(int) - np.asarray(ref)[-100:].astype(int)).mean()
+    assert wrong > 20
+    with pytest.raises(CorruptFileError, match=r"padded\.jpg.*filler-padded.*zeros"):
+        open_slide(padded)
+
+    # zeros in the middle, the end marker intact
+    holed = tmp_path / "holed.jpg"
+    start = len(data) // 3
+    holed.write_bytes(data[:start] + bytes(70_000) + data[start + 70_000 :])
+    with pytest.raises(CorruptFileError, match=r"holed\.jpg.*zero bytes"):
+        open_slide(holed)
+
+    # a header that claims far more pixels than the file holds (a small bomb under the pixel budget)
+    small = _jpeg(tmp_path, "small.jpg", (64, 64)).read_bytes()
+    sof = small.index(b"\xff\xc0")
+    forged = bytearray(small)
+    forged[sof + 5 : sof + 9] = (15000).to_bytes(2, "big") + (20000).to_bytes(2, "big")
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(bytes(forged))
+    with pytest.raises(CorruptFileError, match=r"bomb\.jpg.*claims 20000 x 15000 px"):
+        open_slide(bomb)
+
+
+def test_filler_padded_compressed_tiff_is_refused(tmp_path):
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, pattern_image(512, 512), photometric="rgb", compression="zlib", rowsperstrip=16)
+    data = good.read_bytes()
+    with tifffile.TiffFile(good) as tif:
+        first_end = int(tif.pages[0].dataoffsets[1])
+    # cut in the image data and padded back to the same size: every offset still lies in the file
+    padded = tmp_path / "padded.tif"
+    keep = max(first_end + 1, len(data) * 7 // 10)
+    padded.write_bytes(data[:keep] + bytes(len(data) - keep))
+    with pytest.raises(CorruptFileError, match=r"padded\.tif.*end of the file"):
+        open_slide(padded)
+    assert open_slide(good).shape == (512, 512)
+
+
+def test_flat_tiff_thumbnail_reads_strips_once_with_bounded_memory(tmp_path, monkeypatch):
+    """A flat (no overview) TIFF's export thumbnail streams the strips, averaging while reading: the peak
+    stays at a few bands, far below a 1024-row band of level 0 (what the lazy pyramid needs) or level 0."""
+    import tracemalloc
+
+    from napari_rapacl.io import slide as slide_mod
+
+    height, width = 1200, 16000  # 57.6 MB of RGB; one 1024-row band is 49 MB
+    path = tmp_path / "flat.tif"
+    img = np.empty((height, width, 3), np.uint8)
+    xx = np.arange(width)[None, :]
+    for y0 in range(0, height, 200):
+        yy = np.arange(y0, y0 + 200)[:, None]
+        img[y0 : y0 + 200] = np.stack(
+            [np.broadcast_to((xx // 7) % 256, (200, width)), np.broadcast_to((yy * 3) % 256, (200, width)),
+             (xx + yy) % 256], -1)  # fmt: skip
+    tifffile.imwrite(path, img, photometric="rgb", compression="zlib", rowsperstrip=8)
+    expected_sums = img.reshape(30, 40, 400, 40, 3).astype(np.float64).mean(axis=(1, 3))
+    del img
+    slide = open_slide(path)
+    assert len(slide.levels) > 1  # the lazy pyramid, no overview in the file
+
+    monkeypatch.setattr(slide_mod, "_THUMB_BAND_BYTES", 2 * 2**20)
+    tracemalloc.start()
+    try:
+        thumb, scale = slide.thumbnail(400)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert thumb.shape == (30, 400, 3) and thumb.dtype == np.uint8 and scale == pytest.approx(400 / width)
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MB"
+    # the exact 40 x 40 box average of level 0
+    assert np.abs(thumb.astype(float) - expected_sums).max() <= 0.5 + 1e-6

@@ -229,7 +229,9 @@ class Slide:
         """An overview image no larger than ``max_size`` on its longest side.
 
         It is read from the smallest level that is at least as large as the thumbnail, so level 0
-        is never decoded when a smaller level suffices.
+        is never decoded when a smaller level suffices. A flat TIFF (no overview in the file) is read
+        once, strip by strip (or row of tiles by row of tiles), each band averaged into the thumbnail
+        as it is read, so memory stays bounded by a band (:data:`_THUMB_BAND_BYTES`) whatever the size.
 
         Returns
         -------
@@ -241,9 +243,13 @@ class Slide:
         height, width = self.shape
         scale = min(1.0, int(max_size) / max(height, width))
         level = self.best_level(1.0 / scale)
-        image = np.asarray(self.levels[level].compute(scheduler="threads"))
         th = min(int(max_size), max(1, int(round(height * scale))))
         tw = min(int(max_size), max(1, int(round(width * scale))))
+        flat = next((s for s in self._sources if isinstance(s, _FlatTiffLevel)), None)
+        if flat is not None and level > 0:
+            # no overview in the file: one pass over its strips/tiles, averaged while reading
+            return _stream_thumbnail(flat.native, th, tw), scale
+        image = np.asarray(self.levels[level].compute(scheduler="threads"))
         if image.shape[:2] != (th, tw):
             image = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.LANCZOS))
         return image, scale
@@ -411,15 +417,20 @@ def _tiff_levels(path: Path, tif: tifffile.TiffFile, chunk: int) -> tuple[list[d
                     f"{path}: truncated TIFF file (image data of level {ilevel} ends beyond the "
                     f"end of the file, {size} bytes)"
                 )
-        arr = _tiff_level_array(path, tif, series, ilevel, chunk, token)
+        native = _tiff_level_array(path, tif, series, ilevel, chunk, token)
+        if ilevel == 0:
+            native0 = native
+        arr = native.rechunk((chunk, chunk, 3))
         if levels and (arr.shape[0] >= levels[-1].shape[0] or arr.shape[1] >= levels[-1].shape[1]):
             break  # not a proper reduction; ignore the rest
         levels.append(arr)
     # decode one small segment of the smallest native level so that damaged data fails here
     _probe_tiff(path, series.levels[len(levels) - 1])
+    sources: list[Any] = [tif]
     if len(levels) == 1:
         levels += _coarsen_levels(levels[0], chunk)
-    return levels, _tiff_mpp(tif), [tif]
+        sources.append(_FlatTiffLevel(native0))
+    return levels, _tiff_mpp(tif), sources
 
 
 def _probe_tiff(path: Path, level: tifffile.TiffPageSeries) -> None:
@@ -433,6 +444,27 @@ def _probe_tiff(path: Path, level: tifffile.TiffPageSeries) -> None:
             break
     except Exception as exc:
         raise CorruptFileError(f"{path}: damaged TIFF image data ({type(exc).__name__}: {exc})") from exc
+    # and the segment that ends last in the file: a truncated file padded back to its size with filler
+    # keeps valid offsets, so only decoding its tail shows the damage (compressed data only: zeros are
+    # valid uncompressed pixels)
+    if int(page.compression) == 1:
+        return
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    last = int(np.argmax(offsets + np.asarray(page.databytecounts, dtype=np.int64)))
+    if last == 0 or int(page.databytecounts[last]) > _PROBE_BYTES:
+        return
+    try:
+        fh = page.parent.filehandle
+        with fh.lock:
+            fh.seek(int(offsets[last]))
+            data = fh.read(int(page.databytecounts[last]))
+        page.decode(data, last, jpegtables=page.jpegtables)
+    except Exception as exc:
+        raise CorruptFileError(
+            f"{path}: damaged TIFF image data at the end of the file (strip/tile {last} does not decode: "
+            f"{type(exc).__name__}: {exc}); the file was probably cut short and padded. Copy or export it "
+            "again"
+        ) from exc
 
 
 def _tiff_level_array(
@@ -496,7 +528,64 @@ def _tiff_level_array(
         raise UnsupportedFormatError(
             f"{path}: unsupported image layout ({layout}); expected 1 (grey), 3 (RGB) or 4 (RGBA) channels"
         )
-    return arr.rechunk((chunk, chunk, 3))
+    return arr  # the file's own chunks (strips or tiles): the caller rechunks
+
+
+#: The most bytes of level 0 held at once while a flat TIFF's thumbnail is read.
+_THUMB_BAND_BYTES = 16 * 2**20
+
+
+class _FlatTiffLevel:
+    """Level 0 of a flat TIFF (no overviews) at the file's own chunks (strips or tiles), RGB uint8."""
+
+    def __init__(self, native: da.Array) -> None:
+        self.native = native
+
+
+def _groups(sizes: tuple[int, ...], unit: int, budget: int) -> list[tuple[int, int]]:
+    """Consecutive chunks ``sizes`` grouped into ``(start, stop)`` runs of at most ``budget`` bytes
+    (``unit`` bytes per element along the axis; one chunk at least)."""
+    out, start, pos, size = [], 0, 0, 0
+    for n in sizes:
+        if size and (size + n) * unit > budget:
+            out.append((start, pos))
+            start, size = pos, 0
+        pos += n
+        size += n
+    out.append((start, pos))
+    return out
+
+
+def _bin_starts(bins: np.ndarray) -> np.ndarray:
+    """Start offsets of the runs of equal values in the non-decreasing ``bins``."""
+    return np.concatenate([[0], np.flatnonzero(np.diff(bins)) + 1])
+
+
+def _stream_thumbnail(native: da.Array, th: int, tw: int, budget: int | None = None) -> np.ndarray:
+    """The ``(th, tw, 3)`` box average of ``native``, read one band of whole file chunks at a time (each
+    strip or tile decoded once) and summed into the thumbnail as it is read."""
+    budget = _THUMB_BAND_BYTES if budget is None else int(budget)
+    height, width = native.shape[:2]
+    row_bin = np.arange(height, dtype=np.int64) * th // height
+    col_bin = np.arange(width, dtype=np.int64) * tw // width
+    acc = np.zeros((th, tw, 3), dtype=np.float32)  # sums of at most ~(height/th)*(width/tw) values: exact
+    for y0, y1 in _groups(native.chunks[0], width * 3, budget):
+        for x0, x1 in _groups(native.chunks[1], (y1 - y0) * 3, budget):
+            block = np.asarray(native[y0:y1, x0:x1].compute(scheduler="threads"))
+            col_starts = _bin_starts(col_bin[x0:x1])
+            c0 = int(col_bin[x0])
+            # a few rows at a time: reduceat casts its input to float32 (4 bytes per sample)
+            step = max(1, budget // 8 // max(1, (x1 - x0) * 3 * 4))
+            for a in range(0, y1 - y0, step):
+                b = min(y1 - y0, a + step)
+                cols = np.add.reduceat(block[a:b], col_starts, axis=1, dtype=np.float32)
+                sums = np.add.reduceat(cols, _bin_starts(row_bin[y0 + a : y0 + b]), axis=0)
+                r0 = int(row_bin[y0 + a])
+                acc[r0 : r0 + sums.shape[0], c0 : c0 + sums.shape[1]] += sums
+            del block
+    counts = np.bincount(row_bin, minlength=th)[:, None] * np.bincount(col_bin, minlength=tw)[None, :]
+    acc /= counts[:, :, None].astype(np.float32)
+    return (acc + 0.5).astype(np.uint8)
 
 
 def _native_chunks(shape: tuple[int, ...], axes: str, chunk: int) -> tuple[int, ...]:
@@ -714,6 +803,13 @@ def _open_pil(path: Path, chunk: int, max_pixels: int) -> tuple[list[da.Array], 
         _warn_grey(path)
     jpeg = fmt != "PNG"
 
+    if jpeg:
+        problem = _jpeg_data_problem(path, width, height)
+        if problem is not None:
+            raise CorruptFileError(
+                f"{path}: {problem}. Decoding it would show grey or black where image data is missing; "
+                "copy or export the file again from the scanner or the original source"
+            )
     token = dask.base.tokenize(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns, chunk)
     level0 = _LazyPilLevel(path, (height, width))
     sources: list[_LazyPilLevel] = [level0]
@@ -743,6 +839,83 @@ def _open_pil(path: Path, chunk: int, max_pixels: int) -> tuple[list[da.Array], 
     ]
     levels += _coarsen_levels(levels[-1], chunk)
     return levels, None, sources
+
+
+#: JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC); baseline/extended Huffman are C0/C1.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: A run of this many 0x00 bytes inside JPEG image data is filler, not compressed pixels (a run of zero
+#: bits that long would take hundreds of identical, all-minus-one 8 x 8 blocks).
+_JPEG_FILLER_RUN = 64 * 1024
+#: Baseline JPEG needs at least 2 bits per 8 x 8 block and component: less than a byte per 1024 px is a
+#: header that claims pixels the file does not hold.
+_JPEG_MIN_PX_PER_BYTE = 1024
+
+
+def _jpeg_data_problem(path: Path, width: int, height: int) -> str | None:
+    """What is wrong with a JPEG's image data without decoding it, or None: truncated (no end-of-image
+    marker), padded with filler bytes (a long run of 0x00, at the end or inside), or far too few bytes
+    for the size its header claims (baseline JPEG)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\xff\xd8":
+            return "not a JPEG stream (no start-of-image marker)"
+        pos, sof = 2, None
+        while True:  # the header segments, up to the first scan
+            fh.seek(pos)
+            head = fh.read(4)
+            if len(head) < 2 or head[0] != 0xFF:
+                return f"truncated or damaged JPEG header (at byte {pos} of {size})"
+            marker = head[1]
+            if marker == 0xFF:  # fill byte before a marker
+                pos += 1
+                continue
+            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+                pos += 2
+                continue
+            if marker == 0xD9 or len(head) < 4:
+                return "truncated JPEG: the file ends before its image data"
+            length = int.from_bytes(head[2:4], "big")
+            if marker in _SOF_MARKERS and sof is None:
+                sof = marker
+            if marker == 0xDA:
+                scan_start = pos + 2 + length
+                break
+            pos += 2 + length
+        if scan_start >= size:
+            return "truncated JPEG: the file ends before its image data"
+        # filler runs of 0x00 (read in blocks; a run may span two blocks)
+        fh.seek(scan_start)
+        run, longest = 0, 0
+        while block := fh.read(16 * 2**20):
+            data = np.frombuffer(block, dtype=np.uint8)
+            nonzero = np.flatnonzero(data)
+            if nonzero.size == 0:
+                run += data.size
+                continue
+            gaps = np.diff(nonzero) - 1  # runs ended by a non-zero byte (a trailing run is not filler inside)
+            longest = max(longest, run + int(nonzero[0]), int(gaps.max()) if gaps.size else 0)
+            run = data.size - 1 - int(nonzero[-1])
+        trailing = run
+        # the end: after any trailing filler, an end-of-image marker (or one shortly before a trailer)
+        end = size - trailing
+        fh.seek(max(scan_start, end - 2**20))
+        tail = fh.read(end - max(scan_start, end - 2**20))
+    data_bytes = size - scan_start - trailing
+    if b"\xff\xd9" not in tail:  # 0xFF 0xD9 never occurs inside compressed data: only as the end marker
+        if trailing >= 16:
+            return (
+                f"filler-padded JPEG: the image data stops and the last {trailing:,} bytes are zeros "
+                "(no end-of-image marker)"
+            )
+        return "truncated JPEG: the image data has no end-of-image marker (the file was cut short)"
+    if longest >= _JPEG_FILLER_RUN:
+        return f"damaged JPEG: its image data holds a run of {longest:,} zero bytes (filler, not pixels)"
+    if sof in (0xC0, 0xC1) and data_bytes * _JPEG_MIN_PX_PER_BYTE < width * height:
+        return (
+            f"the header claims {width} x {height} px but the file holds only {data_bytes:,} bytes of image "
+            "data, far too few for that size (a forged or damaged header)"
+        )
+    return None
 
 
 def _draft_shape(path: Path, reduce: int) -> tuple[int, int]:
