@@ -584,8 +584,10 @@ def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, q
     assert viewer.layers.extent.units is not None  # the ROI took the slide's um
     widget._image.value, widget._scope.value, widget._roi.value = image, ROI, roi
     assert widget._cp_model.native.isHidden()
-    widget._method.value = "cellpose"
-    assert not widget._cp_model.native.isHidden()  # the model file picker shows for cellpose
+    from napari_rapacl._napari._cells import CELLPOSE_FILE
+
+    widget._method.value = CELLPOSE_FILE
+    assert not widget._cp_model.native.isHidden()  # the model file picker shows for a cellpose file
     widget._radiomics.value = False
 
     widget._cp_model.value = str(tmp_path / "no_such_model")
@@ -606,7 +608,8 @@ def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, q
     assert lab.shape == (by1 - by0, bx1 - bx0) and lab.dtype == np.int32
     assert tuple(layer.translate) == pytest.approx((by0 * mpp, bx0 * mpp))
     assert [str(m) for m in loaded] and all(str(m) == str(model_file) for m in loaded)
-    assert "nuclei in" in widget.status
+    assert "nuclei, median area" in widget.status and "µm²" in widget.status
+    assert layer.name == "C2 nuclei (ROI 1)" and layer.contour == 2
 
 
 @pytest.mark.gui
@@ -646,3 +649,64 @@ def test_predict_widget_builds_the_chosen_model_in_the_background(her2st_viewer,
     assert widget._preload_key == ("registry", "stnet")
     assert widget.start() is None and "checkpoint not found" in widget.status
     qtbot.waitUntil(widget.preloaded.done, timeout=120_000)
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_widget_messages_speak_to_people(her2st_viewer, qtbot, tmp_path):
+    """The refusals a pathologist reads: rounded µm, the field names shown, a next step each."""
+    import torch
+
+    from napari_rapacl._napari._widgets import ROI, ExportWidget
+
+    viewer, image, points = her2st_viewer
+    mpp = image.metadata["napari_rapacl"]["mpp"]
+    widget = _predict_widget(viewer, image, points, scope=ROI)
+    # an ROI on glass: no job, "no spots in this ROI" with its size and place in µm, and what to do
+    roi = viewer.add_shapes(
+        [np.array([[10, 10], [310, 410]], float) * mpp], shape_type="rectangle", name="ROI", units=image.units
+    )
+    widget._roi.value = roi
+    assert widget.start() is None
+    import re
+
+    m = re.fullmatch(
+        r"no spots in this ROI \((\d+) x (\d+) µm at \((\d+), (\d+)\) µm\): draw the ROI over the spots, "
+        r"or choose 'all spots'",
+        widget.status,
+    )
+    assert m, widget.status
+    w, h, x, y = (int(v) for v in m.groups())
+    assert abs(w - 400 * mpp) <= 2 and abs(h - 300 * mpp) <= 2
+    assert abs(x - 10 * mpp) <= 1 and abs(y - 10 * mpp) <= 1
+    assert "(-" not in widget.status and "." not in widget.status.split("µm")[0]
+    # the dense-map box follows the model: off and disabled for a model without a dense head
+    widget._model.value = "stnet"
+    assert not widget._dense.enabled and not widget._dense.value
+    widget._model.value = "pixnet"
+    assert widget._dense.enabled and widget._dense.value
+    widget._model.value = "stnet"
+
+    # a .pt that is not a napari-rapacl checkpoint: named, with the reason and a next step
+    bogus = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, bogus)
+    widget._scope.value = "all spots"
+    widget._checkpoint.value = str(bogus)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert widget.status.startswith("prediction failed: ") and "weights.pt" in widget.status
+    assert "is not a napari-rapacl checkpoint" in widget.status and "training.run" in widget.status
+
+    # Export: each refusal names the field and the next step
+    export = ExportWidget(viewer)
+    export._spots.value = points
+    assert export.start() is None
+    assert export.status == "choose a file to write, ending in .h5ad (AnnData for scanpy/squidpy)"
+    export._path.value = str(tmp_path / "out.h5ad")
+    assert export.start() is None
+    assert export.status == (
+        f"cannot export: layer {points.name!r} holds no predicted genes yet: run Predict on it first"
+    )
+    export._what.value = "nuclei: cell table (.h5ad / .csv)"
+    assert export.start() is None
+    assert export.status == "choose a nuclei layer: run Cells (Segment) first, then pick its layer here"

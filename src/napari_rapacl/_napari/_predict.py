@@ -277,7 +277,8 @@ class PredictWidget(_JobWidget):
         gene = colored_by(points)
         self._say(
             f"{res.loaded.name}: {len(res.index)} spots predicted in {seconds:.1f} s "
-            f"({n_done}/{len(points.data)} of the section so far); showing {gene}"
+            f"({n_done}/{len(points.data)} of the section so far; {res.tiles_computed} tiles computed, "
+            f"{res.tiles_cached} from the cache); showing {gene}"
             + ("" if self._reliability(res) else " (no validation scores stored in this checkpoint)")
         )
 
