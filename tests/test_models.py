@@ -241,3 +241,45 @@ def test_a_file_that_is_not_a_checkpoint_is_named_with_a_next_step(tmp_path, con
     assert "weights.pt: this .pt is not a napari-rapacl checkpoint (" in msg and reason in msg
     assert "python -m training.run" in msg and "main job" in msg
     assert ": 101" not in msg
+
+
+def test_installed_model_is_listed_by_name_and_loads_with_its_card(tmp_path, monkeypatch):
+    import json
+
+    from napari_rapacl.jobs import install_model, installed_models, load_model_choice, models_dir, user_models
+    from napari_rapacl.models.checkpoint import gene_reliability_entry
+
+    monkeypatch.setenv("NAPARI_RAPACL_MODELS_DIR", str(tmp_path / "models"))
+    assert models_dir() == tmp_path / "models" and installed_models() == {}
+    assert "stnet" in user_models() and not any(n.endswith("_tiny") for n in user_models())
+    model = create_model("stnet_tiny", n_genes=3)
+    genes = ["ERBB2", "ESR1", "GRB7"]
+    rel = gene_reliability_entry([0.5, float("nan"), 0.1], genes, "C6")
+    src = save_checkpoint(tmp_path / "run" / "best.pt", model, genes=genes, gene_reliability=rel)
+    path = install_model(src, "her2st-test", description="tiny", training={"dataset": "her2st", "val": "C6"})
+    assert path == tmp_path / "models" / "her2st-test" / "model.pt" and path.with_suffix(".yaml").is_file()
+    assert user_models()[0] == "her2st-test" and "stnet" in user_models()
+    card = installed_models()["her2st-test"]
+    assert card["model"] == "stnet_tiny" and card["n_genes"] == 3 and card["training"]["val"] == "C6"
+    assert card["validation"]["mean_gene_r"] == pytest.approx(0.3) and card["validation"]["section"] == ["C6"]
+    assert (
+        json.loads((path.parent / "card.json").read_text())["checkpoint_sha256"] == card["checkpoint_sha256"]
+    )
+    loaded = load_model_choice("her2st-test", None)  # by name, no .pt to browse for
+    assert loaded.checkpoint == str(path) and loaded.genes == genes and loaded.installed_name == "her2st-test"
+    assert loaded.gene_reliability["ERBB2"] == 0.5 and loaded.provenance()["installed_model"] == "her2st-test"
+    x = torch.rand(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model(x))
+    # reinstalling replaces it whole; nothing half-written is left in the folder
+    install_model(src, "her2st-test")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["her2st-test"]
+    with pytest.raises(RapaclInputError, match="already installed"):
+        install_model(src, "her2st-test", overwrite=False)
+    with pytest.raises(RapaclInputError, match="registry model's name"):
+        install_model(src, "stnet")
+    with pytest.raises(RapaclInputError, match="model name '../x'"):
+        install_model(src, "../x")
+    (tmp_path / "models" / "broken").mkdir()  # no card: skipped, not an error
+    assert list(installed_models()) == ["her2st-test"]

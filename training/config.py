@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -239,6 +240,9 @@ class RunConfig:
         DDP's flag (None: the model's ``ddp_find_unused_parameters`` attribute, else False).
     dist_timeout_s
         Timeout of collective operations.
+    install_as
+        After the run, install ``best.pt`` in the user's model folder under this name
+        (:func:`napari_rapacl.jobs.install_model`), so the Predict widget lists it by name.
     """
 
     seed: int = 0
@@ -254,6 +258,7 @@ class RunConfig:
     batchnorm: str = "auto"
     find_unused_parameters: bool | None = None
     dist_timeout_s: float = 600.0
+    install_as: str | None = None
 
 
 @dataclass
@@ -555,6 +560,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise RapaclInputError(f"run.stop_after must be >= 1 or null, got {r.stop_after}")
     if r.num_threads is not None and r.num_threads < 1:
         raise RapaclInputError(f"run.num_threads must be >= 1 or null, got {r.num_threads}")
+    if r.install_as is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", r.install_as):
+        raise RapaclInputError(
+            f"run.install_as={r.install_as!r}: a model name is 1-64 letters, digits, '_', '.' or '-'"
+        )
     if m.stage is not None and m.stage not in (1, 2):
         raise RapaclInputError(f"model.stage must be 1, 2 or null; got {m.stage}")
     if m.stage == 2 and not m.init_checkpoint:

@@ -436,6 +436,8 @@ class _Trainer:
                 metrics["seconds"] = time.perf_counter() - t_start
                 if ctx.is_main:
                     _write_json(self.out_dir / "metrics.json", metrics)
+                    if cfg.run.install_as:
+                        self._install(metrics)
             else:
                 log.info(
                     "stopped after %d epoch(s) (run.stop_after); continue with run.resume=%s",
@@ -769,6 +771,22 @@ class _Trainer:
         if improved:
             save_checkpoint(self.out_dir / "best.pt", self.model, **kw)
         _write_json(self.out_dir / "history.json", self.history)
+
+    def _install(self, metrics: dict[str, Any]) -> None:
+        """``run.install_as``: best.pt into the user's model folder, with its validation scores."""
+        from napari_rapacl.jobs import install_model
+
+        d = self.cfg.data
+        validation = {k: v for k, v in (metrics.get("val_mean") or {}).items() if k in ("pcc_m", "pcc_s")}
+        validation["select_on"] = self.select_on
+        path = install_model(
+            self.out_dir / "best.pt",
+            self.cfg.run.install_as,
+            description=f"{self.cfg.model.name} trained by training.run ({self.out_dir})",
+            training={"dataset": d.dataset, "train": d.train, "val": d.val, "test": d.test, "genes": d.genes},
+            validation=validation,
+        )
+        log.info("installed as %r: %s", self.cfg.run.install_as, path)
 
     # ---- the selected checkpoint, on validation and (once) on test ---------------------------
     def _final_evaluation(self) -> dict[str, Any]:

@@ -35,6 +35,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"predictions (AnnData): {result.h5ad}")
     print(f"figure:                {result.figure}")
     print(f"checkpoint:            {result.checkpoint}")
+    if result.installed is not None:
+        print(f"installed model:       {cfg.install_as} ({result.installed}); Predict lists it by name")
     print(f"done in {result.seconds:.0f} s")
     return 0
 

@@ -7,7 +7,14 @@ section C2 through the lazy slide, and write
 * ``<out>/stnet_her2st.pt`` (+ ``.yaml`` config) — the checkpoint,
 * ``<out>/C2_prediction.h5ad`` — predictions in ``X``, measured log1p(CP10k) in ``layers['measured']``,
   opens with ``scanpy.pl.spatial`` / ``squidpy.pl.spatial_scatter``,
-* ``<out>/C2_prediction.png`` — predicted vs measured for the best-predicted genes on the slide.
+* ``<out>/C2_prediction.png`` — predicted vs measured for the best-predicted genes on the slide,
+
+and install the model in the user's model folder (:func:`napari_rapacl.jobs.install_model`) as
+:data:`READY_MODEL_NAME`, so the Predict widget lists it by name with its genes, validation scores and
+training data. The checkpoint stores each gene's Pearson r on the validation section
+(``gene_reliability``).
+
+The configuration the main job trains is :data:`READY_MODEL` (one place to switch it).
 """
 
 from __future__ import annotations
@@ -23,20 +30,38 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+#: Name under which the main job installs its model in the user's model folder.
+READY_MODEL_NAME = "her2st-stnet"
+
+#: The configuration the main job trains and installs (the best single model that trains within the
+#: main job's 10-minute CPU budget). Switch it here; ``model`` must be an image-only patch regressor
+#: (``model(images) -> (B, genes)``), as :func:`~napari_rapacl.models.fit.fit_patch_regressor` trains.
+READY_MODEL = {
+    "model": "stnet",
+    "backbone": "resnet18",
+    "patch_size": 64,
+    "mpp": 2.0,  # 64 px at 2 um/px = a 128 um field around each 100 um spot
+    "epochs": 15,
+    "batch_size": 32,
+    "lr": 1e-3,
+}
+
+
 @dataclass
 class DemoConfig:
     test_section: str = "C2"
     train_sections: tuple[str, ...] = ("C3", "C4", "C5")
     val_section: str = "C6"
-    model: str = "stnet"
-    backbone: str = "resnet18"
-    patch_size: int = 64
-    mpp: float = 2.0  # 64 px at 2 um/px = a 128 um field around each 100 um spot
-    epochs: int = 15
-    batch_size: int = 32
-    lr: float = 1e-3
+    model: str = READY_MODEL["model"]
+    backbone: str = READY_MODEL["backbone"]
+    patch_size: int = READY_MODEL["patch_size"]
+    mpp: float = READY_MODEL["mpp"]
+    epochs: int = READY_MODEL["epochs"]
+    batch_size: int = READY_MODEL["batch_size"]
+    lr: float = READY_MODEL["lr"]
     seed: int = 0
     device: str = "auto"
+    install_as: str | None = READY_MODEL_NAME  # None: do not install
 
 
 @dataclass
@@ -46,6 +71,7 @@ class DemoResult:
     checkpoint: Path
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+    installed: Path | None = None  # the installed checkpoint in the user's model folder
 
 
 def _section_data(name: str, genes: list[str], cfg: DemoConfig):
@@ -64,10 +90,10 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     from .datasets import her2st_genes
     from .export import checkpoint_sha256, to_anndata, write_h5ad
     from .inference import predict_spots, resolve_device
-    from .metrics import summarize
+    from .metrics import pearson_per_gene, summarize
     from .models import create_model
-    from .models.checkpoint import save_checkpoint
-    from .models.fit import fit_patch_regressor
+    from .models.checkpoint import gene_reliability_entry, save_checkpoint
+    from .models.fit import fit_patch_regressor, predict_patches
 
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
@@ -105,18 +131,41 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
         seed=cfg.seed,
         device=device,
     )
+    # each gene's Pearson r on the inner validation section, with the selected weights
+    val_r = pearson_per_gene(predict_patches(model, val_x, device=device), val_y)
+    training = {
+        "dataset": "her2st",
+        "train": list(cfg.train_sections),
+        "val": cfg.val_section,
+        "test": cfg.test_section,
+        "genes": "her2st785",
+        "best_epoch": fit.best_epoch,
+        "best_val_pcc": fit.best_val_pcc,
+        "epochs": cfg.epochs,
+        "history": fit.history,
+    }
     ckpt = save_checkpoint(
         out / "stnet_her2st.pt",
         model,
         genes=genes,
-        training={
-            "train": list(cfg.train_sections),
-            "val": cfg.val_section,
-            "best_epoch": fit.best_epoch,
-            "best_val_pcc": fit.best_val_pcc,
-            "history": fit.history,
-        },
+        training=training,
+        gene_reliability=gene_reliability_entry(val_r, genes, cfg.val_section),
     )
+    installed = None
+    if cfg.install_as:
+        from .jobs import install_model
+
+        installed = install_model(
+            ckpt,
+            cfg.install_as,
+            description=(
+                f"{cfg.model} ({cfg.backbone}, {cfg.patch_size} px at {cfg.mpp:g} um/px) trained by the main "
+                f"job on her2st {', '.join(cfg.train_sections)}; epoch chosen on {cfg.val_section}"
+            ),
+            training={k: v for k, v in training.items() if k != "history"},
+            validation={"section": cfg.val_section, "pcc_m": fit.best_val_pcc, "best_epoch": fit.best_epoch},
+        )
+        log.info("installed the model as %r: %s", cfg.install_as, installed)
 
     from .datasets import her2st
 
@@ -152,7 +201,12 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return DemoResult(
-        h5ad=h5ad, figure=figure, checkpoint=ckpt, metrics=metrics, seconds=time.perf_counter() - t0
+        h5ad=h5ad,
+        figure=figure,
+        checkpoint=ckpt,
+        metrics=metrics,
+        seconds=time.perf_counter() - t0,
+        installed=installed,
     )
 
 

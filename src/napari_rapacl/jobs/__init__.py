@@ -33,7 +33,16 @@ from ._cells import (
     write_cells,
 )
 from ._export import RADIOMICS_KEY, iter_export, predicted_rows, prediction_adata, result_adata
-from ._models import LoadedModel, default_genes, load_model_choice, preload_model, user_models
+from ._models import (
+    LoadedModel,
+    default_genes,
+    install_model,
+    installed_models,
+    load_model_choice,
+    models_dir,
+    preload_model,
+    user_models,
+)
 from ._nuclei_model import iter_build_nuclei_model
 from ._open import Opened, iter_open, iter_open_sample, open_inputs, spots_library_id
 from ._predict import PredictResult, iter_predict
@@ -48,6 +57,8 @@ __all__ = [
     "cells_adata",
     "default_genes",
     "feature_column",
+    "install_model",
+    "installed_models",
     "iter_cell_table",
     "iter_build_nuclei_model",
     "iter_cells",
@@ -57,6 +68,7 @@ __all__ = [
     "iter_predict",
     "iter_write_cells",
     "load_model_choice",
+    "models_dir",
     "open_inputs",
     "predicted_rows",
     "prediction_adata",
