@@ -118,3 +118,106 @@ def test_frozen_foundation_encoder_survives_a_checkpoint_round_trip(tiny_uni, tm
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), loaded(x))
+
+
+def test_probe_head_learns_on_cached_embeddings_of_a_frozen_encoder(tmp_path):
+    from napari_rapacl.models import probe
+
+    model = create_model("probe_tiny", n_genes=3, embedding_cache=str(tmp_path / "emb"))
+    assert bb.is_frozen(model.encoder) and not any(p.requires_grad for p in model.encoder.parameters())
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = dict(probe.CACHE_STATS)
+    first = model.embed(images)
+    assert probe.CACHE_STATS["computed"] - before["computed"] == 6
+    again = model.embed(images)
+    assert probe.CACHE_STATS["hits"] - before["hits"] == 6 and torch.equal(first, again)
+    model.train()  # flushes a shard to disk
+    shards = list((tmp_path / "emb").glob("*/shard-*.npz"))
+    assert len(shards) == 1 and (shards[0].parent / "meta.json").is_file()
+    # another model with the same encoder weights reads the shard: nothing is computed
+    twin = create_model("probe_tiny", n_genes=3, embedding_cache=str(tmp_path / "emb"))
+    twin.encoder.load_state_dict(model.encoder.state_dict())
+    mark = dict(probe.CACHE_STATS)
+    assert torch.equal(twin.embed(images), first) and probe.CACHE_STATS["computed"] == mark["computed"]
+    # other encoder weights: another cache identity, never the stale embeddings
+    torch.manual_seed(99)
+    other = create_model("probe_tiny", n_genes=3, embedding_cache=str(tmp_path / "emb"))
+    other.embed(images)
+    assert probe.CACHE_STATS["computed"] == mark["computed"] + 6
+    # a damaged shard is ignored (recomputed), not trusted
+    shards[0].write_bytes(b"garbage")
+    fresh = create_model("probe_tiny", n_genes=3, embedding_cache=str(tmp_path / "emb"))
+    fresh.encoder.load_state_dict(model.encoder.state_dict())
+    assert torch.equal(fresh.embed(images), first)
+
+
+def test_probe_config_refuses_an_unfrozen_encoder_and_unknown_heads():
+    from napari_rapacl.models import make_config
+
+    with pytest.raises(RapaclInputError, match="freeze_backbone must be true"):
+        make_config("probe", freeze_backbone=False)
+    with pytest.raises(RapaclInputError, match="head must be one of ridge, mlp"):
+        make_config("probe", head="svm")
+
+
+@pytest.mark.realdata
+def test_probe_trains_through_training_run_reuses_its_cache_and_installs(
+    tiny_uni, tmp_path, data_dir, monkeypatch
+):
+    """The probe YAML with a tiny UNI-family encoder: trained by training.run on real her2st spots
+    (47 per section), the second run hits the embedding cache for every patch, best.pt stores the
+    per-gene validation r, predicts through load_model, and run.install_as lists it by name."""
+    import math
+    from pathlib import Path
+
+    from training.config import load_config
+    from training.run import train
+
+    from napari_rapacl.jobs import installed_models, load_model_choice, user_models
+    from napari_rapacl.models import probe
+    from napari_rapacl.models.checkpoint import load_model
+
+    _, weights = tiny_uni
+    monkeypatch.setenv("NAPARI_RAPACL_MODELS_DIR", str(tmp_path / "models"))
+    torch.set_num_threads(1)
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "probe_her2st.yaml"
+    common = [
+        f"data.data_dir={data_dir}",
+        f"data.cache_dir={tmp_path / 'patches'}",
+        "data.train=[C3,C5]",
+        "data.val=[C4]",
+        "data.test=[C2]",
+        "data.max_spots=47",
+        f"model.config.backbone={TINY_UNI}",
+        f"model.config.pretrained={weights}",
+        f"model.config.embedding_cache={tmp_path / 'emb'}",
+        "model.config.patch_size=32",
+        "model.config.mpp=4.0",
+        "optim.epochs=3",
+        "optim.batch_size=16",
+        "run.device=cpu",
+    ]
+    start = dict(probe.CACHE_STATS)
+    first = train(
+        load_config(config, [*common, f"run.out_dir={tmp_path / 'run1'}", "run.install_as=probe-test"])
+    )
+    n_patches = 4 * 47  # C3, C5, C4, C2
+    assert probe.CACHE_STATS["computed"] - start["computed"] == n_patches  # each patch encoded once
+    assert len(first.history) == 3 and math.isfinite(first.best_score)
+    mark = dict(probe.CACHE_STATS)
+    second = train(load_config(config, [*common, f"run.out_dir={tmp_path / 'run2'}"]))
+    assert probe.CACHE_STATS["computed"] == mark["computed"]  # the second run: all from the cache
+    assert probe.CACHE_STATS["hits"] - mark["hits"] >= 3 * n_patches
+    assert second.best_score == pytest.approx(first.best_score, abs=1e-5)
+    model, payload = load_model(tmp_path / "run1" / "best.pt")
+    rel = payload["gene_reliability"]
+    assert rel["section"] == ["C4"] and len(rel["values"]) == 785 == len(model.gene_reliability)
+    finite = [v for v in rel["values"] if math.isfinite(v)]
+    assert sum(finite) / 785 == pytest.approx(first.best_score, abs=1e-5)  # val_pcc counts NaN as 0
+    assert payload["config"]["backbone"] == TINY_UNI and payload["config"]["freeze_backbone"]
+    with torch.no_grad():
+        assert model.predict({"image": torch.rand(2, 3, 32, 32)}).shape == (2, 785)
+    assert user_models()[0] == "probe-test"
+    card = installed_models()["probe-test"]
+    assert card["model"] == "probe" and card["training"]["val"] == ["C4"] and card["n_genes"] == 785
+    assert load_model_choice("probe-test", None).gene_reliability is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .config import ModelConfig
 from .nh2st_config import NH2STConfig
 from .pixnet_config import PixNetConfig
+from .probe_config import ProbeConfig
 from .rapacl_config import RaPaCLConfig
 from .registry import create_model, get_entry, list_models, make_config, register_model
 from .stnet_config import STNetConfig
@@ -89,9 +90,28 @@ register_model(
     mpp=4.0,
     hidden=32,
 )
+register_model(
+    "probe",
+    ProbeConfig,
+    "napari_rapacl.models.probe:build",
+    "Frozen-encoder probe (HEST-Bench style): a frozen foundation encoder (UNI, H-optimus, Virchow, ...; "
+    "any timm name) with an on-disk embedding cache and a ridge or small MLP gene head.",
+)
+register_model(
+    "probe_tiny",
+    ProbeConfig,
+    "napari_rapacl.models.probe:build",
+    "Tiny probe for tests (timm test_resnet, 32 px patches, no embedding cache unless set).",
+    backbone="test_resnet",
+    patch_size=32,
+    mpp=4.0,
+    hidden=16,
+    embedding_cache=None,
+)
 
 __all__ = [
     "ModelConfig",
+    "ProbeConfig",
     "RaPaCLConfig",
     "STNetConfig",
     "create_model",
