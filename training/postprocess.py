@@ -22,7 +22,7 @@ import numpy as np
 log = logging.getLogger("training")
 
 #: Gaussian widths tried (um); her2st ST spots are ~190 um apart (centre to centre), Visium 100 um.
-SMOOTH_GRID_UM = (0.0, 50.0, 75.0, 100.0, 150.0)
+SMOOTH_GRID_UM = (0.0, 75.0, 100.0, 150.0, 200.0, 250.0, 300.0)
 
 __all__ = ["SMOOTH_GRID_UM", "fit_smoothing", "mean_pcc", "section_xy_um", "write_postprocess"]
 
