@@ -710,3 +710,75 @@ def test_widget_messages_speak_to_people(her2st_viewer, qtbot, tmp_path):
     export._what.value = "nuclei: cell table (.h5ad / .csv)"
     assert export.start() is None
     assert export.status == "choose a nuclei layer: run Cells (Segment) first, then pick its layer here"
+
+
+@pytest.mark.gui
+@pytest.mark.realdata
+def test_cells_widget_offers_and_builds_the_project_nucleus_model(
+    make_napari_viewer, qtbot, data_dir, tmp_path, monkeypatch
+):
+    """Offline with no model built: the method list names the project's model as not built, Segment
+    refuses it with the next step, 'Build the nucleus model' runs the real build job (a few steps on
+    three TNBC crops here), after which the model is chosen by name and segments a ROI."""
+    pytest.importorskip("cellpose")
+    from napari_rapacl import segmentation as seg
+    from napari_rapacl._napari import _cells
+    from napari_rapacl._napari._widgets import ROI, CellsWidget
+    from napari_rapacl.segmentation import _cellpose_train as ct
+
+    tnbc = data_dir / "tnbc_nuclei"
+    if not (tnbc / "Slide_01").is_dir():
+        pytest.skip(f"TNBC nuclei data not found in {tnbc}")
+    models = tmp_path / "cellpose-models"
+    models.mkdir()
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(models))
+    monkeypatch.setenv("NAPARI_RAPACL_OFFLINE", "1")
+    monkeypatch.setattr(_cells, "_NAMES", None)
+    seg.clear_cellpose_cache()
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("napari-rapacl", "her2st_c2")
+    image = next(lyr for lyr in viewer.layers if lyr.metadata["napari_rapacl"].get("kind") == "slide")
+    points = next(lyr for lyr in viewer.layers if lyr.metadata["napari_rapacl"].get("kind") == "spots")
+    mpp = image.metadata["napari_rapacl"]["mpp"]
+    widget = CellsWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Cells")
+    name = seg.PROJECT_NUCLEI_MODEL
+    not_built = f"cellpose: {name} (not built yet)"
+    assert list(widget._method.choices) == ["classical", not_built, "cellpose: a model file..."]
+    assert widget._build.native.isHidden()
+    widget._method.value = not_built
+    assert not widget._build.native.isHidden()
+    assert f"{name}, the project's nucleus model, is not built yet" in widget.status
+    cy, cx = np.median(points.data, axis=0)
+    rect = np.array([[cy - 128, cx - 128], [cy + 128, cx + 128]], float) * mpp
+    roi = viewer.add_shapes([rect], shape_type="rectangle", name="ROI", units=image.units)
+    widget._image.value, widget._scope.value, widget._roi.value = image, ROI, roi
+    widget._radiomics.value = False
+    assert widget.start() is None
+    assert widget.status == (
+        f"cannot segment: {name} is not built yet: click 'Build the nucleus model' first, or choose classical"
+    )
+
+    tiles = ct.tnbc_tiles(tnbc, (1, 2))[:3]
+    widget.build_settings = {
+        "epochs": 1,
+        "threads": 1,
+        "tiles": tiles,
+        "crop": 96,
+        "images_per_epoch": 4,
+        "batch_size": 2,
+        "bsize": 64,
+        "stain_copies": 1,
+    }
+    assert widget.build_model() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    assert widget.status.startswith("nucleus model built: "), widget.status
+    assert seg.project_nuclei_model_built() and widget._method.value == f"cellpose: {name}"
+    assert widget._build.native.isHidden()
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    # a few training steps segment little: either outlines with their count, or the failure said
+    assert "nuclei, median area" in widget.status or "segmentation failed here" in widget.status, (
+        widget.status
+    )

@@ -49,19 +49,28 @@ PLAUSIBLE_AREA_UM2 = (12.0, 150.0)
 TISSUE_FRACTION = 0.05
 
 
-def cellpose_names() -> list[str]:
+NOT_BUILT = " (not built yet)"
+_NAMES: list[str] | None = None
+
+
+def cellpose_names(refresh: bool = False) -> list[str]:
     """The cellpose models usable now by name (the project's model when built, user models,
-    pretrained names when online or cached): ``segmentation.cellpose_model_choices()``; empty when
-    that is not available."""
+    pretrained names when online or cached): ``segmentation.cellpose_model_choices()``, asked once
+    per process (it may probe the network for up to a second; napari re-lists choices on every layer
+    change) unless ``refresh``; empty when not available."""
+    global _NAMES
+    if _NAMES is not None and not refresh:
+        return list(_NAMES)
     try:
         from ..segmentation import cellpose_model_choices
     except ImportError:
         return []
     try:
-        return [str(n) for n in cellpose_model_choices()]
+        _NAMES = [str(n) for n in cellpose_model_choices()]
     except Exception:  # never let a model listing break the panel
         log.warning("cannot list cellpose models", exc_info=True)
-        return []
+        _NAMES = []
+    return list(_NAMES)
 
 
 def project_model() -> tuple[str | None, bool]:
@@ -146,6 +155,9 @@ class CellsWidget(_JobWidget):
     """
 
     run_text = "Segment"
+    #: keyword arguments of ``jobs.iter_build_nuclei_model`` for 'Build the nucleus model' (its
+    #: defaults: the full training on TNBC patients 01-08)
+    build_settings: dict = {}
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
@@ -184,16 +196,21 @@ class CellsWidget(_JobWidget):
 
     # -- method -------------------------------------------------------------------------------
     def _method_choices(self, _w=None) -> list[str]:
-        return [CLASSICAL, *(CELLPOSE_PREFIX + n for n in cellpose_names()), CELLPOSE_FILE]
+        names = [CELLPOSE_PREFIX + n for n in cellpose_names()]
+        project, built = project_model()
+        if project is not None and not built:
+            names.insert(0, CELLPOSE_PREFIX + project + NOT_BUILT)
+        return [CLASSICAL, *names, CELLPOSE_FILE]
 
     def _on_method(self, value):
         self._cp_model.visible = value == CELLPOSE_FILE
-        name, built = project_model()
-        self._build.visible = name is not None and not built and value != CLASSICAL
-        if self._build.visible:
+        not_built = str(value).endswith(NOT_BUILT)
+        self._build.visible = not_built
+        if not_built:
             self._say(
-                f"the project's nucleus model ({name}) is not built yet: 'Build the nucleus model' "
-                "trains it on this machine (it takes a while; the progress shows here)"
+                f"{value[len(CELLPOSE_PREFIX) : -len(NOT_BUILT)]}, the project's nucleus model, is not "
+                "built yet: 'Build the nucleus model' trains it here on the TNBC annotations (it takes "
+                "a while; progress shows here), or choose classical"
             )
 
     def build_model(self, *_):
@@ -206,14 +223,20 @@ class CellsWidget(_JobWidget):
         from ._env import avoid_llvm_clash
 
         avoid_llvm_clash()  # cellpose imports torch
-        return self._launch(iter_build_nuclei_model, desc="build the nucleus model", on_done=self._on_built)
+        return self._launch(
+            iter_build_nuclei_model,
+            **self.build_settings,
+            desc="build the nucleus model",
+            on_done=self._on_built,
+        )
 
     def _on_built(self, path):
+        cellpose_names(refresh=True)
         self._method.reset_choices()
         name, built = project_model()
         if name is not None and CELLPOSE_PREFIX + name in self._method.choices:
             self._method.value = CELLPOSE_PREFIX + name
-        self._build.visible = not built
+        self._build.visible = not built and str(self._method.value).endswith(NOT_BUILT)
         self._say(f"nucleus model built: {path}; choose it as the method and Segment")
 
     def _segmenter_args(self) -> tuple[str, str | None]:
@@ -227,6 +250,11 @@ class CellsWidget(_JobWidget):
             if path is None:
                 raise ValueError("choose the cellpose model file, or another method")
             return "cellpose", str(path)
+        if value.endswith(NOT_BUILT):
+            raise ValueError(
+                f"{value[len(CELLPOSE_PREFIX) : -len(NOT_BUILT)]} is not built yet: click 'Build the "
+                "nucleus model' first, or choose classical"
+            )
         return "cellpose", value[len(CELLPOSE_PREFIX) :]
 
     # -- run ----------------------------------------------------------------------------------
@@ -258,6 +286,15 @@ class CellsWidget(_JobWidget):
             spots = spots_from_layer_data(points.data, points.features, slide.mpp)
             index = spots_in_box(points.data, box)
         self._pending = (image, points, box, slide, self._scope.value)
+        from ..jobs._estimate import estimate
+
+        x0, y0, x1, y1 = box
+        cost = estimate(
+            "cells" if self._radiomics.value else "segment",
+            area_px=float(x1 - x0) * float(y1 - y0),
+            n_spots=0 if index is None else len(index),
+            radiomics=bool(self._radiomics.value),
+        )
         return self._launch(
             iter_cells,
             slide,
@@ -268,6 +305,7 @@ class CellsWidget(_JobWidget):
             spot_index=index,
             desc=f"nuclei in {box_um(box, slide.mpp)}",
             on_done=self._on_done,
+            estimate=cost,
         )
 
     def _layer_name(self, image, scope: str) -> str:

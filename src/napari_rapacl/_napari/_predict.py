@@ -191,9 +191,14 @@ class PredictWidget(_JobWidget):
         except Exception as exc:  # a message for the user, not a traceback
             self._say(f"cannot predict: {exc}")
             return None
-        if len(spots_in_box(points.data, box)) == 0:
+        n_in_box = len(spots_in_box(points.data, box))
+        if n_in_box == 0:
             self._say(self._no_spots_message(box, slide.mpp))
             return None
+        from ..jobs._estimate import estimate
+
+        model_name = self._checkpoint_model if key[0] == "checkpoint" else self._model.value
+        cost = estimate("predict", n_spots=n_in_box, model=model_name)
         avoid_llvm_clash()  # before the worker imports torch
         spots = spots_from_layer_data(points.data, points.features, slide.mpp)
         if self._loaded is not None and key == self._loaded_choice:
@@ -218,6 +223,7 @@ class PredictWidget(_JobWidget):
             view_first=True,  # show the region's spots first, then complete the tiles around it
             desc=f"predict {box_um(box, slide.mpp)}",
             on_done=self._on_done,
+            estimate=cost,
         )
 
     def _no_spots_message(self, box, mpp) -> str:
