@@ -782,3 +782,47 @@ def test_cells_widget_offers_and_builds_the_project_nucleus_model(
     assert "nuclei, median area" in widget.status or "segmentation failed here" in widget.status, (
         widget.status
     )
+
+
+def test_export_arguments_carry_validation_r_and_the_counts_measured():
+    """A spots layer's validation r (stored by Predict) reaches the exported ``var``; its counts give
+    the measured log1p(CP10k) of the predicted genes (what 'measured beside predicted' shows)."""
+    import anndata as ad
+
+    from napari_rapacl._napari.layers import export_arguments, measured_expression
+    from napari_rapacl.jobs import prediction_adata
+    from napari_rapacl.preprocess import normalize_log1p_cp10k
+
+    rng = np.random.default_rng(1)
+    n = 6
+    counts = ad.AnnData(
+        rng.poisson(3.0, size=(n, 4)).astype(np.float32),
+        obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]),
+        var=pd.DataFrame(index=["ERBB2", "CD74", "GAPDH", "XIST"]),
+    )
+    genes = ["CD74", "ERBB2", "MKI67"]  # MKI67 is not in the counts: zeros
+    values = rng.normal(size=(n, 3)).astype(np.float32)
+    values[0] = np.nan  # spot 0 not predicted yet
+    features = pd.DataFrame(
+        {"barcode": [f"s{i}" for i in range(n)], "radius_px": 5.0, **dict(zip(genes, values.T, strict=True))}
+    )
+    info = {
+        "genes": genes,
+        "mpp": 0.5,
+        "library_id": "C9",
+        "counts": counts,
+        "gene_reliability": {"CD74": 0.4, "ERBB2": 0.21, "MKI67": float("nan"), "OTHER": 0.9},
+    }
+    meta = {"name": "C9 spots", "features": features, "metadata": {"napari_rapacl": info}}
+    data = rng.uniform(0, 100, (n, 2))
+    args = export_arguments(data, meta)
+    rel = {"CD74": 0.4, "ERBB2": 0.21, "MKI67": np.nan}
+    assert args["gene_reliability"] == pytest.approx(rel, nan_ok=True)
+    expected = normalize_log1p_cp10k(counts, ["CD74", "ERBB2"])
+    measured = measured_expression(counts, genes)
+    np.testing.assert_allclose(measured[:, :2], expected, rtol=1e-6)
+    assert np.all(measured[:, 2] == 0)
+    values_, genes_, spots = args.pop("values"), args.pop("genes"), args.pop("spots")
+    adata = prediction_adata(values_, genes_, spots, **args)
+    assert list(adata.obs_names) == [f"s{i}" for i in range(1, n)]
+    np.testing.assert_allclose(adata.var["val_pearson_r"].to_numpy(), [0.4, 0.21, np.nan])
