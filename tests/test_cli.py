@@ -326,7 +326,7 @@ def test_outputs_never_replace_inputs_and_are_checked_first(
     (tmp_path / "folder.h5ad").mkdir()
     cases = [
         ((*common, "--out", link, "--overwrite"), "is an input of this command"),
-        ((*common, "--out", tmp_path / "pred.csv"), "expected a .h5ad file"),
+        ((*common, "--out", tmp_path / "pred.csv"), "expected a .h5ad or .zarr file"),
         ((*common, "--out", tmp_path / "old.h5ad"), "already exists; pass --overwrite"),
         ((*common, "--out", tmp_path / "folder.h5ad", "--overwrite"), "is a folder"),
         ((*common, "--out", tmp_path / "missing" / "p.h5ad"), "output folder not found"),

@@ -78,14 +78,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: The CLI logs a job's progress at every 10 % and at least this often (seconds) while it reports.
+LOG_SECONDS = 5.0
+
+
 def _progress_logger(what: str):
-    """A callback that logs a :class:`Progress` about every 10 %."""
+    """A callback that logs a :class:`Progress` about every 10 %, and at least every
+    :data:`LOG_SECONDS` while the job reports (a long stage never looks stuck)."""
+    import time
+
     log = logging.getLogger("napari_rapacl.cli")
-    state = {"last": -1}
+    state = {"last": -1, "stage": None, "at": time.monotonic()}
 
     def report(p) -> None:
-        if p.total and (p.done == p.total or p.done * 10 // p.total > state["last"]):
-            state["last"] = p.done * 10 // p.total
+        if not p.total:
+            return
+        tenth = p.done * 10 // p.total
+        now = time.monotonic()
+        if p.stage != state["stage"]:
+            state["stage"], state["last"] = p.stage, -1
+        if p.done == p.total or tenth > state["last"] or now - state["at"] >= LOG_SECONDS:
+            state["last"], state["at"] = tenth, now
             log.info("%s: %s %d/%d", what, p.stage, p.done, p.total)
 
     return report
@@ -138,8 +151,8 @@ def check_output(
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .export import write_h5ad
     from .jobs import iter_predict, load_model_choice, open_inputs, result_adata
+    from .jobs._export import iter_write_h5ad
     from .progress import run_to_completion
 
     out_path = check_output(
@@ -196,7 +209,7 @@ def _predict(args: argparse.Namespace) -> int:
             _progress_logger("SpatialData"),
         )
     else:
-        out = write_h5ad(adata, out_path)
+        out = run_to_completion(iter_write_h5ad(adata, out_path), _progress_logger("export"))
     extra = " with their spot radiomics" if result.radiomics is not None else ""
     print(
         f"predicted {len(result.genes)} genes at {len(result.index)} spots{extra} "

@@ -23,7 +23,7 @@ import datetime as _dt
 import enum
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -206,7 +206,7 @@ def to_anndata(
     """
     import anndata as ad
 
-    pred = np.asarray(prediction)
+    pred = _as_prediction_array(prediction)
     if pred.ndim != 2:
         raise RapaclInputError(f"prediction must be 2-D (spots, genes), got shape {pred.shape}")
     if not np.issubdtype(pred.dtype, np.number):
@@ -221,13 +221,17 @@ def to_anndata(
         names, counts = np.unique(np.asarray(genes), return_counts=True)
         dup = [str(g) for g in names[counts > 1]]
         raise RapaclInputError(f"gene names must be unique; listed twice: {', '.join(dup[:5])}")
-    if not np.all(np.isfinite(pred)):
-        n_bad = int((~np.isfinite(pred)).sum())
-        raise RapaclInputError(f"prediction contains {n_bad} NaN or infinite value(s)")
+    if isinstance(pred, np.ndarray):
+        n_bad = _count_not_finite(pred)
+        if n_bad:
+            raise RapaclInputError(f"prediction contains {n_bad} NaN or infinite value(s)")
     if not isinstance(library_id, str) or not library_id or "/" in library_id:
         raise RapaclInputError(f"library_id must be a non-empty string without '/', got {library_id!r}")
 
-    X = np.ascontiguousarray(pred, dtype=np.float32)
+    if isinstance(pred, np.ndarray):
+        X = pred if pred.dtype == np.float32 and pred.flags.c_contiguous else _float32_rows(pred)
+    else:  # out of core (dask, h5py, zarr): read and checked chunk by chunk while it is written
+        X = pred.astype(np.float32).map_blocks(_check_finite_block, dtype=np.float32)
     obs = pd.DataFrame(index=pd.Index(barcode, name=None))
     obs["spot_id"] = barcode
     obs["radius"] = radius
@@ -254,9 +258,9 @@ def to_anndata(
             )
         if arr.shape != X.shape:
             raise RapaclInputError(f"measured layer {name!r} has shape {arr.shape}, expected {X.shape}")
-        if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
+        if not np.issubdtype(arr.dtype, np.number) or _count_not_finite(arr):
             raise RapaclInputError(f"measured layer {name!r} must be numeric and finite")
-        adata.layers[name] = np.ascontiguousarray(arr, dtype=np.float32)
+        adata.layers[name] = _float32_rows(arr)
 
     # --- uns['spatial'] -------------------------------------------------------------------
     valid_r = radius[np.isfinite(radius) & (radius > 0)]
@@ -305,15 +309,82 @@ def to_anndata(
     return adata
 
 
+#: Rows of a prediction handled at once by checks, conversions and chunked writes: about this many bytes.
+CHUNK_BYTES = 64 * 2**20
+
+
+def _chunk_rows(n_cols: int, itemsize: int = 4) -> int:
+    return max(1, CHUNK_BYTES // max(1, n_cols * itemsize))
+
+
+def _as_prediction_array(prediction: Any) -> Any:
+    """A numpy array, or a dask array for out-of-core predictions (dask, h5py, zarr, any array-like
+    with ``shape``, ``dtype`` and row slicing), read in row chunks of about :data:`CHUNK_BYTES`."""
+    import dask.array as da
+
+    if isinstance(prediction, np.ndarray):
+        return prediction
+    if isinstance(prediction, da.Array):
+        return prediction
+    if hasattr(prediction, "shape") and hasattr(prediction, "dtype") and len(prediction.shape) == 2:
+        rows = _chunk_rows(int(prediction.shape[1]), np.dtype(prediction.dtype).itemsize)
+        return da.from_array(prediction, chunks=(rows, int(prediction.shape[1])), asarray=True)
+    return np.asarray(prediction)
+
+
+def _count_not_finite(arr: np.ndarray) -> int:
+    """NaN/inf values of ``arr`` counted a row chunk at a time (no full-size temporary)."""
+    if arr.dtype.kind in "biu" or arr.size == 0:
+        return 0
+    flat = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
+    rows = _chunk_rows(flat.shape[1], 1)
+    return sum(
+        int(flat[a : a + rows].size - np.isfinite(flat[a : a + rows]).sum())
+        for a in range(0, len(flat), rows)
+    )
+
+
+def _float32_rows(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as a C-contiguous float32 array, converted a row chunk at a time (one output array, no
+    intermediate of the input's size)."""
+    if arr.dtype == np.float32 and arr.flags.c_contiguous:
+        return arr
+    out = np.empty(arr.shape, dtype=np.float32)
+    rows = _chunk_rows(int(np.prod(arr.shape[1:])) if arr.ndim > 1 else 1)
+    for a in range(0, arr.shape[0], rows):
+        out[a : a + rows] = arr[a : a + rows]
+    return out
+
+
+def _check_finite_block(block: np.ndarray) -> np.ndarray:
+    if not np.isfinite(block).all():
+        raise RapaclInputError(
+            f"prediction contains {int((~np.isfinite(block)).sum())} NaN or infinite value(s)"
+        )
+    return block
+
+
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
-def write_h5ad(adata: AnnData, path: str | os.PathLike, *, compression: str | None = None) -> Path:
+def write_h5ad(
+    adata: AnnData,
+    path: str | os.PathLike,
+    *,
+    compression: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Path:
     """Write ``adata`` to ``path`` atomically.
 
     The file is written to a temporary file in the same folder and moved into place with
     :func:`os.replace`; if writing fails, the temporary file is removed and ``path`` is left as
     it was (absent, or the previous file).
+
+    ``X`` is written a row chunk at a time (about :data:`CHUNK_BYTES`): a dask ``X`` (out-of-core
+    predictions) is read, checked and written chunk by chunk, a large numpy ``X`` is written in row
+    slices, so no copy of ``X`` is made. ``progress(done, total)`` is called after each chunk;
+    ``cancelled()`` returning True stops the write (:class:`InterruptedError`, nothing written).
 
     Parameters
     ----------
@@ -335,7 +406,61 @@ def write_h5ad(adata: AnnData, path: str | os.PathLike, *, compression: str | No
     if path.is_dir():
         raise RapaclInputError(f"cannot write {path}: it is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, lambda tmp: adata.write_h5ad(tmp, compression=compression), suffix=".tmp.h5ad")
+    return write_atomic(
+        path, lambda tmp: _write_chunked(adata, tmp, compression, progress, cancelled), suffix=".tmp.h5ad"
+    )
+
+
+def _write_chunked(
+    adata: AnnData,
+    tmp: Path,
+    compression: str | None,
+    progress: Callable[[int, int], None] | None,
+    cancelled: Callable[[], bool] | None,
+) -> None:
+    """anndata writes everything but ``X``; ``X`` is then added with h5py a row chunk at a time (numpy
+    row slices are views; a dask ``X`` is computed one block at a time), in anndata's dense-array
+    encoding."""
+    import dask.array as da
+    import h5py
+
+    X = adata.X
+    if not (isinstance(X, (np.ndarray, da.Array)) and X.ndim == 2):  # sparse or absent: anndata's writer
+        adata.write_h5ad(tmp, compression=compression)
+        return
+    n, g = (int(v) for v in X.shape)
+    if isinstance(X, da.Array):
+        blocks = X.rechunk((_chunk_rows(max(1, g)), g)) if X.numblocks[1] != 1 else X
+        edges = np.concatenate([[0], np.cumsum(blocks.chunks[0])]).astype(int)
+    else:
+        rows = _chunk_rows(max(1, g), X.dtype.itemsize)
+        edges = np.unique(np.concatenate([np.arange(0, n, rows), [n]])).astype(int)
+    total = max(1, len(edges) - 1)
+    adata.X = None
+    try:
+        adata.write_h5ad(tmp, compression=compression)
+    finally:
+        adata.X = X
+    with h5py.File(tmp, "r+") as f:
+        options: dict[str, Any] = {"compression": compression} if compression else {}
+        if n and g:
+            options["chunks"] = (max(1, min(n, _chunk_rows(g) // 8)), g)
+        dset = f.create_dataset("X", shape=(n, g), dtype=np.float32, **options)
+        dset.attrs["encoding-type"] = "array"
+        dset.attrs["encoding-version"] = "0.2.0"
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            if cancelled is not None and cancelled():
+                raise InterruptedError("export cancelled: nothing was written")
+            if isinstance(X, da.Array):
+                block = np.asarray(blocks.blocks[i].compute(scheduler="sync"), dtype=np.float32)
+            else:
+                block = X[a:b] if X.dtype == np.float32 else X[a:b].astype(np.float32)
+            dset[a:b] = block
+            del block
+            if progress is not None:
+                progress(i + 1, total)
+    if progress is not None and len(edges) < 2:
+        progress(1, 1)
 
 
 def checkpoint_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -127,13 +127,62 @@ def result_adata(
     )
 
 
+#: Seconds between two progress reports of a long write (the CLI and the viewer hear from it this often).
+PROGRESS_SECONDS = 2.0
+
+
 def iter_export(path: str | Path, *args: Any, **kwargs: Any) -> Generator[Progress, None, Path]:
     """:func:`prediction_adata` written to ``path`` atomically, as a job: the AnnData is built (slide
-    thumbnails read) between two yields, so a cancel up to then writes nothing; no yield follows the
-    atomic write, which either completes (and is reported) or leaves no file."""
-    from ..export import write_h5ad
-
+    thumbnails read) between two yields, so a cancel up to then writes nothing. The write (``X`` a row
+    chunk at a time) runs in a thread while this job yields ``Progress("export write", chunks done,
+    chunks)`` at least every :data:`PROGRESS_SECONDS`; a cancel then stops it between two chunks and
+    leaves no file (the atomic write either completes, and is reported, or leaves nothing)."""
     yield Progress("export", 0, 2)
     adata = prediction_adata(*args, **kwargs)
     yield Progress("export", 1, 2)
-    return write_h5ad(adata, path)
+    return (yield from iter_write_h5ad(adata, path))
+
+
+def iter_write_h5ad(adata: AnnData, path: str | Path) -> Generator[Progress, None, Path]:
+    """:func:`napari_rapacl.export.write_h5ad` in a thread, as a job reporting the chunks written at least
+    every :data:`PROGRESS_SECONDS`; closing the job cancels the write (nothing is left)."""
+    import queue
+    import threading
+
+    from ..export import write_h5ad
+
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["path"] = write_h5ad(
+                adata, path, progress=lambda d, t: events.put((d, t)), cancelled=stop.is_set
+            )
+        except BaseException as exc:  # handed to the job's thread
+            outcome["error"] = exc
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=work, name="napari-rapacl-export", daemon=True)
+    thread.start()
+    done, total = 0, 1
+    try:
+        while True:
+            try:
+                item = events.get(timeout=PROGRESS_SECONDS)
+            except queue.Empty:
+                yield Progress("export write", done, total)  # still at it (a big chunk, the obs table)
+                continue
+            if item is None:
+                break
+            done, total = item
+            yield Progress("export write", done, total)
+    finally:
+        if thread.is_alive():  # the job was closed (cancelled) or failed: stop between two chunks
+            stop.set()
+            thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["path"]
