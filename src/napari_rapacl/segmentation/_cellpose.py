@@ -323,10 +323,21 @@ def _load_project_net(models: Any, path: Path, settings: dict[str, Any], use_gpu
     import torch
     from cellpose.resnet_torch import CPnet
 
+    class ProjectNet(CPnet):
+        """cellpose's U-Net whose style vector is zero-padded to the 256 values ``cellpose.core`` expects
+        (a narrower net's last level has fewer channels; the style is not used for segmentation)."""
+
+        def forward(self, data):
+            out = super().forward(data)
+            style = out[1]
+            if style.shape[1] < 256:
+                style = torch.nn.functional.pad(style, (0, 256 - style.shape[1]))
+            return (out[0], style, *out[2:])
+
     nbase = [int(c) for c in settings.get("nbase", (2, 32, 64, 128, 256))]
     diam_mean = float(settings.get("diam_mean", 30.0))
     net = models.CellposeModel(gpu=use_gpu, pretrained_model=False, diam_mean=diam_mean, nchan=nbase[0])
-    cpnet = CPnet(nbase, 3, sz=3, mkldnn=False, max_pool=True, diam_mean=diam_mean)
+    cpnet = ProjectNet(nbase, 3, sz=3, mkldnn=False, max_pool=True, diam_mean=diam_mean)
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     cpnet.load_state_dict(state)
     net.net = cpnet.to(net.device)
