@@ -205,3 +205,169 @@ def test_progress_bar_with_elapsed_and_time_left_and_questions_before_long_jobs(
         _slow_job, 1, 0.01, desc="view", on_done=job.done.append, estimate=estimate("cells", area_px=1e6)
     )
     qtbot.waitUntil(lambda: not job.busy, timeout=20_000)
+
+
+# --------------------------------------------------------------------------------------------
+# opening like napari users expect
+# --------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+def test_file_open_uses_the_plugin_reader_and_asks_for_a_pixel_size(
+    make_napari_viewer, qtbot, data_dir, quiet_settings, monkeypatch
+):
+    from napari_rapacl._napari import _reader
+
+    jpg = data_dir / "her2st/data/ST-imgs/C/C2/5714_HE_BT_C2.jpg"
+    viewer = make_napari_viewer(show=True)
+    # before the plugin is used, napari has two readers for a JPEG (its own and ours) and asks
+    from napari.errors import MultipleReaderError
+
+    with pytest.raises(MultipleReaderError):  # (the GUI shows napari's reader dialog here)
+        viewer.open(str(jpg), plugin=None)
+    _panel(viewer, qtbot)  # using the plugin makes it the default for slides the user has not assigned
+    prefs = quiet_settings.plugins.extension2reader
+    assert {p: prefs[p] for p in ("*.svs", "*.ndpi", "*.ome.tif", "*.jpg", "*.png")} == dict.fromkeys(
+        ("*.svs", "*.ndpi", "*.ome.tif", "*.jpg", "*.png"), "napari-rapacl"
+    )
+    questions = []
+    monkeypatch.setattr(_reader, "ask_pixel_size", lambda q: questions.append(q) or 0.7)
+    # what File > Open and drag-and-drop call (no reader dialog: the preference decides)
+    viewer.window._qt_viewer._qt_open([str(jpg)], stack=False)
+    layer = viewer.layers[-1]
+    assert layer.multiscale and tuple(layer.scale) == (0.7, 0.7)
+    assert tuple(str(u) for u in layer.units) == ("micrometer", "micrometer")
+    assert questions == [
+        "5714_HE_BT_C2.jpg carries no pixel size: without it nuclei, spots and scale bars cannot be in µm. "
+        "Give its µm / px (about 0.25 for a 40x scan, 0.5 for 20x), or open it with its spot file, which "
+        "gives the pixel size."
+    ]
+    # no answer: opened in pixels, and a warning says so and what to do
+    monkeypatch.setattr(_reader, "ask_pixel_size", lambda q: None)
+    shown = []
+    monkeypatch.setattr(_reader, "_warn", shown.append)
+    [bare] = viewer.open(str(jpg), plugin=None)
+    assert tuple(bare.scale) == (1.0, 1.0) and bare.metadata["napari_rapacl"]["mpp"] is None
+    assert shown == [
+        "5714_HE_BT_C2.jpg opened in pixels (no pixel size): open it in the RaPaCL panel's 'Open slide "
+        "and spots' with its spot file, or type its µm / px there"
+    ]
+    # a choice the user made stays theirs
+    quiet_settings.plugins.extension2reader = {**prefs, "*.png": "napari"}
+    assert "*.png" not in _reader.prefer_plugin_readers()
+    assert quiet_settings.plugins.extension2reader["*.png"] == "napari"
+
+
+@pytest.mark.realdata
+def test_load_asks_for_a_pixel_size_when_a_jpeg_opens_without_spots(
+    make_napari_viewer, qtbot, data_dir, quiet_settings
+):
+    jpg = data_dir / "her2st/data/ST-imgs/C/C2/5714_HE_BT_C2.jpg"
+    viewer = make_napari_viewer(show=True)
+    panel, _ = _panel(viewer, qtbot)
+    load = panel.widgets["Open"]
+    asked = []
+    load.ask_pixel_size = lambda q: asked.append(q) or 0.5
+    _open(panel, qtbot, slide=jpg)
+    assert len(asked) == 1 and asked[0].startswith("5714_HE_BT_C2.jpg carries no pixel size")
+    image = viewer.layers["5714_HE_BT_C2"]
+    assert tuple(image.scale) == (0.5, 0.5) and "0.5 µm/px (typed)" in load.status
+    load.ask_pixel_size = lambda q: None  # cancelled: shown in pixels, said in the status line
+    _open(panel, qtbot, slide=jpg)
+    assert tuple(viewer.layers["5714_HE_BT_C2"].scale) == (1.0, 1.0)
+    assert "⚠ 5714_HE_BT_C2.jpg is shown in pixels (no pixel size): type its µm / px and press Open" in (
+        load.status
+    )
+    assert "pixel size unknown" in load.status
+
+
+# --------------------------------------------------------------------------------------------
+# mistakes caught at open; a second slide beside the first; messages in µm
+# --------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+def test_spots_of_another_section_are_warned_at_open_and_a_second_slide_opens_beside(
+    make_napari_viewer, qtbot, data_dir, artifacts_dir, quiet_settings
+):
+    img_dir, spotfiles = data_dir / "her2st/data/ST-imgs/C", data_dir / "her2st/data/ST-spotfiles"
+    viewer = _window(make_napari_viewer, (1366, 768))
+    panel, dock = _panel(viewer, qtbot)
+    load = _open(panel, qtbot, slide=img_dir / "C2/5714_HE_BT_C2.jpg", spots=spotfiles / "C5_selection.tsv")
+    assert len(load.warnings) == 1
+    pct = load.warnings[0].split(" %")[0]
+    assert 60 <= int(pct) <= 90
+    assert load.status.startswith(f"⚠ {pct} % of the spots of C5_selection.tsv (")
+    assert "fall on glass in 5714_HE_BT_C2.jpg: they probably belong to another section" in load.status
+    # named after the slide (not C5, which it is not), the layers are there for the user to see the misfit
+    assert "5714_HE_BT_C2" in viewer.layers and "5714_HE_BT_C2 spots" in viewer.layers
+    qtbot.wait(300)
+    status = load._status.native
+    from qtpy.QtCore import QPoint, QRect
+
+    assert status.isVisible()
+    assert _inside(QRect(status.mapTo(dock, QPoint(0, 0)), status.size()), dock.rect())
+    assert status.height() >= status.heightForWidth(status.width())  # every line of it shown
+    _save(viewer, artifacts_dir / "panel_mismatch_1366x768.png")
+
+    # the right spots on the next section: no warning, named by section, beside the first slide
+    load = _open(panel, qtbot, slide=img_dir / "C4/5714_HE_BT_D2.jpg", spots=spotfiles / "C4_selection.tsv")
+    assert load.warnings == [] and not load.status.startswith("⚠")
+    first, second = viewer.layers["5714_HE_BT_C2"], viewer.layers["C4"]
+    right_of_first = first.translate[1] + first.data[0].shape[1] * first.scale[1]
+    assert (
+        second.translate[1] > right_of_first and viewer.layers["C4 spots"].translate[1] == second.translate[1]
+    )
+    assert "placed to the right of the slides already open (at x = " in load.status
+    # a ROI drawn on the second slide maps to its own pixels (its translate undone)
+    from napari_rapacl._napari._common import ROI
+
+    cells = panel.widgets["Cells"]
+    y0, x0 = second.translate[0] + 1000, second.translate[1] + 2000
+    roi = viewer.add_shapes([[[y0, x0], [y0 + 350, x0 + 700]]], shape_type="rectangle", name="ROI C4")
+    box = cells._region(ROI, second, roi)
+    mpp = second.scale[1]
+    assert box == pytest.approx((2000 / mpp, 1000 / mpp, 2700 / mpp, 1350 / mpp), abs=1.0)
+
+
+def test_region_refusals_speak_rounded_microns_with_a_next_step(make_napari_viewer, qtbot):
+    from napari_rapacl._napari._common import ALL, ROI, VISIBLE, _JobWidget
+
+    class Job(_JobWidget):
+        def __init__(self, viewer):
+            self._viewer = viewer
+            super().__init__(widgets=self._init_job())
+
+        def start(self, *_):
+            return None
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(
+        np.zeros((1000, 2000, 3), np.uint8), rgb=True, scale=(0.5, 0.5), units=("um", "um"), name="C2"
+    )
+    job = Job(viewer)
+    with pytest.raises(ValueError) as err:
+        job._region(ROI, image, None)
+    assert str(err.value) == (
+        "choose a Shapes layer holding the ROI: add a Shapes layer, draw a rectangle over the tissue, "
+        "and pick that layer as ROI"
+    )
+    empty = viewer.add_shapes(name="ROI", units=("um", "um"))
+    with pytest.raises(ValueError, match="the Shapes layer 'ROI' holds no ROI: draw a rectangle in it"):
+        job._region(ROI, image, empty)
+    far = viewer.add_shapes(
+        [[[-3000.0001171, -2999.9998829875985], [-2500.2, -2000.4]]], shape_type="rectangle", name="far"
+    )
+    with pytest.raises(ValueError) as err:
+        job._region(ROI, image, far)
+    assert str(err.value) == (
+        "the ROI in 'far' (x -3,000 to -2,000 µm, y -3,000 to -2,500 µm) lies outside 'C2' "
+        "(x 0 to 1,000 µm, y 0 to 500 µm): draw the rectangle over the tissue"
+    )
+    cam = viewer.camera
+    cam.center, cam.zoom = (0, 90_000.4, 50_000.7), 1.0
+    with pytest.raises(ValueError) as err:
+        job._region(VISIBLE, image, None)
+    text = str(err.value)
+    assert (
+        text.startswith("the view (x ") and "µm, y " in text and "shows none of 'C2' (x 0 to 1,000 µm" in text
+    )
+    assert text.endswith("pan or zoom to the slide (View > Reset view), or choose 'all spots'")
+    assert "." not in text.split("(x ")[1].split(")")[0].replace("View > Reset view", "")  # rounded
+    assert job._region(ALL, image, None) == (0, 0, 2000, 1000)

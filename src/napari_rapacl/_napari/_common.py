@@ -144,6 +144,9 @@ def adopt_world_units(layer, others) -> bool:
     mine = _unit_names(layer)
     if not mine or set(mine) != {"pixel"}:
         return False
+    info = layer.metadata.get(META_KEY, {}) if isinstance(getattr(layer, "metadata", None), dict) else {}
+    if info.get("kind") in ("slide", "spots") and not info.get("mpp"):
+        return False  # a slide without a pixel size really is in pixels
     theirs = {_unit_names(o) for o in others if o is not layer and _unit_names(o)}
     if len(theirs) != 1:
         return False
@@ -214,6 +217,13 @@ def beside_offset(viewer, gap_fraction: float = 0.05) -> tuple[float, float] | N
     return 0.0, right + gap_fraction * width
 
 
+def fit_label_height(label, fallback_width: int = 280) -> None:
+    """Make a word-wrapped QLabel tall enough for all its lines at its current width (magicgui's row
+    layouts do not pass Qt's height-for-width on, so a long message would be cut off)."""
+    width = label.width() if label.isVisible() and label.width() >= 200 else fallback_width
+    label.setMinimumHeight(max(0, label.heightForWidth(width)))
+
+
 def ask_yes_no(parent, title: str, text: str) -> bool:
     """A modal Yes/No question (No by default)."""
     from qtpy.QtWidgets import QMessageBox
@@ -276,6 +286,10 @@ class _JobWidget(Container):
         self._bar.native.setFormat("%v / %m")
         self._status = Label(value="")
         self._status.native.setWordWrap(True)
+        from qtpy.QtWidgets import QSizePolicy
+
+        # the width comes from the dock, never from the message (a long one would widen the panel)
+        self._status.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Minimum)
         self._worker = None
         self._job_desc = ""
         self._stage = None
@@ -301,6 +315,7 @@ class _JobWidget(Container):
 
     def _say(self, text: str) -> None:
         self._status.value = text
+        fit_label_height(self._status.native)
 
     def _ask(self, question: str) -> bool:
         self.last_question = question

@@ -100,6 +100,8 @@ class LoadWidget(_JobWidget):
             return None
         text = str(self._spots.value or "").strip()
         spots = Path(text) if text and text != "." else None  # an empty FileEdit gives "."
+        if spots is not None and not self._folder.value and spots.resolve() == Path.cwd().resolve():
+            spots = None  # a cleared FileEdit gives the working folder
         if spots is not None and spots.is_dir() and not self._folder.value:
             self._say(f"cannot open: {spots} is a folder; tick 'spots are a Space Ranger folder'")
             return None
