@@ -597,17 +597,31 @@ def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, q
     assert not [lyr for lyr in viewer.layers if lyr.name.startswith("nuclei")]
 
     widget._cp_model.value = str(model_file)
+    n_layers = len(viewer.layers)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    assert [str(m) for m in loaded] and all(str(m) == str(model_file) for m in loaded)
+    # random weights find no nucleus on this tissue: said so, with other methods to try; no layer
+    assert widget.labels_layer is None and len(viewer.layers) == n_layers
+    assert (
+        widget.status.startswith("no nuclei found on tissue (")
+        and "segmentation failed here" in widget.status
+    )
+    assert "Try the classical method, another cellpose model" in widget.status
+
+    # the classical method on the same ROI: outlines placed on the slide, named by section and ROI
+    widget._method.value = "classical"
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
     layer = widget.labels_layer
+    assert layer is not None, widget.status
     info = layer.metadata["napari_rapacl"]
     bx0, by0, bx1, by1 = info["box"]  # the ROI, to the pixel (um -> px rounding)
-    assert info["method"] == "cellpose"
+    assert info["method"] == "classical"
     np.testing.assert_allclose(info["box"], (x0, y0, x0 + 256, y0 + 256), atol=1)
     lab = np.asarray(layer.data)
     assert lab.shape == (by1 - by0, bx1 - bx0) and lab.dtype == np.int32
     assert tuple(layer.translate) == pytest.approx((by0 * mpp, bx0 * mpp))
-    assert [str(m) for m in loaded] and all(str(m) == str(model_file) for m in loaded)
     assert "nuclei, median area" in widget.status and "µm²" in widget.status
     assert layer.name == "C2 nuclei (ROI 1)" and layer.contour == 2
 

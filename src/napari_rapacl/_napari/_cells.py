@@ -334,10 +334,15 @@ class CellsWidget(_JobWidget):
                     "no layer was added. Pan to the tissue or draw the ROI on it"
                 )
             else:
+                other = (
+                    "try the classical method, another cellpose model"
+                    if self._method.value != CLASSICAL
+                    else "try a cellpose method"
+                )
                 text = (
                     f"no nuclei found on tissue ({tissue:.0%} of {where}): segmentation failed here; "
-                    "no layer was added. Try method cellpose, or a 'diameter (µm)' closer to the nuclei "
-                    f"(now {float(self._diameter.value):.1f} µm)"
+                    f"no layer was added. {other[0].upper()}{other[1:]}, or a 'diameter (µm)' closer to "
+                    f"the nuclei (now {float(self._diameter.value):.1f} µm)"
                 )
             self.last_summary = text
             self._say(text)

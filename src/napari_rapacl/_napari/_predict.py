@@ -218,13 +218,23 @@ class PredictWidget(_JobWidget):
             cache=self.cache,
             device=self._device.value,
             dense=bool(self._dense.value),
-            dense_gene=colored_by(points),  # the map of the gene the spots show (else the first)
+            dense_gene=self._dense_gene(points, key),  # the map of the gene the spots show
             tile_px=self.tile_px,
             view_first=True,  # show the region's spots first, then complete the tiles around it
             desc=f"predict {box_um(box, slide.mpp)}",
             on_done=self._on_done,
             estimate=cost,
         )
+
+    def _dense_gene(self, points, key) -> str | None:
+        """The gene whose dense map to compute: the one the spots show, else (first prediction) the
+        one they will show -- the most reliable when the model is loaded; None: the model's first."""
+        gene = colored_by(points)
+        loaded = self._loaded if key == self._loaded_choice else None
+        if loaded is not None and gene not in loaded.genes:
+            rel = getattr(loaded, "gene_reliability", None)
+            return most_reliable(list(loaded.genes), dict(rel) if rel else None)
+        return gene
 
     def _no_spots_message(self, box, mpp) -> str:
         where = box_um(box, mpp)
