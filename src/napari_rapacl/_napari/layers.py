@@ -254,7 +254,9 @@ def export_arguments(data: np.ndarray, meta: dict, *, rows: np.ndarray | None = 
     extra: dict[str, Any] = {}
     if info.get("gene_reliability"):
         extra["gene_reliability"] = {g: float(r) for g, r in info["gene_reliability"].items() if g in genes}
-    measured = measured_expression(info.get("counts"), genes)
+    counts = info.get("counts")
+    # only when the counts hold every gene (an absent gene would read as measured zeros)
+    measured = measured_expression(counts, genes) if set(genes) <= measured_genes(counts) else None
     if measured is not None:
         extra["measured"] = {"measured": measured[rows]}
     args.update(_accepted(extra))
