@@ -125,7 +125,10 @@ class PredictWidget(_JobWidget):
         ckpt = checkpoint_path(self._checkpoint.value)
         if ckpt is not None:
             if not ckpt.is_file():
-                raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+                raise FileNotFoundError(
+                    f"checkpoint not found: {ckpt}; choose an existing .pt file, or clear the checkpoint "
+                    "field to try the model with random weights"
+                )
             return ("checkpoint", str(ckpt.resolve()), ckpt.stat().st_mtime_ns), (None, ckpt)
         return ("registry", self._model.value), (self._model.value, None)
 
@@ -181,7 +184,7 @@ class PredictWidget(_JobWidget):
             return None
         image, points = self._image.value, self._spots.value
         if image is None or points is None:
-            self._say("choose a slide and a spots layer")
+            self._say("choose a slide and its spots layer (open them with 'Open slide and spots')")
             return None
         try:
             key, choice = self._choice()
