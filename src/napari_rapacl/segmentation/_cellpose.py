@@ -165,7 +165,7 @@ def _project_model() -> tuple[str, Path]:
     return PROJECT_NUCLEI_MODEL, project_nuclei_model_path()
 
 
-def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
+def resolve_cellpose_model(model: str | os.PathLike | None = None, *, local_only: bool = False) -> Path:
     """The local file of a cellpose model, downloading a named one only on a connected machine.
 
     Nothing is imported from cellpose unless a download is needed, so a missing model fails in
@@ -178,6 +178,9 @@ def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
         models listed in ``gui_models.txt``, and the project's ``"rapacl_nuclei_tnbc"``; 4.x:
         ``"cpsam"``). ``None``: on 3.x the project's model when it is built, else ``"nuclei"``;
         ``"cpsam"`` on 4.x.
+
+    local_only
+        Never download: a named model that is not on this machine raises ``FileNotFoundError``.
 
     Returns
     -------
@@ -215,6 +218,8 @@ def resolve_cellpose_model(model: str | os.PathLike | None = None) -> Path:
     for d in dirs:
         if (d / filename).is_file():
             return d / filename
+    if local_only:  # never the network
+        raise FileNotFoundError(f"cellpose model {name!r} is not in {' or '.join(str(d) for d in dirs)}")
     if name == project_name:
         from ._cellpose_train import not_built_message
 
@@ -263,11 +268,15 @@ _SETTINGS_CACHE: dict[tuple[str, int], dict[str, Any] | None] = {}
 def cellpose_model_settings(model: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The project sidecar of a cellpose model (training pixel size, input, size filter), or None.
 
-    None for cellpose's own models and any model file without a ``<file>.rapacl.json`` beside it.
+    None for cellpose's own models, any model file without a ``<file>.rapacl.json`` beside it, and a
+    model that is not on this machine (never looked up on the network).
     """
     from ._cellpose_train import read_sidecar, sidecar_path
 
-    path = resolve_cellpose_model(model)
+    try:
+        path = resolve_cellpose_model(model, local_only=True)
+    except FileNotFoundError:  # not on this machine: not a project model (the caller's lookup will say)
+        return None
     side = sidecar_path(path)
     try:
         stamp = side.stat().st_mtime_ns
