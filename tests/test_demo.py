@@ -69,4 +69,5 @@ def test_demo_command_writes_h5ad_png_and_checkpoint(data_dir, tmp_path):
     listed = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
-    assert listed.stdout.split("\n")[:3] == ["her2st-stnet", "['C3', 'C4', 'C5'] C6 785", "785 True"], listed
+    expected = ["her2st-stnet", "['C3', 'C4', 'C5'] ['C6'] 785", "785 True"]
+    assert listed.stdout.split("\n")[:3] == expected, listed
