@@ -319,11 +319,23 @@ def test_spots_of_another_section_are_warned_at_open_and_a_second_slide_opens_be
     from napari_rapacl._napari._common import ROI
 
     cells = panel.widgets["Cells"]
-    y0, x0 = second.translate[0] + 1000, second.translate[1] + 2000
-    roi = viewer.add_shapes([[[y0, x0], [y0 + 350, x0 + 700]]], shape_type="rectangle", name="ROI C4")
-    box = cells._region(ROI, second, roi)
     mpp = second.scale[1]
-    assert box == pytest.approx((2000 / mpp, 1000 / mpp, 2700 / mpp, 1350 / mpp), abs=1.0)
+    cy, cx = np.median(viewer.layers["C4 spots"].data, axis=0) * mpp  # µm in the slide: on tissue
+    y0, x0 = second.translate[0] + cy, second.translate[1] + cx
+    roi = viewer.add_shapes([[[y0, x0], [y0 + 200, x0 + 300]]], shape_type="rectangle", name="ROI C4")
+    box = cells._region(ROI, second, roi)
+    assert box == pytest.approx((cx / mpp, cy / mpp, (cx + 300) / mpp, (cy + 200) / mpp), abs=1.0)
+    # nuclei found there sit on the second slide (the layer follows the slide's translate)
+    pytest.importorskip("skimage")
+    cells._image.value, cells._scope.value, cells._roi.value = second, ROI, roi
+    cells._spots.value = None
+    cells.confirm = lambda q: pytest.fail(f"asked about a small ROI: {q}")
+    assert cells.start() is not None, cells.status
+    qtbot.waitUntil(lambda: not cells.busy, timeout=120_000)
+    [nuclei] = [lyr for lyr in viewer.layers if lyr.metadata.get("napari_rapacl", {}).get("kind") == "nuclei"]
+    x0_um = nuclei.translate[1]
+    assert x0_um == pytest.approx(second.translate[1] + box[0] * mpp, abs=2 * mpp)
+    assert nuclei.translate[0] == pytest.approx(second.translate[0] + box[1] * mpp, abs=2 * mpp)
 
 
 def test_region_refusals_speak_rounded_microns_with_a_next_step(make_napari_viewer, qtbot):
@@ -371,3 +383,40 @@ def test_region_refusals_speak_rounded_microns_with_a_next_step(make_napari_view
     assert text.endswith("pan or zoom to the slide (View > Reset view), or choose 'all spots'")
     assert "." not in text.split("(x ")[1].split(")")[0].replace("View > Reset view", "")  # rounded
     assert job._region(ALL, image, None) == (0, 0, 2000, 1000)
+
+
+@pytest.mark.realdata
+def test_load_refusals_name_the_file_and_the_next_step(
+    make_napari_viewer, qtbot, data_dir, tmp_path, quiet_settings
+):
+    from napari_rapacl._napari._widgets import FILES, LoadWidget
+
+    viewer = make_napari_viewer()
+    load = LoadWidget(viewer)
+    load._source.value = FILES
+    assert load.start() is None
+    assert load.status == "choose a slide file (.svs, .tif, .ndpi, .jpg, .png) next to 'slide'"
+    load._slide.value = str(tmp_path / "absent.svs")
+    assert load.start() is None
+    assert load.status == (
+        f"cannot open: slide not found: {tmp_path / 'absent.svs'}. Check the path, or choose the file again"
+    )
+    jpg = data_dir / "her2st/data/ST-imgs/C/C2/5714_HE_BT_C2.jpg"
+    load._slide.value, load._spots.value = str(jpg), str(tmp_path)
+    assert load.start() is None
+    assert load.status == f"cannot open: {tmp_path} is a folder; tick 'spots are a Space Ranger folder'"
+    assert load._mpp.label == "µm / px (0: from file)"  # the field's name as the user sees it
+    # spots in another image's pixels: the job's refusal names both files and what the coordinates must be
+    far = tmp_path / "far.csv"
+    far.write_text("x,y,radius\n10,10,5\n99999,20,5\n")
+    load._spots.value = str(far)
+    assert load.start() is not None
+    qtbot.waitUntil(lambda: not load.busy, timeout=60_000)
+    assert load.status.startswith("cannot open: 1 of 2 spots from ") and "far.csv lie outside" in load.status
+    assert "5714_HE_BT_C2.jpg" in load.status and "must be level-0 pixels of this image" in load.status
+    assert not len(viewer.layers)
+    # one job at a time
+    load._spots.value = str(data_dir / "her2st/data/ST-spotfiles/C2_selection.tsv")
+    assert load.start() is not None and load.start() is None
+    assert load.status == "busy: open 5714_HE_BT_C2.jpg is still running; wait for it or press Cancel"
+    qtbot.waitUntil(lambda: not load.busy, timeout=60_000)

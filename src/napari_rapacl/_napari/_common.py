@@ -349,9 +349,6 @@ class _JobWidget(Container):
         worker = thread_worker(_guarded, progress=progress, start_thread=False, ignore_errors=True)(
             gen_fn, *args, **kwargs
         )
-        viewer = getattr(self, "_viewer", None)
-        before = list(viewer.layers) if viewer is not None else []  # kept alive: identities stay unique
-        image, self._region_image = getattr(self, "_region_image", None), None
 
         def returned(result):
             self._settled()
@@ -359,9 +356,6 @@ class _JobWidget(Container):
                 self._on_error(result.error)
             else:
                 on_done(result)
-                if viewer is not None and image is not None:
-                    new = [lyr for lyr in viewer.layers if not any(lyr is old for old in before)]
-                    place_on_slide(new, image)
 
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(returned)
@@ -444,7 +438,6 @@ class _JobWidget(Container):
     def _region(self, scope: str, image, shapes):
         """The level-0 px box for a scope, or raise ValueError saying, in rounded µm, what is wrong
         and what to do."""
-        self._region_image = image
         units = _world_units(image)
         slide = world_box_text(*image_world_box(image), units=units)
         if scope == VISIBLE:
@@ -480,22 +473,6 @@ class _JobWidget(Container):
                 ) from None
         h, w = level0_shape(image)
         return 0, 0, w, h
-
-
-def place_on_slide(layers, image) -> None:
-    """Layers a job made from ``image`` (nuclei, dense maps: placed in its level-0 px, scale = its um)
-    follow the slide when it was opened beside another one (translated): the slide's translate is
-    added to theirs."""
-    offset = np.asarray(image.translate, dtype=float)[-2:]
-    if not np.any(offset):
-        return
-    for layer in layers:
-        info = layer.metadata.get(META_KEY, {}) if isinstance(layer.metadata, dict) else {}
-        if info.get("kind") in ("slide", "spots"):
-            continue
-        t = np.asarray(layer.translate, dtype=float).copy()
-        t[-2:] += offset
-        layer.translate = t
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,11 @@ class LoadWidget(_JobWidget):
         self._folder.changed.connect(lambda v: setattr(self._spots, "mode", "d" if v else "r"))
         self.layers: list = []
         self.warnings: list[str] = []
+        _prefer_plugin_readers()
+
+    def _on_error(self, exc):
+        self._job_open = False
+        self._say(f"cannot open: {exc}")
 
     def _on_source(self, value):
         files = value == FILES
@@ -172,6 +177,16 @@ class LoadWidget(_JobWidget):
         self._say(text)
         if self.layers:
             self._viewer.reset_view()
+
+
+def _prefer_plugin_readers() -> None:
+    """Using the plugin makes it napari's reader for slides the user has not assigned elsewhere."""
+    from ._reader import prefer_plugin_readers
+
+    try:
+        prefer_plugin_readers()
+    except Exception:  # settings not writable: File > Open still offers the plugin in its dialog
+        log.warning("could not make napari-rapacl the default slide reader", exc_info=True)
 
 
 def _notify(text: str) -> None:

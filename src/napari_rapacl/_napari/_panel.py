@@ -46,13 +46,7 @@ class RapaclPanel(QWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
-        from ._reader import prefer_plugin_readers
-
-        self._viewer = viewer
-        try:
-            prefer_plugin_readers()
-        except Exception:  # settings not writable: File > Open still offers the plugin in its dialog
-            log.warning("could not make napari-rapacl the default slide reader", exc_info=True)
+        self._viewer = viewer  # (the Open tab makes the plugin the default slide reader)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.tabs.setUsesScrollButtons(False)
