@@ -253,7 +253,9 @@ def test_her2st_segment_predict_genes_export(
     gene = choices[-1]
     genes_w._gene.value = gene
     assert points._face.color_properties.name == gene
-    assert genes_w.colorbar.title.text() == gene and not genes_w.colorbar.bar.pixmap().isNull()
+    assert genes_w.colorbar.title.text() == f"{gene}, log1p(CP10k)"
+    assert not genes_w.colorbar.bar.pixmap().isNull()
+    assert points.name == f"C2 predicted: {gene}, log1p(CP10k)"
     lo, hi = genes_w.limits
     assert lo == pytest.approx(np.percentile(values[done, genes.index(gene)], 1), rel=1e-3, abs=1e-4)
     assert hi > lo

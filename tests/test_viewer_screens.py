@@ -176,7 +176,13 @@ def test_screens_prediction_measured_beside_and_nuclei(
     side = [lyr for lyr in viewer.layers if lyr.metadata.get("napari_rapacl", {}).get("beside")]
     names = {f"{image.name} (measured side)", f"C2 measured: {best}, log1p(CP10k)"}
     assert {lyr.name for lyr in side} == names
-    assert "left predicted, right measured" in viewer.canvas.overlays.text.text
+    lo_p, hi_p = points.face_contrast_limits
+    measured_layer = next(lyr for lyr in side if lyr.metadata["napari_rapacl"]["kind"] == "measured")
+    lo_m, hi_m = measured_layer.face_contrast_limits
+    assert viewer.canvas.overlays.text.text == (
+        f"C2: {best}, log1p(CP10k); r = {r:.2f} ({n} spots)\n"
+        f"left: predicted ({lo_p:.2f}-{hi_p:.2f})   right: measured ({lo_m:.2f}-{hi_m:.2f})"
+    )
     for size in SIZES:
         _resize(viewer, qtbot, size)
         frame_beside(viewer, points)

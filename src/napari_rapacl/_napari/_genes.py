@@ -754,10 +754,13 @@ class GeneWidget(Container):
             f"{section_name(layer)}: {gene}, {EXPRESSION_UNIT} - left predicted, right measured; "
             f"{rtext} over {n} predicted spots"
         )
+        beside = [b for b in _beside_layers(self._viewer, layer) if spots_info(b).get("kind") == "measured"]
+        ranges = ["{:.2f}-{:.2f}".format(*lyr.face_contrast_limits) for lyr in (layer, *beside)]
+        pred_range, meas_range = (ranges + ["", ""])[:2]
         canvas_title(
             self._viewer,
-            f"{section_name(layer)}: {gene}, {EXPRESSION_UNIT}\nleft predicted, right measured; "
-            f"{rtext} ({n} spots)",
+            f"{section_name(layer)}: {gene}, {EXPRESSION_UNIT}; {rtext} ({n} spots)\n"
+            f"left: predicted ({pred_range})   right: measured ({meas_range})",
         )
         self._status.value = text
         if first:
