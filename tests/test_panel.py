@@ -114,6 +114,9 @@ def test_panel_fits_the_window_beside_the_layer_list(
         bar = scroll.verticalScrollBar()
         assert need <= have or bar.maximum() > 0, (title, need, have)
         assert _inside(scroll.geometry(), panel.tabs.rect())
+        assert scroll.horizontalScrollBar().maximum() == 0  # nothing hidden to the right
+        if size == SIZES[0]:
+            _save(viewer, artifacts_dir / f"panel_{size[0]}x{size[1]}_{title.lower()}.png")
     panel.show_tab("Open")
     qtbot.wait(300)
     path = _save(viewer, artifacts_dir / f"panel_{size[0]}x{size[1]}.png")

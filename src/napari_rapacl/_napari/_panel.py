@@ -14,7 +14,15 @@ import logging
 from typing import TYPE_CHECKING
 
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFrame,
+    QScrollArea,
+    QSizePolicy,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -26,6 +34,15 @@ log = logging.getLogger(__name__)
 PANEL_WIDTH = 340
 #: the mark a tab's title gets while its job runs
 RUNNING_MARK = " ●"
+
+
+def compact_choices(widget, chars: int = 14) -> None:
+    """Drop-down lists inside ``widget`` ask for room for ``chars`` characters, not for their longest
+    choice (a checkpoint path or a long model name would otherwise widen the whole dock); the list
+    that opens still shows each choice in full."""
+    for combo in widget.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(chars)
 
 
 def _tabs():
@@ -54,6 +71,7 @@ class RapaclPanel(QWidget):
         for title, cls in _tabs():
             widget = cls(viewer)
             widget.margins = (6, 6, 6, 6)
+            compact_choices(widget.native)
             page = QWidget()  # the widget at its natural height, the rest of the page empty
             column = QVBoxLayout(page)
             column.setContentsMargins(0, 0, 0, 0)
