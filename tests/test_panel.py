@@ -154,7 +154,9 @@ def _slow_job(n, delay):
     return n
 
 
-def test_progress_bar_with_elapsed_and_time_left_and_questions_before_long_jobs(make_napari_viewer, qtbot):
+def test_progress_bar_with_elapsed_and_time_left_and_questions_before_long_jobs(
+    make_napari_viewer, qtbot, artifacts_dir
+):
     from napari_rapacl._napari._common import _JobWidget
     from napari_rapacl.jobs._estimate import estimate
 
@@ -179,6 +181,8 @@ def test_progress_bar_with_elapsed_and_time_left_and_questions_before_long_jobs(
     assert not job.progress_bar.visible
     worker = job._launch(_slow_job, 8, 0.15, desc="nuclei", on_done=job.done.append)
     assert worker is not None and job.progress_bar.visible
+    qtbot.waitUntil(lambda: job.progress_bar.value >= 4, timeout=20_000)
+    _save(viewer, artifacts_dir / "panel_progress.png")
     qtbot.waitUntil(lambda: not job.busy, timeout=20_000)
     assert job.done == [8] and not job.progress_bar.visible
     texts = [t for t, _, _ in seen if t.startswith("segment:")]

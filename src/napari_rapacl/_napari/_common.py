@@ -396,7 +396,7 @@ class _JobWidget(Container):
         text += f" · {format_duration(now - self._t0)} elapsed"
         left = eta_seconds(now - self._stage_t0, progress.done, progress.total)
         if left is not None and progress.done < progress.total:
-            text += f" · about {format_duration(left)} left"
+            text += " · less than a second left" if left < 1 else f" · about {format_duration(left)} left"
         return text
 
     def _on_progress(self, progress):
