@@ -181,7 +181,7 @@ def test_screens_prediction_measured_beside_and_nuclei(
     lo_m, hi_m = measured_layer.face_contrast_limits
     assert viewer.canvas.overlays.text.text == (
         f"C2: {best}, log1p(CP10k); r = {r:.2f} ({n} spots)\n"
-        f"left: predicted ({lo_p:.2f}-{hi_p:.2f})   right: measured ({lo_m:.2f}-{hi_m:.2f})"
+        f"left: predicted {lo_p:.2f}-{hi_p:.2f}\nright: measured {lo_m:.2f}-{hi_m:.2f}"
     )
     for size in SIZES:
         _resize(viewer, qtbot, size)

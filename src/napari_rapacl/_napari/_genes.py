@@ -203,7 +203,8 @@ def canvas_title(viewer, text: str) -> None:
     overlay = overlays.text if overlays is not None else viewer.text_overlay  # napari < 0.9
     overlay.text = text
     overlay.visible = bool(text)
-    overlay.font_size = 12
+    width = float(viewer.canvas.size[1]) if canvas is not None else 1000.0
+    overlay.font_size = 12 if width >= 800 else 10  # a laptop's narrow canvas
     overlay.position = "top_left"
 
 
@@ -760,7 +761,7 @@ class GeneWidget(Container):
         canvas_title(
             self._viewer,
             f"{section_name(layer)}: {gene}, {EXPRESSION_UNIT}; {rtext} ({n} spots)\n"
-            f"left: predicted ({pred_range})   right: measured ({meas_range})",
+            f"left: predicted {pred_range}\nright: measured {meas_range}",
         )
         self._status.value = text
         if first:
