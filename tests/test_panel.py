@@ -390,6 +390,19 @@ def test_region_refusals_speak_rounded_microns_with_a_next_step(make_napari_view
     assert text.endswith("pan or zoom to the slide (View > Reset view), or choose 'all spots'")
     assert "." not in text.split("(x ")[1].split(")")[0].replace("View > Reset view", "")  # rounded
     assert job._region(ALL, image, None) == (0, 0, 2000, 1000)
+    # a slide opened without a pixel size: the refusal says how to give one (not "pass mpp=...")
+    bare = viewer.add_image(
+        np.zeros((100, 200, 3), np.uint8),
+        rgb=True,
+        name="slide",
+        metadata={"napari_rapacl": {"kind": "slide", "mpp": None, "path": "/data/scan.jpg"}},
+    )
+    with pytest.raises(ValueError) as err:
+        job._region(ALL, bare, None)
+    assert str(err.value) == (
+        "scan.jpg has no pixel size, and nuclei and spots are measured in µm: open it again in "
+        "'Open slide and spots' with its spot file or its µm / px"
+    )
 
 
 @pytest.mark.realdata

@@ -438,6 +438,15 @@ class _JobWidget(Container):
     def _region(self, scope: str, image, shapes):
         """The level-0 px box for a scope, or raise ValueError saying, in rounded µm, what is wrong
         and what to do."""
+        info = image.metadata.get(META_KEY, {}) if isinstance(image.metadata, dict) else {}
+        if info.get("kind") == "slide" and not info.get("mpp") and float(image.scale[-1]) == 1.0:
+            from pathlib import Path
+
+            name = Path(info["path"]).name if info.get("path") else repr(image.name)
+            raise ValueError(
+                f"{name} has no pixel size, and nuclei and spots are measured in µm: open it again in "
+                "'Open slide and spots' with its spot file or its µm / px"
+            )
         units = _world_units(image)
         slide = world_box_text(*image_world_box(image), units=units)
         if scope == VISIBLE:
