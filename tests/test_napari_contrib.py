@@ -421,3 +421,33 @@ def test_opened_layers_are_named_by_section_and_can_sit_beside_another(data_dir)
     sample = opened_layer_data(_drain(iter_open_sample("C3")))
     assert [kw["name"] for _, kw, _ in sample] == ["her2st C3", "her2st C3 spots"]
     assert "translate" not in sample[0][1]
+
+
+def test_cli_predict_warns_about_spots_of_another_section_before_any_work(data_dir, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from napari_rapacl.cli import main
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", create_model("stnet_tiny", n_genes=1), genes=["ERBB2"])
+    root = data_dir / "her2st/data"
+    slide = root / "ST-imgs/C/C2/5714_HE_BT_C2.jpg"
+
+    def run(spots):  # an ROI without spots: the run stops right after opening (exit 2), nothing computed
+        args = ["predict", "--slide", slide, "--spots", spots, "--checkpoint", ckpt]
+        args += ["--out", tmp_path / "x.h5ad", "--roi", "0,0,10,10"]
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+        return code, capsys.readouterr().err
+
+    with pytest.warns(UserWarning):  # C5's counts lack two spots
+        code, err = run(root / "ST-spotfiles/C5_selection.tsv")
+    assert code == 2 and err.startswith("warning: ")
+    assert "% of the spots of C5_selection.tsv (" in err and "fall on glass in 5714_HE_BT_C2.jpg" in err
+    assert err.index("warning: ") < err.index("no spot of")  # said before anything else
+    code, err = run(root / "ST-spotfiles/C2_selection.tsv")
+    assert code == 2 and "warning:" not in err and "no spot of" in err
+    assert not (tmp_path / "x.h5ad").exists()
