@@ -220,6 +220,7 @@ def test_screens_prediction_measured_beside_and_nuclei(
     area = nuclei.features.set_index("index")["area_um2"]
     np.testing.assert_allclose(nuclei.colormap.color_dict[int(area.idxmax())][:3], [1, 1, 0], atol=0.01)
     np.testing.assert_allclose(nuclei.colormap.color_dict[int(area.idxmin())][:3], [1, 0, 0], atol=0.01)
+    assert cells._colour_legend.value.startswith("area_um2: red ")
     _shot(viewer, qtbot, artifacts_dir, "screen_nuclei_by_area", SIZES[-1], docks["Cells"])
 
     # on glass: no layer, a message saying so

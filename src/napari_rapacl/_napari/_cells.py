@@ -11,6 +11,7 @@ from magicgui.widgets import (
     ComboBox,
     FileEdit,
     FloatSpinBox,
+    Label,
     PushButton,
     create_widget,
 )
@@ -185,8 +186,10 @@ class CellsWidget(_JobWidget):
                 self._spots,
                 *self._init_job(),
                 self._colour,
+                (legend := Label(value="")),
             ]
         )
+        self._colour_legend = legend
         self.labels_layer = None
         self.last_summary = ""
         self._method.changed.connect(self._on_method)
@@ -395,11 +398,17 @@ class CellsWidget(_JobWidget):
             return
         from napari.utils.colormaps import DirectLabelColormap, label_colormap
 
+        from .layers import robust_limits
+
         if value == LABEL_COLOURS:
             layer.colormap = label_colormap()
+            self._colour_legend.value = ""
         elif value == ONE_COLOUR or value not in layer.features:
             clear = np.zeros(4, np.float32)
             colours = {None: np.asarray(OUTLINE_COLOUR, np.float32), 0: clear}
             layer.colormap = DirectLabelColormap(color_dict=colours)
+            self._colour_legend.value = ""
         else:
             layer.colormap = DirectLabelColormap(color_dict=feature_colours(layer.features, value))
+            lo, hi = robust_limits(layer.features[value].to_numpy(dtype=float))
+            self._colour_legend.value = f"{value}: red {lo:.3g} to yellow {hi:.3g} (1st-99th percentile)"
