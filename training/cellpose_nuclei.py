@@ -1,7 +1,7 @@
 """Build the project's cellpose nucleus model (``rapacl_nuclei_tnbc``) from the TNBC nuclei annotations.
 
     python -m training.cellpose_nuclei                        # default settings, installs by name
-    python -m training.cellpose_nuclei --data-dir ../shared/data --epochs 200 --threads 1
+    python -m training.cellpose_nuclei --data-dir ../shared/data --epochs 120 --threads 1
     python -m training.cellpose_nuclei --out /tmp/my_model    # a file elsewhere (not usable by name)
 
 A thin command line over :func:`napari_rapacl.jobs.iter_build_nuclei_model` (the same job the Cells
@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", default=None, help="model file (default: rapacl_nuclei_tnbc in the models folder)"
     )
-    parser.add_argument("--epochs", type=int, default=200, help="epochs of --images-per-epoch images (200)")
+    parser.add_argument("--epochs", type=int, default=120, help="epochs of --images-per-epoch images (120)")
     parser.add_argument("--images-per-epoch", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=0.005)
+    parser.add_argument("--learning-rate", type=float, default=0.01)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--bsize", type=int, default=128, help="training crop side in px (128)")
+    parser.add_argument("--bsize", type=int, default=112, help="training crop side in px (112)")
     parser.add_argument(
         "--nbase",
         type=int,
@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--stain-copies", type=int, default=3, help="colour-jittered copies per tile (3)")
     parser.add_argument("--train-mpp", type=float, default=TRAIN_MPP, help=f"um/px of training ({TRAIN_MPP})")
+    parser.add_argument(
+        "--cellprob-threshold", type=float, default=0.0, help="cellpose mask setting stored with the model"
+    )
+    parser.add_argument(
+        "--flow-threshold", type=float, default=0.4, help="cellpose mask setting stored with the model"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 nbase=args.nbase,
                 stain_copies=args.stain_copies,
                 train_mpp=args.train_mpp,
+                cellprob_threshold=args.cellprob_threshold,
+                flow_threshold=args.flow_threshold,
             ),
             report,
         )

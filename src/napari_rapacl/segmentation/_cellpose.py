@@ -432,6 +432,7 @@ def _cellpose(
     if settings is not None:  # run at the training pixel size: rescale instead of a diameter
         kwargs["diameter"] = None
         kwargs["rescale"] = p.mpp / float(settings["train_mpp"])
+        kwargs.update(settings.get("eval") or {})  # its mask thresholds
     if mode == "haematoxylin":
         x = _haematoxylin(rgb)
         if major == 3:
