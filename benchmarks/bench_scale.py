@@ -1,0 +1,263 @@
+"""Scale (#14 item 10): a Visium HD-like section of a million 8 um bins.
+
+Three measurements, each in a fresh child process so that its peak RSS (``ru_maxrss``) is its own:
+
+* ``export``: 1M spots x 785 genes written as ``.h5ad`` by ``export.to_anndata`` + ``write_h5ad`` from
+  predictions held out of core (an HDF5 file, as a long prediction would spill them), time and peak RSS;
+* ``export-reference``: the same AnnData written the way the export did before (dense float32 ``X`` in
+  memory, a NaN mask of its size, anndata's own writer), the reference of the ratio, beside the new export
+  at ``--ref-spots`` (200k: the old way needs about twice X, which a shared machine cannot spare at 1M);
+* ``predict`` at two sizes (a square box of the 1M-spot layout holding N spots, the full 1M ``Spots`` in
+  memory, ``jobs.iter_predict`` with ``cache=False`` as the CLI runs it, model ``stnet`` with random weights):
+  time and peak RSS, per 100k spots from the difference of the two sizes, the longest gap between two
+  progress reports, and the model's own forward rate on random batches in the same process (the
+  reference: pipeline time / forward time).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py [--spots 1000000] [--genes 785]
+        [--ref-spots 200000] [--predict 64 256] [--threads 1] [--json benchmarks/results/bench_scale.json]
+
+The million-spot predict itself is projected from the per-100k numbers (a CPU predicts tens of spots/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BIN_UM, MPP = 8.0, 0.5  # Visium HD 8 um bins on a 0.5 um/px scan
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def hd_spots(n: int):
+    """``n`` 8 um bins on a square grid (row-major), 4 um radius, at 0.5 um/px."""
+    from napari_rapacl.io.spots import Spots
+
+    side = int(np.ceil(np.sqrt(n)))
+    step = BIN_UM / MPP
+    idx = np.arange(n)
+    row, col = idx // side, idx % side
+    barcode = np.char.add(
+        np.char.add("s_", np.char.zfill(row.astype(str), 5)),
+        np.char.add("_", np.char.zfill(col.astype(str), 5)),
+    )
+    return (
+        Spots(
+            barcode=barcode,
+            x=(col + 0.5) * step + 64,
+            y=(row + 0.5) * step + 64,
+            radius=np.full(n, BIN_UM / 2 / MPP),
+            mpp=MPP,
+        ),
+        side,
+        step,
+    )
+
+
+def hd_slide(side_px: int):
+    """A lazy synthetic H&E-like slide of ``side_px``^2 at 0.5 um/px (generated per chunk, never stored)."""
+    import dask.array as da
+
+    from napari_rapacl.io.slide import Slide
+
+    chunk = 1024
+    n = -(-side_px // chunk)
+
+    def block(block_info=None):
+        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+        rng = np.random.default_rng(y0 * 7919 + x0)
+        base = np.array([200, 150, 190], np.uint8)
+        out = np.broadcast_to(base, (y1 - y0, x1 - x0, 3)).copy()
+        out[rng.random((y1 - y0, x1 - x0)) < 0.1] = (90, 40, 120)  # sparse "nuclei"
+        return out
+
+    level0 = da.map_blocks(block, dtype=np.uint8, chunks=((chunk,) * n, (chunk,) * n, (3,)))
+    return Slide((level0,), (1.0,), mpp=MPP, mpp_source="caller")
+
+
+# ---- children -----------------------------------------------------------------------------------------
+
+
+def child_export(n: int, genes: int, tmp: Path, reference: bool) -> dict:
+    import h5py
+
+    from napari_rapacl import export
+
+    names = [f"GENE{i:04d}" for i in range(genes)]
+    spots, _, _ = hd_spots(n)
+    src = tmp / "pred.h5"
+    if not src.exists():  # predictions spilled to disk, written a block at a time
+        rng = np.random.default_rng(0)
+        with h5py.File(src, "w") as f:
+            d = f.create_dataset("pred", shape=(n, genes), dtype=np.float32, chunks=(4096, genes))
+            for a in range(0, n, 65536):
+                d[a : a + 65536] = rng.random((min(n, a + 65536) - a, genes), dtype=np.float32)
+    base = _peak_rss_mb()
+    t = time.perf_counter()
+    out = tmp / ("ref.h5ad" if reference else "new.h5ad")
+    with h5py.File(src, "r") as f:
+        if reference:  # the export before #14 item 10: X in memory, a mask of its size, anndata's writer
+            import anndata as ad
+
+            values = f["pred"][()]
+            assert np.all(np.isfinite(values))
+            adata = export.to_anndata(values[:1], names, spots.subset(np.arange(1)), library_id="hd")
+            full = ad.AnnData(X=np.ascontiguousarray(values, dtype=np.float32), obs=None)
+            full.obs_names = spots.barcode
+            full.var_names = names
+            full.obsm["spatial"] = np.column_stack([spots.x, spots.y])
+            full.obs["radius"] = spots.radius
+            full.uns["spatial"] = adata.uns["spatial"]
+            full.write_h5ad(out)
+        else:
+            adata = export.to_anndata(f["pred"], names, spots, library_id="hd")
+            export.write_h5ad(adata, out)
+    seconds = time.perf_counter() - t
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": base, "file_mb": size / 2**20}
+
+
+def child_predict(n_total: int, n_predict: int, model: str, threads: int) -> dict:
+    import torch
+
+    from napari_rapacl.jobs import iter_predict, load_model_choice
+
+    torch.set_num_threads(threads)
+    spots, side, step = hd_spots(n_total)
+    slide = hd_slide(int(side * step + 128))
+    loaded = load_model_choice(model, None)
+    k = max(1, int(round(np.sqrt(n_predict))))  # a k x k block of bins in the corner
+    box = (64.0, 64.0, 64.0 + k * step, 64.0 + k * step)
+    inside = int(((spots.x >= box[0]) & (spots.x < box[2]) & (spots.y >= box[1]) & (spots.y < box[3])).sum())
+    base = _peak_rss_mb()
+    gaps, last = [], time.perf_counter()
+    t0 = last
+    gen = iter_predict(loaded, slide, spots, box, cache=False, device="cpu", batch_size=64)
+    try:
+        while True:
+            next(gen)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+    except StopIteration as stop:
+        result = stop.value
+    seconds = time.perf_counter() - t0
+    assert len(result.index) == inside, (len(result.index), inside)
+    # reference: the model's forward on random batches of the same patch size, same process
+    net = loaded.model.eval()
+    size = int(net.config.patch_size)
+    batch = torch.rand(64, 3, size, size)
+    with torch.inference_mode():
+        net.predict({"image": batch})
+        t = time.perf_counter()
+        reps = 3
+        for _ in range(reps):
+            net.predict({"image": batch})
+        forward = (time.perf_counter() - t) / (reps * 64)
+    return {
+        "spots": inside,
+        "genes": len(loaded.genes),
+        "seconds": seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_mb": base,
+        "max_progress_gap_s": max(gaps) if gaps else None,
+        "progress_reports": len(gaps),
+        "forward_s_per_spot": forward,
+    }
+
+
+def run_child(args: list[str], threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spots", type=int, default=1_000_000)
+    p.add_argument("--genes", type=int, default=785)
+    p.add_argument("--predict", type=int, nargs=2, default=(64, 256), help="two predict sizes (spots)")
+    p.add_argument("--model", default="stnet")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--ref-spots", type=int, default=200_000, help="size of the new-vs-old export comparison (0: skip)"
+    )
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        kind, *rest = args.child
+        if kind == "export":
+            out = child_export(int(rest[0]), int(rest[1]), Path(rest[2]), rest[3] == "ref")
+        else:
+            out = child_predict(int(rest[0]), int(rest[1]), rest[2], int(rest[3]))
+        print(json.dumps(out))
+        return
+
+    print(f"load average before: {os.getloadavg()}")
+    results: dict = {"spots": args.spots, "genes": args.genes, "load_before": os.getloadavg()}
+    for n, key in ((args.spots, "export"), (args.ref_spots, "export_small")):
+        if n <= 0:
+            continue
+        with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+            new = run_child(["export", str(n), str(args.genes), tmp, "new"], args.threads)
+            results[key] = new
+            print(
+                f"export {n:,} x {args.genes}: {new['seconds']:.1f} s, peak RSS {new['peak_rss_mb']:.0f} MB"
+            )
+            if key == "export_small":  # the reference only where its dense X fits beside everyone else's
+                ref = run_child(["export", str(n), str(args.genes), tmp, "ref"], args.threads)
+                results["export_reference"] = ref
+                print(
+                    f"  reference (dense X, anndata writer): {ref['seconds']:.1f} s, peak RSS "
+                    f"{ref['peak_rss_mb']:.0f} MB -> peak ratio new/ref "
+                    f"{new['peak_rss_mb'] / ref['peak_rss_mb']:.2f}, "
+                    f"time ratio {new['seconds'] / ref['seconds']:.2f}"
+                )
+    runs = [run_child(["predict", str(args.spots), str(n), args.model, str(args.threads)], args.threads)
+            for n in args.predict]  # fmt: skip
+    results["predict"] = runs
+    (a, b) = runs
+    d_spots = b["spots"] - a["spots"]
+    s100k = (b["seconds"] - a["seconds"]) / d_spots * 1e5
+    rss100k = (b["peak_rss_mb"] - a["peak_rss_mb"]) / d_spots * 1e5
+    ratio = (b["seconds"] / b["spots"]) / b["forward_s_per_spot"]
+    results["predict_per_100k"] = {"seconds": s100k, "peak_rss_mb": rss100k, "pipeline_over_forward": ratio}
+    for r in runs:
+        print(
+            f"predict {r['spots']:,} of {args.spots:,} spots ({r['genes']} genes, {args.model}, "
+            f"{args.threads} thread): {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+            f"(before predicting {r['rss_before_mb']:.0f}), "
+            f"{r['progress_reports']} progress reports, longest gap {r['max_progress_gap_s']:.1f} s"
+        )
+    print(
+        f"per 100k spots: {s100k:.0f} s ({s100k / 3600:.2f} h), peak RSS +{rss100k:.0f} MB; "
+        f"pipeline / model forward (same process) {ratio:.2f}x; projected 1M: {s100k * 10 / 3600:.1f} h"
+    )
+    results["load_after"] = os.getloadavg()
+    print(f"load average after: {os.getloadavg()}")
+    if args.json:
+        from napari_rapacl._atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
