@@ -235,6 +235,7 @@ def test_file_open_uses_the_plugin_reader_and_asks_for_a_pixel_size(
     assert {p: prefs[p] for p in ("*.svs", "*.ndpi", "*.ome.tif", "*.jpg", "*.png")} == dict.fromkeys(
         ("*.svs", "*.ndpi", "*.ome.tif", "*.jpg", "*.png"), "napari-rapacl"
     )
+    assert prefs["*.SVS"] == prefs["*.JPG"] == "napari-rapacl"  # scanners' upper-case names too
     questions = []
     monkeypatch.setattr(_reader, "ask_pixel_size", lambda q: questions.append(q) or 0.7)
     # what File > Open and drag-and-drop call (no reader dialog: the preference decides)

@@ -33,6 +33,8 @@ SLIDE_PATTERNS = (
     "*.png",
 )
 SLIDE_SUFFIXES = tuple(p[1:] for p in SLIDE_PATTERNS)
+#: what napari matches (case-sensitively on Linux): scanners often write ``.SVS`` / ``.JPG``
+SLIDE_PATTERNS_ANY_CASE = SLIDE_PATTERNS + tuple(p.upper() for p in SLIDE_PATTERNS)
 
 #: ``ask_pixel_size(question) -> float | None``: asked when a slide without a pixel size is opened
 #: through napari's *File > Open*; None (the default) shows a number dialog in a running viewer (never
@@ -49,7 +51,7 @@ def prefer_plugin_readers(settings=None) -> list[str]:
 
         settings = get_settings()
     current = dict(settings.plugins.extension2reader)
-    added = [p for p in SLIDE_PATTERNS if p not in current]
+    added = [p for p in SLIDE_PATTERNS_ANY_CASE if p not in current]
     if added:
         settings.plugins.extension2reader = {**current, **dict.fromkeys(added, PLUGIN_NAME)}
         log.info("napari-rapacl now opens %s by default (Preferences > Plugins to change)", ", ".join(added))
