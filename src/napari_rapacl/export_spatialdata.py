@@ -138,7 +138,17 @@ def to_spatialdata(adata: AnnData, slide: Slide | None = None) -> SpatialData:
     spots_name = _element_name(lib, "spots")
     shapes = {spots_name: ShapesModel.parse(circles, transformations=transforms())}
 
-    table = adata.copy()
+    import anndata as ad
+
+    # a new AnnData over the same X (no copy of the predictions), its own obs with the link columns
+    table = ad.AnnData(
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        obsm=dict(adata.obsm.items()),
+        layers=dict(adata.layers.items()),
+        uns=dict(adata.uns.items()),
+    )
     table.obs[REGION_KEY] = pd.Categorical([spots_name] * n)
     table.obs[INSTANCE_KEY] = np.arange(n, dtype=np.int64)
     table = TableModel.parse(table, region=spots_name, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
