@@ -108,3 +108,14 @@ def test_export_job_reports_progress_in_steps_and_a_cancel_writes_nothing(values
             break
     gen.close()  # the viewer's cancel
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.h5ad"]
+
+
+def test_chunked_write_keeps_the_dtype_of_other_tables(tmp_path, monkeypatch):
+    """Cell tables (float64 features) and integer X go through the same chunked writer unchanged."""
+    monkeypatch.setattr(export, "CHUNK_BYTES", 1024)
+    for dtype in (np.float64, np.int32, np.float32):
+        x = (np.arange(3000 * 7).reshape(3000, 7) / 3).astype(dtype)
+        out = export.write_h5ad(ad.AnnData(X=x), tmp_path / f"{np.dtype(dtype).name}.h5ad")
+        back = ad.read_h5ad(out).X
+        assert back.dtype == dtype
+        np.testing.assert_array_equal(back, x)

@@ -425,7 +425,8 @@ def _write_chunked(
     import h5py
 
     X = adata.X
-    if not (isinstance(X, (np.ndarray, da.Array)) and X.ndim == 2):  # sparse or absent: anndata's writer
+    numeric = X is not None and np.dtype(X.dtype).kind in "iuf"
+    if not (isinstance(X, (np.ndarray, da.Array)) and X.ndim == 2 and numeric):  # anndata's own writer
         adata.write_h5ad(tmp, compression=compression)
         return
     n, g = (int(v) for v in X.shape)
@@ -445,16 +446,17 @@ def _write_chunked(
         options: dict[str, Any] = {"compression": compression} if compression else {}
         if n and g:
             options["chunks"] = (max(1, min(n, _chunk_rows(g) // 8)), g)
-        dset = f.create_dataset("X", shape=(n, g), dtype=np.float32, **options)
+        dtype = np.dtype(X.dtype)  # kept as given (predictions are float32 already; cell tables float64)
+        dset = f.create_dataset("X", shape=(n, g), dtype=dtype, **options)
         dset.attrs["encoding-type"] = "array"
         dset.attrs["encoding-version"] = "0.2.0"
         for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
             if cancelled is not None and cancelled():
                 raise InterruptedError("export cancelled: nothing was written")
             if isinstance(X, da.Array):
-                block = np.asarray(blocks.blocks[i].compute(scheduler="sync"), dtype=np.float32)
+                block = np.asarray(blocks.blocks[i].compute(scheduler="sync"), dtype=dtype)
             else:
-                block = X[a:b] if X.dtype == np.float32 else X[a:b].astype(np.float32)
+                block = X[a:b]  # a view
             dset[a:b] = block
             del block
             if progress is not None:
