@@ -12,13 +12,17 @@
    Methods: ``classical-v1``, the classical segmenter of git revision ``--reference-rev`` (the version
    before issue #11: her2st-tuned fixed thresholds), loaded from git into the package namespace;
    ``classical`` (this checkout); ``cellpose`` only where a cellpose model is on this machine
-   (offline; otherwise skipped with a note).
+   (offline; otherwise skipped with a note): ``--cellpose-model`` (default: cellpose's default, the
+   project's ``rapacl_nuclei_tnbc`` when built by ``python -m training.cellpose_nuclei``, which was
+   trained on patients 01-08 only).
 2. **her2st visual check**: a 512 x 512 level-0 crop of sections C2, C4 and C6 (centred on the spot
-   nearest the median spot position), nucleus outlines of ``classical-v1`` (left) and ``classical``
-   (right) drawn on the H&E, written as palette PNGs to ``--overlays`` with the nucleus counts.
+   nearest the median spot position), nucleus outlines of ``classical-v1`` (left), ``classical``
+   (middle) and cellpose (right, when a model is there) drawn on the H&E, written as palette PNGs
+   to ``--overlays`` with the nucleus counts.
 
     python benchmarks/bench_tnbc.py [--data-dir ../shared/data] [--reference-rev acde915] [--repeats 3]
         [--json benchmarks/results/segmentation_tnbc.json] [--overlays benchmarks/results]
+        [--cellpose-model rapacl_nuclei_tnbc] [--methods classical,cellpose] [--groups dev,held-out]
 
 ``NAPARI_RAPACL_DATA_DIR`` is used when ``--data-dir`` is not given (default ``../shared/data``).
 """
@@ -111,11 +115,13 @@ def reference_segmenter(rev: str = REFERENCE_REV) -> Segmenter:
     return run
 
 
-def cellpose_segmenter() -> tuple[Segmenter | None, str]:
-    """cellpose with its default model if that model is on this machine (offline), else (None, why)."""
+def cellpose_segmenter(model: str | None = None) -> tuple[Segmenter | None, str]:
+    """cellpose with ``model`` (default: its default model, the project's ``rapacl_nuclei_tnbc`` when it
+    is built) if that model is on this machine (offline), else (None, why). Default settings of
+    ``segment_nuclei`` (a project model runs at its training pixel size with its size filter)."""
     os.environ.setdefault("NAPARI_RAPACL_OFFLINE", "1")
     try:
-        path = seg.resolve_cellpose_model(None)
+        path = seg.resolve_cellpose_model(model)
     except ImportError as exc:
         return None, f"cellpose is not installed ({exc})"
     except (FileNotFoundError, seg.CellposeModelUnavailableError) as exc:
@@ -124,7 +130,11 @@ def cellpose_segmenter() -> tuple[Segmenter | None, str]:
     def run(rgb: np.ndarray, mpp: float) -> np.ndarray:
         return seg.segment_nuclei(rgb, mpp, "cellpose", model=path)
 
-    return run, f"cellpose {seg.cellpose_major_version()}.x, model {path}"
+    settings = seg.cellpose_model_settings(path)
+    extra = ""
+    if settings is not None:
+        extra = f", trained at {settings['train_mpp']} um/px in {settings.get('train_seconds', '?')} s"
+    return run, f"cellpose {seg.cellpose_major_version()}.x, model {path}{extra}"
 
 
 def score(fn: Segmenter, tiles: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
@@ -136,8 +146,9 @@ def score(fn: Segmenter, tiles: list[dict[str, Any]], repeats: int) -> dict[str,
     per_tile = []
     for tile in tiles:
         rgb, truth = tile["rgb"], tile["labels"]
-        labels = fn(rgb, TNBC_MPP)  # warm-up (and the labels scored)
-        best = math.inf
+        t = time.perf_counter()
+        labels = fn(rgb, TNBC_MPP)  # warm-up (and the labels scored; timed only with --repeats 0)
+        best = time.perf_counter() - t if repeats == 0 else math.inf
         for _ in range(repeats):
             t = time.perf_counter()
             fn(rgb, TNBC_MPP)
@@ -231,10 +242,23 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--reference-rev", default=REFERENCE_REV)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per tile after the scored one (0: time that one)"
+    )
     parser.add_argument("--no-overlays", action="store_true")
     parser.add_argument("--overlays", default="benchmarks/results")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--cellpose-model",
+        default=None,
+        help="cellpose model name or file (default: cellpose's default, rapacl_nuclei_tnbc when built)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of classical-v1,classical,cellpose (default: all)",
+    )
+    parser.add_argument("--groups", default="dev,held-out", help="dev, held-out or both (default)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     root = data_root(args.data_dir)
@@ -253,19 +277,27 @@ def main() -> None:
         "tnbc_mpp": TNBC_MPP,
     }
     print(results["machine"], "load average", results["load_average_start"], flush=True)
-    methods: dict[str, Segmenter] = {
-        f"classical-v1 ({args.reference_rev})": reference_segmenter(args.reference_rev),
-        f"classical (v{seg.SEGMENTATION_VERSION})": lambda rgb, mpp: seg.segment_nuclei(rgb, mpp),
-    }
-    cellpose, note = cellpose_segmenter()
+    wanted = set(args.methods.split(",")) if args.methods else {"classical-v1", "classical", "cellpose"}
+    v1_name = f"classical-v1 ({args.reference_rev})"
+    v1 = reference_segmenter(args.reference_rev)
+    methods: dict[str, Segmenter] = {}
+    if "classical-v1" in wanted:
+        methods[v1_name] = v1
+    if "classical" in wanted:
+        methods[f"classical (v{seg.SEGMENTATION_VERSION})"] = lambda rgb, mpp: seg.segment_nuclei(rgb, mpp)
+    cellpose, note = cellpose_segmenter(args.cellpose_model)
     results["cellpose"] = note
-    if cellpose is None:
-        print(f"cellpose skipped: {note}", flush=True)
-    else:
-        methods["cellpose"] = cellpose
+    print(f"cellpose: {note}", flush=True)
+    cellpose_name = "cellpose"
+    if cellpose is not None:
+        cellpose_name = f"cellpose ({Path(seg.resolve_cellpose_model(args.cellpose_model)).name})"
+        if "cellpose" in wanted:
+            methods[cellpose_name] = cellpose
 
     tnbc = root / "tnbc_nuclei"
     groups = {"dev (patients 01-08)": DEV_PATIENTS, "held-out (patients 09-11)": HELD_OUT_PATIENTS}
+    chosen = args.groups.split(",")
+    groups = {k: v for k, v in groups.items() if k.split(" ")[0] in chosen}
     results["tnbc"] = {}
     print(
         "| method | patients | nuclei (true) | found | F1@0.5 | precision | recall | mean IoU | AJI | "
@@ -288,22 +320,23 @@ def main() -> None:
     if not args.no_overlays:
         out_dir = Path(args.overlays)
         out_dir.mkdir(parents=True, exist_ok=True)
-        v1 = methods[f"classical-v1 ({args.reference_rev})"]
         results["her2st_overlays"] = []
         for section in ("C2", "C4", "C6"):
             rgb, mpp, where = her2st_crop(section)
             old, new = v1(rgb, mpp), seg.segment_nuclei(rgb, mpp)
             path = out_dir / f"segmentation_her2st_{section}.png"
-            size = write_overlay(
-                path,
-                [
-                    (outline(rgb, old, (0, 255, 255)), f"{section} v1: {int(old.max())} nuclei"),
-                    (
-                        outline(rgb, new, (255, 255, 0)),
-                        f"{section} v{seg.SEGMENTATION_VERSION}: {int(new.max())} nuclei",
-                    ),
-                ],
-            )
+            panels = [
+                (outline(rgb, old, (0, 255, 255)), f"{section} v1: {int(old.max())} nuclei"),
+                (
+                    outline(rgb, new, (255, 255, 0)),
+                    f"{section} v{seg.SEGMENTATION_VERSION}: {int(new.max())} nuclei",
+                ),
+            ]
+            if cellpose is not None:
+                cp = cellpose(rgb, mpp)
+                where["cellpose_nuclei"] = int(cp.max())
+                panels.append((outline(rgb, cp, (0, 255, 0)), f"{section} {cellpose_name}: {int(cp.max())}"))
+            size = write_overlay(path, panels)
             results["her2st_overlays"].append(
                 {
                     **where,
