@@ -77,7 +77,11 @@ def _open(panel, qtbot, slide=None, spots=None, sample=None):
         load._source.value = FILES
         load._slide.value, load._spots.value = str(slide), str(spots) if spots else ""
     assert load.start() is not None, load.status
+    panel._mark_running()  # (what the panel's timer does every 0.3 s)
+    assert panel.tabs.tabText(0) == "Open ●"  # a running job is marked on its tab
     qtbot.waitUntil(lambda: not load.busy, timeout=120_000)
+    panel._mark_running()
+    assert panel.tabs.tabText(0) == "Open"
     return load
 
 
