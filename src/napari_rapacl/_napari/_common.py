@@ -362,7 +362,7 @@ class _JobWidget(Container):
         worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
-        self._worker, self._job_desc, self._stage = worker, desc, None
+        self._worker, self._job_desc, self._stage, self._pbar_stage = worker, desc, None, None
         self._job_open = True
         self._run.enabled, self._cancel.enabled = False, True
         self._t0 = self._stage_t0 = time.perf_counter()
