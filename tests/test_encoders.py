@@ -222,3 +222,26 @@ def test_probe_trains_through_training_run_reuses_its_cache_and_installs(
     card = installed_models()["probe-test"]
     assert card["model"] == "probe" and card["training"]["val"] == ["C4"] and card["n_genes"] == 785
     assert load_model_choice("probe-test", None).gene_reliability is not None
+
+
+def test_an_encoder_trained_with_its_own_mean_and_std_gets_its_normalisation(tiny_uni, monkeypatch):
+    """The models feed ImageNet-normalised images; a family with its own mean/std (H-optimus-0)
+    sees its own normalisation of the same pixels."""
+    _, path = tiny_uni
+    mean, std = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+    hoptimus = bb.FOUNDATION_ENCODERS["hf-hub:bioptimus/H-optimus-0"]
+    assert (hoptimus.mean, hoptimus.std) == (mean, std)
+    own = bb.EncoderFamily("hf-hub:test/own-norm", "vit_tiny_patch16_224", TINY_KWARGS, mean=mean, std=std)
+    monkeypatch.setitem(bb.FOUNDATION_ENCODERS, own.hub, own)
+    enc = bb.create_backbone(own.hub, str(path), num_classes=0).eval()
+    plain = bb.create_backbone(TINY_UNI, str(path), num_classes=0).eval()
+
+    def normalise(x, m, s):
+        return (x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)
+
+    rgb = torch.rand(2, 3, 32, 32)
+    imagenet, theirs = normalise(rgb, bb.IMAGENET_MEAN, bb.IMAGENET_STD), normalise(rgb, mean, std)
+    with torch.no_grad():  # (layer scale 1e-5 at random init: outputs move little with the input)
+        good = float((enc(imagenet) - plain(theirs)).abs().max())
+        bad = float((enc(imagenet) - plain(imagenet)).abs().max())
+    assert good < 1e-5 and bad > 1e-6 and bad > 20 * good

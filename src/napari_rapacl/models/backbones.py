@@ -29,6 +29,7 @@ and its affine parameters are frozen like every other weight).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -58,6 +59,10 @@ class EncoderFamily:
     kwargs: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     url: str = ""
+    #: the RGB mean/std the encoder was trained with, when not ImageNet's (the models feed
+    #: ImageNet-normalised images; a forward pre-hook converts them, see :func:`create_backbone`)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 #: ``hf-hub:`` names built offline. Architecture and kwargs follow each repository's timm
@@ -102,9 +107,10 @@ for _family in (
         "hf-hub:bioptimus/H-optimus-0",
         "vit_giant_patch14_reg4_dinov2",
         {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-        "H-optimus-0 (ViT-g/14, 1536-d): Apache-2.0; trained with its own mean/std, the models here "
-        "normalise with ImageNet's",
+        "H-optimus-0 (ViT-g/14, 1536-d): Apache-2.0; its own RGB mean/std (applied here)",
         "https://huggingface.co/bioptimus/H-optimus-0",
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
     ),
     EncoderFamily(
         "hf-hub:paige-ai/Virchow2",
@@ -221,8 +227,31 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs):
 
     Extra keyword arguments go to timm (e.g. ``num_classes=0`` for pooled features or
     ``features_only=True, out_indices=(1, 2, 3, 4)`` for a feature pyramid); for a foundation
-    encoder they are added to (and override) its family's arguments.
+    encoder they are added to (and override) its family's arguments. The models feed
+    ImageNet-normalised images; an encoder trained with another mean/std
+    (:attr:`EncoderFamily.mean`) gets a forward pre-hook that converts them.
     """
+    model = _create_backbone(name, pretrained, **kwargs)
+    family = FOUNDATION_ENCODERS.get(name)
+    if family is not None and family.mean is not None and family.std is not None:
+        scale = tuple(si / so for si, so in zip(IMAGENET_STD, family.std, strict=True))
+        pairs = zip(IMAGENET_MEAN, family.mean, family.std, strict=True)
+        shift = tuple((mi - mo) / so for mi, mo, so in pairs)
+        model.register_forward_pre_hook(functools.partial(_renormalize, scale, shift))
+    return model
+
+
+def _renormalize(scale: tuple, shift: tuple, module, args):
+    """Forward pre-hook: ImageNet-normalised input -> the encoder's own normalisation."""
+    import torch
+
+    x = args[0]
+    a = torch.tensor(scale, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    b = torch.tensor(shift, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * a + b, *args[1:])
+
+
+def _create_backbone(name: str, pretrained: str | None = None, **kwargs):
     import timm
 
     if pretrained == "hub":
