@@ -10,7 +10,8 @@
 #
 # Models: rapacl@plain (RaPaCL-ST's published Stage 2: fused head on [z_img; z_rad], MSE; the kept
 # RaPaCL-ST configuration, chosen on the validation section), rapacl@plainshuffle (its ablation: same
-# encoder, budget and Stage 1, radiomics rows shuffled within every batch), rapacl (levers tried: the
+# encoder, budget and Stage 1, radiomics rows shuffled within every batch; rapacl@plainzero: all
+# radiomics replaced by 0, the training mean, so the head sees z_img and a constant), rapacl (levers tried: the
 # z-scored radiomics also into the gene head + MSE + 0.5 (1 - PCC); not kept), rapacl@shuffle (its
 # ablation), stnet, pixnet, nh2st. Every model's test-time spot smoothing is chosen on the inner
 # validation section and stored in its best.pt. Variants reuse the main model's Stage 1 of the fold.
@@ -36,13 +37,15 @@ SETTINGS=(
     rapacl@plain:model.config.rad_skip=false rapacl@plain:model.config.pcc_weight=0.0
     rapacl@plainshuffle:model.config.rad_skip=false rapacl@plainshuffle:model.config.pcc_weight=0.0
     rapacl@plainshuffle:model.config.radiomics_ablation=shuffle
+    rapacl@plainzero:model.config.rad_skip=false rapacl@plainzero:model.config.pcc_weight=0.0
+    rapacl@plainzero:model.config.radiomics_ablation=zero
     pixnet:model.config.hidden=128 pixnet:optim.epochs=10
     nh2st:model.config.k_neighbors=4 nh2st:optim.epochs=8
 )
 for section in ${SECTIONS:-C3 C4 C5 C6 C2}; do
     # shellcheck disable=SC2086
     $PY benchmarks/her2st_accuracy.py --sections "$section" \
-        --models ${MODELS:-rapacl@plain rapacl@plainshuffle stnet pixnet rapacl rapacl@shuffle nh2st} \
+        --models ${MODELS:-rapacl@plain rapacl@plainzero rapacl@plainshuffle stnet pixnet rapacl rapacl@shuffle nh2st} \
         --radiomics-dir outputs/radiomics --runs "$RUNS" --out "$OUT" "${SETTINGS[@]}" "$@"
 done
 echo "total wall time: $(( $(date +%s) - start )) s"
