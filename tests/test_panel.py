@@ -445,3 +445,29 @@ def test_load_refusals_name_the_file_and_the_next_step(
     assert load.start() is not None and load.start() is None
     assert load.status == "busy: open 5714_HE_BT_C2.jpg is still running; wait for it or press Cancel"
     qtbot.waitUntil(lambda: not load.busy, timeout=60_000)
+
+
+@pytest.mark.realdata
+def test_cells_on_the_whole_slide_asks_first_with_its_estimate(
+    make_napari_viewer, qtbot, data_dir, quiet_settings
+):
+    pytest.importorskip("skimage")
+    from napari_rapacl.jobs._estimate import estimate
+
+    viewer = _window(make_napari_viewer, (1366, 768))
+    panel, _ = _panel(viewer, qtbot)
+    _open(panel, qtbot, sample="C2")  # the view shows the whole section (reset view)
+    cells = panel.show_tab("Cells")
+    cells._image.value, cells._spots.value = viewer.layers["her2st C2"], None
+    cells._radiomics.value = True
+    questions = []
+    cells.confirm = lambda q: questions.append(q) or False
+    assert cells.start() is None and not cells.busy
+    [question] = questions
+    # the view shows the whole section: ~92 Mpx at the measured 1.0 Mpx/s of whole-slide Cells
+    assert question.startswith("nuclei in ") and " will take about 1 min " in question, question
+    assert question.endswith(" Mpx at 1.0 Mpx/s). Start it now?"), question
+    mpx = float(question.split(" Mpx at")[0].split("(")[-1])
+    assert 80 < mpx <= 92.0 and estimate("cells", area_px=mpx * 1e6).needs_confirmation()
+    assert "not started" in cells.status and "visible region or a drawn ROI" in cells.status
+    assert not [lyr for lyr in viewer.layers if lyr.metadata.get("napari_rapacl", {}).get("kind") == "nuclei"]
