@@ -471,3 +471,15 @@ def test_cells_on_the_whole_slide_asks_first_with_its_estimate(
     assert 80 < mpx <= 92.0 and estimate("cells", area_px=mpx * 1e6).needs_confirmation()
     assert "not started" in cells.status and "visible region or a drawn ROI" in cells.status
     assert not [lyr for lyr in viewer.layers if lyr.metadata.get("napari_rapacl", {}).get("kind") == "nuclei"]
+
+
+@pytest.mark.realdata
+def test_a_second_sample_opens_beside_the_first(make_napari_viewer, data_dir):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-rapacl", "her2st_c2")
+    viewer.open_sample("napari-rapacl", "her2st_c3")
+    c2, c3 = viewer.layers["her2st C2"], viewer.layers["her2st C3"]
+    assert tuple(c2.translate) == (0.0, 0.0)
+    right_of_c2 = c2.data[0].shape[1] * c2.scale[1]
+    assert c3.translate[0] == 0.0 and c3.translate[1] > right_of_c2
+    assert tuple(viewer.layers["her2st C3 spots"].translate) == tuple(c3.translate)
