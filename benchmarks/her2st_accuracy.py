@@ -306,7 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         import fcntl
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.with_suffix(".lock"), "w") as lock:
+        import hashlib
+        import tempfile
+
+        key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+        with open(Path(tempfile.gettempdir()) / f"her2st_accuracy_{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = json.loads(out.read_text()) if out.exists() else {}
             current.setdefault(model, {}).update(per)
