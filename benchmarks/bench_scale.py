@@ -138,13 +138,16 @@ def child_predict(n_total: int, n_predict: int, model: str, threads: int) -> dic
     spots, side, step = hd_spots(n_total)
     slide = hd_slide(int(side * step + 128))
     loaded = load_model_choice(model, None)
-    k = max(1, int(round(np.sqrt(n_predict))))  # a k x k block of bins in the corner
-    box = (64.0, 64.0, 64.0 + k * step, 64.0 + k * step)
+    k = max(1, int(round(np.sqrt(n_predict))))  # a k x k block of bins in the corner, one whole tile
+    side_px = 64 + k * step  # (the tiled job predicts whole tiles: the tile is the box)
+    box = (0.0, 0.0, side_px, side_px)
     inside = int(((spots.x >= box[0]) & (spots.x < box[2]) & (spots.y >= box[1]) & (spots.y < box[3])).sum())
     base = _peak_rss_mb()
     gaps, last = [], time.perf_counter()
     t0 = last
-    gen = iter_predict(loaded, slide, spots, box, cache=False, device="cpu", batch_size=64)
+    gen = iter_predict(
+        loaded, slide, spots, box, cache=False, device="cpu", batch_size=64, tile_px=int(side_px)
+    )
     try:
         while True:
             next(gen)
@@ -198,6 +201,7 @@ def main() -> None:
     p.add_argument(
         "--ref-spots", type=int, default=200_000, help="size of the new-vs-old export comparison (0: skip)"
     )
+    p.add_argument("--skip-export", action="store_true", help="only the predict measurements")
     p.add_argument("--json", default=None)
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -214,7 +218,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     results: dict = {"spots": args.spots, "genes": args.genes, "load_before": os.getloadavg()}
     for n, key in ((args.spots, "export"), (args.ref_spots, "export_small")):
-        if n <= 0:
+        if n <= 0 or args.skip_export:
             continue
         with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
             new = run_child(["export", str(n), str(args.genes), tmp, "new"], args.threads)
