@@ -12,4 +12,4 @@ if [ -z "${NAPARI_RAPACL_DATA_DIR:-}" ] && [ -d "$ROOT/../shared/data" ]; then
 fi
 export HF_HUB_OFFLINE=1 NAPARI_RAPACL_OFFLINE=1 MPLBACKEND=Agg
 unset QT_QPA_PLATFORM
-exec xvfb-run -a -s "-screen 0 1600x1200x24" "$VENV/bin/python" -m pytest "$@"
+exec xvfb-run -a -s "-screen 0 1920x1200x24" "$VENV/bin/python" -m pytest "$@"
