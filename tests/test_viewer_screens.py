@@ -135,9 +135,12 @@ def test_screens_prediction_measured_beside_and_nuclei(
     rel = load_model(reliable_checkpoint)[0].gene_reliability
     best = max((r, g) for g, r in rel.items() if np.isfinite(r))[1]
     title = f"C2 predicted: {best}, log1p(CP10k)"
-    assert points.name == title and viewer.canvas.overlays.text.text == title
-    assert points.face_colorbar.visible and points.opacity == pytest.approx(0.6)
+    assert points.name == title
+    qtbot.waitUntil(lambda: viewer.canvas.overlays.text.text == title, timeout=5000)
+    assert points.opacity == pytest.approx(0.6)
     genes_w._layer.value = points
+    genes_w._napari_bar.value = True  # napari's colour bar (off by default under software OpenGL)
+    assert points.face_colorbar.visible
     assert genes_w._gene.value == best and list(genes_w._gene.choices)[0] == best
     assert genes_w.colorbar.title.text() == f"{best}, log1p(CP10k)"
     label = genes_w._gene.native.currentText()

@@ -251,6 +251,7 @@ def test_gene_widget_search_colours_limits_and_colour_bar(make_napari_viewer, qt
     text = viewer.canvas.overlays.text
     assert text.visible and text.text == points.name
     assert widget.legend == "filled discs: 5/50 spots with a value; grey rings: not predicted yet"
+    widget._napari_bar.value = True  # on by default unless OpenGL renders on the CPU
     assert points.face_colorbar.visible
     widget._napari_bar.value = False
     assert not points.face_colorbar.visible
@@ -635,7 +636,11 @@ def test_predict_widget_builds_the_chosen_model_in_the_background(her2st_viewer,
     viewer, image, points = her2st_viewer
     widget = _predict_widget(viewer, image, points, scope="visible region")
     # the picker offers what a user can run: the production models, not the *_tiny test variants
-    assert set(widget._model.choices) == {"nh2st", "pixnet", "rapacl", "stnet"}
+    from napari_rapacl.jobs import user_models
+
+    choices = set(widget._model.choices)
+    assert choices == set(user_models()) and {"nh2st", "pixnet", "rapacl", "stnet"} <= choices
+    assert not [c for c in choices if c.endswith("_tiny")]
     ckpt = save_checkpoint(tmp_path / "tiny.pt", create_model("stnet_tiny", n_genes=3), genes=["A", "B", "C"])
     widget._checkpoint.value = str(ckpt)
     first = widget.preloaded  # started when the checkpoint was chosen

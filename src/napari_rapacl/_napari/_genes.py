@@ -168,11 +168,36 @@ def _rgba(colour) -> np.ndarray:
     return np.asarray(transform_color(colour)[0], dtype=np.float32)
 
 
-def style_spots(layer, gene: str, colormap: str = "viridis", limits=None, *, viewer=None) -> tuple:
+def canvas_colour_bars() -> bool:
+    """napari's colour bars on the canvas by default: yes, unless OpenGL renders on the CPU, where the
+    first bar costs about a second of the UI thread (measured: a 4.2 s stall of the first prediction
+    with bar and canvas title, 1.2 s without, under Xvfb/llvmpipe on the loaded 2-core machine); the
+    dock's colour bar (title, unit, range) is always there and the Genes widget turns them on."""
+    from ._common import software_rendering
+
+    return not software_rendering()
+
+
+def warm_canvas_title(viewer) -> None:
+    """Draw the canvas title once, blank, so its first real use (after a prediction) does not stall the
+    UI thread while the text overlay is first built (about 1.5 s under software OpenGL)."""
+    from ._common import software_rendering
+
+    if viewer is not None and software_rendering():
+        overlay = viewer.canvas.overlays.text if hasattr(viewer, "canvas") else viewer.text_overlay
+        if not overlay.visible:
+            overlay.text = " "
+            overlay.visible = True
+
+
+def style_spots(
+    layer, gene: str, colormap: str = "viridis", limits=None, *, viewer=None, colour_bar: bool | None = None
+) -> tuple:
     """Colour ``layer``'s spots by ``gene`` and make them readable (see the module docstring):
     spots with a value are filled, outlined thinly in :data:`EDGE_COLOURS` (outside the colormap);
     spots without one are hollow grey rings; the layer's name says the gene and its unit; napari's
-    colour bar is shown; with ``viewer`` the title is also written on the canvas. Returns the limits."""
+    colour bar is shown (``colour_bar``; default :func:`canvas_colour_bars`); with ``viewer`` the title
+    is also written on the canvas. Returns the limits."""
     limits = apply_gene_colors(layer, gene, colormap, limits)
     done = np.isfinite(layer.features[gene].to_numpy(dtype=float))
     edge = np.where(done[:, None], _rgba(EDGE_COLOURS.get(colormap, "white")), _rgba(NOT_PREDICTED_EDGE))
@@ -189,7 +214,7 @@ def style_spots(layer, gene: str, colormap: str = "viridis", limits=None, *, vie
         layer.current_size = float(2.0 * np.median(layer.features["radius_px"]))  # napari's "point size"
     if hasattr(layer, "face_colorbar"):  # bottom right: the title is top left, never under it
         layer.face_colorbar.position = "bottom_right"
-        layer.face_colorbar.visible = True
+        layer.face_colorbar.visible = canvas_colour_bars() if colour_bar is None else bool(colour_bar)
     show_coloured_value_on_hover(layer)
     if viewer is not None:
         canvas_title(viewer, title)
@@ -452,7 +477,7 @@ class GeneWidget(Container):
             label="spot fill opacity", value=SPOT_OPACITY, min=0.0, max=1.0, step=0.05
         )
         self._measured = CheckBox(text="measured beside predicted", value=False, enabled=False)
-        self._napari_bar = CheckBox(text="napari colour bars on the canvas", value=True)
+        self._napari_bar = CheckBox(text="napari colour bars on the canvas", value=canvas_colour_bars())
         self._legend = Label(value="")
         self._legend.native.setWordWrap(True)
         self._status = Label(value="")
@@ -707,7 +732,8 @@ class GeneWidget(Container):
         try:
             self._lo.value, self._hi.value = limits
             self._limits = (float(limits[0]), float(limits[1]))
-            style_spots(layer, gene, cmap, limits, viewer=self._viewer)
+            bar = bool(self._napari_bar.value)
+            style_spots(layer, gene, cmap, limits, viewer=self._viewer, colour_bar=bar)
         finally:
             self._busy = False
         bars = bool(self._napari_bar.value)

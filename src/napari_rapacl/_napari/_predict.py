@@ -24,7 +24,7 @@ from ._common import (
     colored_by,
     keep_units_consistent,
 )
-from ._genes import most_reliable, spots_base_name, style_spots
+from ._genes import most_reliable, spots_base_name, style_spots, warm_canvas_title
 from .layers import (
     META_KEY,
     box_um,
@@ -103,6 +103,7 @@ class PredictWidget(_JobWidget):
         self._dense.changed.connect(self._on_dense)
         self._preload_model()
         self._update_dense()
+        warm_canvas_title(viewer)
 
     # -- the dense-map box follows the model ----------------------------------------------------
     def _on_dense(self, value):
