@@ -1,7 +1,7 @@
 """Build the project's cellpose nucleus model (``rapacl_nuclei_tnbc``) from the TNBC nuclei annotations.
 
     python -m training.cellpose_nuclei                        # default settings, installs by name
-    python -m training.cellpose_nuclei --data-dir ../shared/data --epochs 120 --threads 1
+    python -m training.cellpose_nuclei --data-dir ../shared/data --epochs 200 --threads 1
     python -m training.cellpose_nuclei --out /tmp/my_model    # a file elsewhere (not usable by name)
 
 A thin command line over :func:`napari_rapacl.jobs.iter_build_nuclei_model` (the same job the Cells
@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", default=None, help="model file (default: rapacl_nuclei_tnbc in the models folder)"
     )
-    parser.add_argument("--epochs", type=int, default=120, help="epochs of --images-per-epoch images (120)")
+    parser.add_argument("--epochs", type=int, default=200, help="epochs of --images-per-epoch images (200)")
     parser.add_argument("--images-per-epoch", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=0.01)
+    parser.add_argument("--learning-rate", type=float, default=0.005)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--bsize", type=int, default=112, help="training crop side in px (112)")
+    parser.add_argument("--bsize", type=int, default=128, help="training crop side in px (128)")
     parser.add_argument(
         "--nbase",
         type=int,
