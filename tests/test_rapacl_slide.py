@@ -382,7 +382,9 @@ def test_viewer_predicts_rapacl_on_a_pyramidal_ome_tiff(rapacl_run, c2, make_nap
     load._slide.value, load._spots.value = str(tif), str(csv)
     assert load.start() is not None
     qtbot.waitUntil(lambda: not load.busy, timeout=120_000)
-    image, points = viewer.layers["crop.ome"], viewer.layers["crop.ome spots"]
+    image = next(layer for layer in viewer.layers if layer._type_string == "image")
+    points = next(layer for layer in viewer.layers if layer._type_string == "points")
+    assert points.name == f"{image.name} spots", (image.name, points.name)
     assert image.multiscale and len(image.data) > 1 and len(points.data) == len(keep)
     predict = PredictWidget(viewer)
     viewer.window.add_dock_widget(predict, name="Predict")
