@@ -845,3 +845,36 @@ def test_export_arguments_carry_validation_r_and_the_counts_measured():
     adata = prediction_adata(values_, genes_, spots, **args)
     assert list(adata.obs_names) == [f"s{i}" for i in range(1, n)]
     np.testing.assert_allclose(adata.var["val_pearson_r"].to_numpy(), [0.4, 0.21, np.nan])
+
+
+def test_export_writes_measured_beside_predicted(tmp_path):
+    """When the spots' counts hold every predicted gene, the export of a spots layer carries the measured
+    log1p(CP10k) in ``layers['measured']`` beside the predictions in ``X`` (read back from the file)."""
+    import anndata as ad
+
+    from napari_rapacl._napari.layers import export_arguments
+    from napari_rapacl.jobs import iter_export
+    from napari_rapacl.preprocess import normalize_log1p_cp10k
+    from napari_rapacl.progress import run_to_completion
+
+    rng = np.random.default_rng(2)
+    n = 5
+    counts = ad.AnnData(
+        rng.poisson(4.0, size=(n, 3)).astype(np.float32),
+        obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]),
+        var=pd.DataFrame(index=["ERBB2", "CD74", "GAPDH"]),
+    )
+    genes = ["CD74", "ERBB2"]
+    values = rng.normal(size=(n, 2)).astype(np.float32)
+    features = pd.DataFrame(
+        {"barcode": [f"s{i}" for i in range(n)], "radius_px": 5.0, **dict(zip(genes, values.T, strict=True))}
+    )
+    info = {"genes": genes, "mpp": 0.5, "library_id": "C9", "counts": counts}
+    args = export_arguments(
+        rng.uniform(0, 100, (n, 2)),
+        {"name": "C9 spots", "features": features, "metadata": {"napari_rapacl": info}},
+    )
+    out = run_to_completion(iter_export(tmp_path / "c9.h5ad", **args))
+    back = ad.read_h5ad(out)
+    np.testing.assert_allclose(back.X, values, rtol=1e-6)
+    np.testing.assert_allclose(back.layers["measured"], normalize_log1p_cp10k(counts, genes), rtol=1e-5)

@@ -65,13 +65,16 @@ def prediction_adata(
     provenance: Mapping[str, Any] | None = None,
     radiomics: pd.DataFrame | None = None,
     gene_reliability: Mapping[str, Any] | None = None,
+    measured: Mapping[str, np.ndarray] | None = None,
 ) -> AnnData:
     """The AnnData of spot predictions (:func:`napari_rapacl.export.to_anndata`: ``X``, ``obsm
     ['spatial']``, ``uns['spatial']`` with the slide's images, provenance in ``uns['napari_rapacl']``)
     plus, for a radiomics-fed model, the spot radiomics that fed it in ``obsm['radiomics']`` (a
     DataFrame, one column per feature, raw values). ``gene_reliability`` (gene -> validation r, from
     the checkpoint; None or missing genes allowed) goes into ``var['val_pearson_r']`` with a note in
-    ``uns['napari_rapacl']['gene_reliability']``.
+    ``uns['napari_rapacl']['gene_reliability']``. ``measured`` (name -> array of the predictions'
+    shape, e.g. ``{"measured": log1p(CP10k) of the spots' counts}``) goes into ``layers``, so a
+    reader compares measured and predicted values gene by gene.
 
     ``slide`` may be a path (opened here with ``mpp``, for its thumbnails); a path that no longer
     exists gives an AnnData without images.
@@ -90,6 +93,7 @@ def prediction_adata(
         spots,
         slide=slide,
         library_id=library_id,
+        measured=measured,
         provenance=prov,
     )
     column = reliability_column(list(genes), gene_reliability)
