@@ -437,6 +437,13 @@ def test_single_process_run_writes_checkpoints_metrics_and_logs(reference_run, p
         assert key in test and math.isfinite(test[key]), key
     assert test["n_spots"] == 47 and len(test["per_gene_r"]) == 785
     assert test["pcc_f"] <= test["pcc_s"] and metrics["test_mean"]["pcc_m"] == pytest.approx(test["pcc_m"])
+    # the test-time spot smoothing is chosen on the validation section and stored in best.pt
+    post = metrics["postprocess"]
+    from training.postprocess import SMOOTH_GRID_UM
+
+    assert post["chosen_on"] == ["C4"] and post["smooth_sigma_um"] in SMOOTH_GRID_UM
+    assert max(post["val_pcc_by_sigma"].values()) == post["val_pcc_by_sigma"][f"{post['smooth_sigma_um']:g}"]
+    assert best["postprocess"]["smooth_sigma_um"] == post["smooth_sigma_um"]
     # the resolved config is a valid config again, with the model config filled in
     resolved = load_config(out / "config.yaml")
     assert resolved.model.config["n_genes"] == 785 and resolved.model.config["backbone"] == "test_resnet"

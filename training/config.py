@@ -240,6 +240,11 @@ class RunConfig:
         DDP's flag (None: the model's ``ddp_find_unused_parameters`` attribute, else False).
     dist_timeout_s
         Timeout of collective operations.
+    spot_smoothing
+        After the run, choose the test-time spot smoothing (a Gaussian mean over the spot grid, width
+        from 0 = off to 300 um) on the validation sections and store it in ``best.pt``
+        (:mod:`training.postprocess`); prediction from a slide applies it. her2st runs that predict
+        genes only.
     install_as
         After the run, install ``best.pt`` in the user's model folder under this name
         (:func:`napari_rapacl.jobs.install_model`), so the Predict widget lists it by name.
@@ -258,6 +263,7 @@ class RunConfig:
     batchnorm: str = "auto"
     find_unused_parameters: bool | None = None
     dist_timeout_s: float = 600.0
+    spot_smoothing: bool = True
     install_as: str | None = None
 
 

@@ -435,6 +435,9 @@ class _Trainer:
                 metrics = self._final_evaluation()
                 metrics["seconds"] = time.perf_counter() - t_start
                 if ctx.is_main:
+                    postprocess = self._fit_postprocess()
+                    if postprocess is not None:
+                        metrics["postprocess"] = postprocess
                     _write_json(self.out_dir / "metrics.json", metrics)
                     if cfg.run.install_as:
                         self._install(metrics)
@@ -771,6 +774,21 @@ class _Trainer:
         if improved:
             save_checkpoint(self.out_dir / "best.pt", self.model, **kw)
         _write_json(self.out_dir / "history.json", self.history)
+
+    def _fit_postprocess(self) -> dict[str, Any] | None:
+        """``run.spot_smoothing``: choose the test-time spot smoothing of best.pt on the validation
+        sections (:func:`training.postprocess.fit_smoothing`) and store it in best.pt, so prediction
+        from a slide (and an installed model) applies what the benchmark scores."""
+        cfg = self.cfg
+        if not cfg.run.spot_smoothing or self.select_on != "val_pcc" or not self.val_ds:
+            return None
+        if cfg.data.dataset != "her2st":
+            log.info("spot smoothing is chosen on her2st sections only; %r: not chosen", cfg.data.dataset)
+            return None
+        from .postprocess import fit_smoothing
+
+        sections = [ds.section_names[0] for ds in self.val_ds]
+        return fit_smoothing(self.out_dir / "best.pt", sections, data_dir=cfg.data.data_dir)
 
     def _install(self, metrics: dict[str, Any]) -> None:
         """``run.install_as``: best.pt into the user's model folder, with its validation scores."""
