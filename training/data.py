@@ -38,6 +38,7 @@ import torch.utils.data
 
 from napari_rapacl._atomic import write_atomic
 from napari_rapacl._errors import RapaclInputError
+from napari_rapacl.datasets import HER2ST_MARKERS
 
 from .config import DataConfig, normalized_sections
 
@@ -61,25 +62,6 @@ __all__ = [
     "with_markers",
 ]
 
-#: Clinically relevant breast-cancer markers added by ``data.genes: her2st785+markers`` (issue #12):
-#: HER2 amplicon (ERBB2, GRB7), hormone receptors (ESR1, PGR), proliferation (MKI67), epithelium
-#: (EPCAM, basal KRT5), antigen presentation (CD74), immune cells (PTPRC, T cells CD3E, B cells MS4A1)
-#: and stroma (COL1A1, ACTA2).
-HER2ST_MARKERS = (
-    "ERBB2",
-    "ESR1",
-    "PGR",
-    "MKI67",
-    "GRB7",
-    "EPCAM",
-    "KRT5",
-    "CD74",
-    "PTPRC",
-    "CD3E",
-    "MS4A1",
-    "COL1A1",
-    "ACTA2",
-)
 
 Field = np.ndarray | Callable[[int], np.ndarray]
 InputBuilder = Callable[["SectionData", "InputContext"], Field]

@@ -19,19 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from napari_rapacl.inference import SMOOTH_GRID_UM, choose_sigma, mean_pcc
+
 log = logging.getLogger("training")
 
-#: Gaussian widths tried (um); her2st ST spots are ~190 um apart (centre to centre), Visium 100 um.
-SMOOTH_GRID_UM = (0.0, 75.0, 100.0, 150.0, 200.0, 250.0, 300.0)
-
-__all__ = ["SMOOTH_GRID_UM", "fit_smoothing", "mean_pcc", "section_xy_um", "write_postprocess"]
-
-
-def mean_pcc(pred: np.ndarray, target: np.ndarray) -> float:
-    """Mean per-gene Pearson r (genes constant on the section count as 0, as in the benchmark)."""
-    from napari_rapacl.metrics import pearson_per_gene
-
-    return float(np.nan_to_num(pearson_per_gene(pred, target)).mean())
+__all__ = [
+    "SMOOTH_GRID_UM",
+    "choose_sigma",
+    "fit_smoothing",
+    "mean_pcc",
+    "section_xy_um",
+    "write_postprocess",
+]
 
 
 def section_xy_um(name: str, x: np.ndarray, y: np.ndarray, data_dir: str | None = None) -> np.ndarray:
@@ -40,21 +39,6 @@ def section_xy_um(name: str, x: np.ndarray, y: np.ndarray, data_dir: str | None 
 
     mpp = float(her2st(name, data_dir=data_dir).slide.require_mpp("spot smoothing"))
     return np.stack([np.asarray(x, np.float64), np.asarray(y, np.float64)], axis=1) * mpp
-
-
-def choose_sigma(
-    preds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: Sequence[float] = SMOOTH_GRID_UM
-) -> tuple[float, dict[float, float]]:
-    """The width with the best mean validation PCC over ``preds`` = ``[(pred, target, xy_um)]``
-    (ties: the smaller width); returns ``(sigma, {sigma: score})``."""
-    from napari_rapacl.inference import smooth_over_spots
-
-    scores = {
-        float(s): float(np.mean([mean_pcc(smooth_over_spots(p, xy, s), t) for p, t, xy in preds]))
-        for s in grid
-    }
-    best = max(scores, key=lambda s: (round(scores[s], 6), -s))
-    return best, scores
 
 
 def write_postprocess(checkpoint: str | Path, setting: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HER2ST_COMMIT",
+    "HER2ST_MARKERS",
     "HER2ST_PUBLISHED_REG2ST",
     "HER2ST_SECTIONS",
     "Her2stSection",
@@ -310,6 +311,28 @@ def her2st(
     spots = read_spots(root / files["spots"], counts=root / files["counts"])
     slide = place_spots(open_slide(root / files["image"]), spots)
     return Her2stSection(name=name, slide=slide, spots=spots)
+
+
+#: Clinically relevant breast-cancer markers predicted beside the 785 benchmark genes
+#: (``data.genes: her2st785+markers`` in training, the main job):
+#: HER2 amplicon (ERBB2, GRB7), hormone receptors (ESR1, PGR), proliferation (MKI67), epithelium
+#: (EPCAM, basal KRT5), antigen presentation (CD74), immune cells (PTPRC, T cells CD3E, B cells MS4A1)
+#: and stroma (COL1A1, ACTA2).
+HER2ST_MARKERS = (
+    "ERBB2",
+    "ESR1",
+    "PGR",
+    "MKI67",
+    "GRB7",
+    "EPCAM",
+    "KRT5",
+    "CD74",
+    "PTPRC",
+    "CD3E",
+    "MS4A1",
+    "COL1A1",
+    "ACTA2",
+)
 
 
 def her2st_genes(

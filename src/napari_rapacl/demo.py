@@ -74,22 +74,35 @@ class DemoResult:
     installed: Path | None = None  # the installed checkpoint in the user's model folder
 
 
-def _section_data(name: str, genes: list[str], cfg: DemoConfig):
-    from .datasets import her2st
+def _section_data(sec, genes: list[str], cfg: DemoConfig):
     from .preprocess import extract_patches, normalize_log1p_cp10k
 
-    sec = her2st(name)
     y = normalize_log1p_cp10k(sec.spots.counts, genes, missing="zero")
     x = extract_patches(sec.slide, sec.spots.x, sec.spots.y, size=cfg.patch_size, mpp=cfg.mpp)
     return sec, x, y
 
 
+def _panel(base: list[str], sections: list, markers: tuple[str, ...]) -> list[str]:
+    """The 785 benchmark genes plus the clinical ``markers`` that the training sections' counts hold."""
+    present: set[str] = set()
+    for sec in sections:
+        present |= {str(g) for g in sec.spots.counts.var_names}
+    have = set(base)
+    return [*base, *(g for g in markers if g not in have and g in present)]
+
+
+def _xy_um(section) -> np.ndarray:
+    """``(n, 2)`` spot centres of a her2st section in um (what spot smoothing measures distances in)."""
+    mpp = float(section.slide.require_mpp("spot smoothing"))
+    return np.stack([section.spots.x, section.spots.y], axis=1).astype(np.float64) * mpp
+
+
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     import torch
 
-    from .datasets import her2st_genes
+    from .datasets import HER2ST_MARKERS, her2st, her2st_genes
     from .export import checkpoint_sha256, to_anndata, write_h5ad
-    from .inference import predict_spots, resolve_device
+    from .inference import choose_sigma, postprocess_spots, predict_spots, resolve_device
     from .metrics import pearson_per_gene, summarize
     from .models import create_model
     from .models.checkpoint import gene_reliability_entry, save_checkpoint
@@ -101,11 +114,11 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    genes = her2st_genes()
-
     log.info("loading her2st sections and extracting %d px patches at %.2f um/px", cfg.patch_size, cfg.mpp)
-    train = [_section_data(s, genes, cfg) for s in cfg.train_sections]
-    _, val_x, val_y = _section_data(cfg.val_section, genes, cfg)
+    sections = {name: her2st(name) for name in (*cfg.train_sections, cfg.val_section)}
+    genes = _panel(her2st_genes(), [sections[s] for s in cfg.train_sections], HER2ST_MARKERS)
+    train = [_section_data(sections[s], genes, cfg) for s in cfg.train_sections]
+    val_sec, val_x, val_y = _section_data(sections[cfg.val_section], genes, cfg)
     train_x = np.concatenate([t[1] for t in train])
     train_y = np.concatenate([t[2] for t in train])
 
@@ -131,14 +144,23 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
         seed=cfg.seed,
         device=device,
     )
-    # each gene's Pearson r on the inner validation section, with the selected weights
-    val_r = pearson_per_gene(predict_patches(model, val_x, device=device), val_y)
+    # the test-time spot smoothing, chosen on the inner validation section (as training.run does), and
+    # each gene's Pearson r there with the selected weights and that smoothing: what the viewer shows
+    val_pred = predict_patches(model, val_x, device=device)
+    val_xy = _xy_um(val_sec)
+    sigma, by_sigma = choose_sigma([(val_pred, val_y, val_xy)])
+    postprocess = {
+        "smooth_sigma_um": sigma,
+        "chosen_on": [cfg.val_section],
+        "val_pcc_by_sigma": {f"{k:g}": v for k, v in by_sigma.items()},
+    }
+    val_r = pearson_per_gene(postprocess_spots(val_pred, val_xy, postprocess), val_y)
     training = {
         "dataset": "her2st",
         "train": list(cfg.train_sections),
         "val": cfg.val_section,
         "test": cfg.test_section,
-        "genes": "her2st785",
+        "genes": "her2st785+markers",
         "best_epoch": fit.best_epoch,
         "best_val_pcc": fit.best_val_pcc,
         "epochs": cfg.epochs,
@@ -150,6 +172,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
         genes=genes,
         training=training,
         gene_reliability=gene_reliability_entry(val_r, genes, cfg.val_section),
+        postprocess=postprocess,
     )
     installed = None
     if cfg.install_as:
@@ -163,17 +186,22 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
                 f"job on her2st {', '.join(cfg.train_sections)}; epoch chosen on {cfg.val_section}"
             ),
             training={k: v for k, v in training.items() if k != "history"},
-            validation={"section": cfg.val_section, "pcc_m": fit.best_val_pcc, "best_epoch": fit.best_epoch},
+            validation={
+                "section": cfg.val_section,
+                "pcc_m": by_sigma[sigma],
+                "pcc_m_unsmoothed": fit.best_val_pcc,
+                "spot_smoothing_um": sigma,
+                "best_epoch": fit.best_epoch,
+            },
         )
         log.info("installed the model as %r: %s", cfg.install_as, installed)
-
-    from .datasets import her2st
 
     test = her2st(cfg.test_section)
     log.info("predicting %d spots of %s through the lazy slide", len(test.spots), cfg.test_section)
     pred = predict_spots(
         model, test.slide, test.spots.x, test.spots.y, radius=test.spots.radius, device=device
     )
+    pred = postprocess_spots(pred, _xy_um(test), postprocess)
     from .preprocess import normalize_log1p_cp10k
 
     measured = normalize_log1p_cp10k(test.spots.counts, genes, missing="zero")
