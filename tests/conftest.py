@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ _DEFAULT_DATA = REPO.parent / "shared" / "data"
 # Never reach for a network download during tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NAPARI_RAPACL_OFFLINE", "1")
+# the tests never see (nor write into) the user's own installed models
+os.environ.setdefault("NAPARI_RAPACL_MODELS_DIR", tempfile.mkdtemp(prefix="napari-rapacl-test-models-"))
 if "NAPARI_RAPACL_DATA_DIR" not in os.environ and _DEFAULT_DATA.is_dir():
     os.environ["NAPARI_RAPACL_DATA_DIR"] = str(_DEFAULT_DATA)
 

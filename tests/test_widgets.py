@@ -629,7 +629,9 @@ def test_cells_widget_runs_cellpose_from_a_local_model_on_a_roi(her2st_viewer, q
 
 @pytest.mark.gui
 @pytest.mark.realdata
-def test_predict_widget_builds_the_chosen_model_in_the_background(her2st_viewer, qtbot, tmp_path):
+def test_predict_widget_builds_the_chosen_model_in_the_background(
+    her2st_viewer, qtbot, tmp_path, monkeypatch
+):
     from napari_rapacl.models import create_model
     from napari_rapacl.models.checkpoint import save_checkpoint
 
@@ -668,6 +670,16 @@ def test_predict_widget_builds_the_chosen_model_in_the_background(her2st_viewer,
     assert widget._preload_key == ("registry", "stnet")
     assert widget.start() is None and "checkpoint not found" in widget.status
     qtbot.waitUntil(widget.preloaded.done, timeout=120_000)
+    # a model installed in the user's folder (the main job's) is what a new Predict widget opens on
+    from napari_rapacl._napari._widgets import PredictWidget
+    from napari_rapacl.jobs import install_model
+
+    monkeypatch.setenv("NAPARI_RAPACL_MODELS_DIR", str(tmp_path / "models"))
+    install_model(ckpt, "my-her2st-model", description="test", training={"train": ["C3"]})
+    again = PredictWidget(viewer)
+    assert again._model.value == "my-her2st-model" and again._model.choices[0] == "my-her2st-model"
+    qtbot.waitUntil(again.preloaded.done, timeout=120_000)
+    assert again.preloaded.result().genes == ["A", "B", "C"]
 
 
 @pytest.mark.gui

@@ -58,7 +58,7 @@ class PredictWidget(_JobWidget):
     tile_px = 1024
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        from ..jobs import user_models
+        from ..jobs import installed_models, user_models
         from ..tiled import TileCache
 
         self._viewer = viewer
@@ -66,10 +66,10 @@ class PredictWidget(_JobWidget):
         self._image = create_widget(annotation="napari.layers.Image", label="slide")
         self._spots = create_widget(annotation="napari.layers.Points", label="spots")
         models = user_models()  # the *_tiny test variants stay out of the user interface
+        installed = list(installed_models())  # trained models in the user's folder (the main job's)
         self._checkpoint_model: str | None = None  # the model a chosen checkpoint holds
-        self._model = ComboBox(
-            label="model", choices=self._model_choices, value="stnet" if "stnet" in models else models[0]
-        )
+        default = installed[0] if installed else ("stnet" if "stnet" in models else models[0])
+        self._model = ComboBox(label="model", choices=self._model_choices, value=default)
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", mode="r")
         self._scope = ComboBox(label="region", choices=[VISIBLE, ROI, ALL], value=VISIBLE)
         self._roi = _nullable("napari.layers.Shapes", "ROI")
