@@ -776,24 +776,33 @@ def _get_client(scheduler: Any) -> tuple[Any, bool]:
     )
 
 
-def _on_client(scheduler: Any, submit: Callable[[Any], dict]) -> Generator[tuple[Any, Any], None, None]:
-    """Yield ``(tag, result)`` of the futures ``submit(client)`` returns (``{future: tag}``) as they
-    finish on a dask.distributed client; closing cancels the futures not done and closes a client
-    made here."""
-    from distributed import as_completed
-
+@contextlib.contextmanager
+def _client_futures(scheduler: Any) -> Generator[tuple[Any, list], None, None]:
+    """A dask.distributed client for ``scheduler`` and a list to register its futures in: on exit the
+    registered futures not done are cancelled and a client made here is closed."""
     client, owned = _get_client(scheduler)
-    futures: dict = {}
+    futures: list = []
     try:
-        futures = submit(client)
-        for fut in as_completed(list(futures)):
-            yield futures[fut], fut.result()
+        yield client, futures
     finally:
         pending = [f for f in futures if not f.done()]
         if pending:
             client.cancel(pending)
         if owned:
             client.close()
+
+
+def _on_client(scheduler: Any, submit: Callable[[Any], dict]) -> Generator[tuple[Any, Any], None, None]:
+    """Yield ``(tag, result)`` of the futures ``submit(client)`` returns (``{future: tag}``) as they
+    finish on a dask.distributed client; closing cancels the futures not done and closes a client
+    made here."""
+    from distributed import as_completed
+
+    with _client_futures(scheduler) as (client, registered):
+        futures = submit(client)
+        registered.extend(futures)
+        for fut in as_completed(list(futures)):
+            yield futures[fut], fut.result()
 
 
 def _run_distributed(model, slide, tasks, scheduler) -> Generator[tuple[Any, np.ndarray], None, None]:
@@ -859,15 +868,13 @@ def run_tasks(
 
     from distributed import wait
 
-    client, owned = _get_client(scheduler)
-    futures: list = []
+    with _client_futures(scheduler) as (client, futures):
 
-    def submit(args: tuple) -> Any:
-        fut = client.submit(fn, *args, pure=False)
-        futures.append(fut)
-        return fut
+        def submit(args: tuple) -> Any:
+            fut = client.submit(fn, *args, pure=False)
+            futures.append(fut)
+            return fut
 
-    try:
         yield from _bounded(
             tasks,
             submit,
@@ -875,12 +882,6 @@ def run_tasks(
             in_flight or math.inf,
             ordered,
         )
-    finally:
-        pending = [f for f in futures if not f.done()]
-        if pending:
-            client.cancel(pending)
-        if owned:
-            client.close()
 
 
 def _bounded(
