@@ -115,3 +115,22 @@ def rapacl_run(tmp_path_factory, data_dir):
     return SimpleNamespace(
         root=root, tables=template, stage1=root / "stage1" / "best.pt", stage2=root / "stage2" / "best.pt"
     )
+
+
+@pytest.fixture()
+def cellpose_models(tmp_path, monkeypatch):
+    """An empty cellpose models folder (``CELLPOSE_LOCAL_MODELS_PATH``, and cellpose's own folder, which
+    it fixes at its first import), offline; the process's cellpose model cache is cleared around."""
+    pytest.importorskip("cellpose")
+    from cellpose import models
+
+    from napari_rapacl import segmentation as seg
+
+    path = tmp_path / "cellpose-models"
+    path.mkdir()
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(path))
+    monkeypatch.setenv("NAPARI_RAPACL_OFFLINE", "1")
+    monkeypatch.setattr(models, "MODEL_DIR", path)
+    seg.clear_cellpose_cache()
+    yield path
+    seg.clear_cellpose_cache()

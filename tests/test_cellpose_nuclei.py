@@ -42,18 +42,8 @@ def _tiles(data_dir):
 
 
 @pytest.fixture()
-def models_dir(tmp_path, monkeypatch):
-    """An empty cellpose models folder; offline."""
-    path = tmp_path / "cellpose-models"
-    path.mkdir()
-    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(path))
-    monkeypatch.setenv("NAPARI_RAPACL_OFFLINE", "1")
-    from cellpose import models  # cellpose fixes its own folder at its first import: point it here too
-
-    monkeypatch.setattr(models, "MODEL_DIR", path)
-    seg.clear_cellpose_cache()
-    yield path
-    seg.clear_cellpose_cache()
+def models_dir(cellpose_models):
+    return cellpose_models
 
 
 @pytest.fixture(scope="module")

@@ -582,13 +582,8 @@ def test_segment_region_needs_a_pixel_size(border_image):
 
 
 @pytest.fixture()
-def cellpose_env(tmp_path, monkeypatch):
-    """An empty cellpose models folder; offline."""
-    models_dir = tmp_path / "cellpose-models"
-    models_dir.mkdir()
-    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(models_dir))
-    monkeypatch.setenv("NAPARI_RAPACL_OFFLINE", "1")
-    return models_dir
+def cellpose_env(cellpose_models):
+    return cellpose_models
 
 
 @pytest.fixture(scope="module")
