@@ -359,6 +359,8 @@ class PredictWidget(_JobWidget):
         data, kwargs, _ = dense_layer_data(
             dense.values[0], dense.translate_px, dense.px_size, mpp, gene=gene, metadata=meta
         )
+        # on the spots' slide, wherever it sits (a second slide opens beside the first)
+        kwargs["translate"] = tuple(np.asarray(kwargs["translate"]) + np.asarray(points.translate)[-2:])
         name = kwargs["name"]
         if name in self._viewer.layers:
             layer = self._viewer.layers[name]
