@@ -208,13 +208,17 @@ def test_probe_trains_through_training_run_reuses_its_cache_and_installs(
     second = train(load_config(config, [*common, f"run.out_dir={tmp_path / 'run2'}"]))
     assert probe.CACHE_STATS["computed"] == mark["computed"]  # the second run: all from the cache
     # 3 epochs x (94 training + 47 validation patches) + the final validation and test (47 + 47)
-    assert probe.CACHE_STATS["hits"] - mark["hits"] == 3 * (94 + 47) + 47 + 47
+    # + the validation predictions the spot smoothing is chosen on (47)
+    assert probe.CACHE_STATS["hits"] - mark["hits"] == 3 * (94 + 47) + 47 + 47 + 47
     assert second.best_score == pytest.approx(first.best_score, abs=1e-5)
     model, payload = load_model(tmp_path / "run1" / "best.pt")
     rel = payload["gene_reliability"]
     assert rel["section"] == ["C4"] and len(rel["values"]) == 785 == len(model.gene_reliability)
     finite = [v for v in rel["values"] if math.isfinite(v)]
-    assert sum(finite) / 785 == pytest.approx(first.best_score, abs=1e-5)  # val_pcc counts NaN as 0
+    # the r of the smoothed validation predictions (the chosen width's score; NaN counted as 0 there)
+    post = payload["postprocess"]
+    chosen = post["val_pcc_by_sigma"][f"{post['smooth_sigma_um']:g}"]
+    assert sum(finite) / 785 == pytest.approx(chosen, abs=1e-5)
     assert payload["config"]["backbone"] == TINY_UNI and payload["config"]["freeze_backbone"]
     with torch.no_grad():
         assert model.predict({"image": torch.rand(2, 3, 32, 32)}).shape == (2, 785)

@@ -27,6 +27,7 @@ __all__ = [
     "SMOOTH_GRID_UM",
     "choose_sigma",
     "fit_smoothing",
+    "fit_smoothing_and_reliability",
     "mean_pcc",
     "section_xy_um",
     "write_postprocess",
@@ -123,3 +124,34 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def fit_smoothing_and_reliability(
+    checkpoint: str | Path, val_sections: Sequence[str], *, data_dir: str | None = None
+) -> dict[str, Any]:
+    """:func:`fit_smoothing` on ``val_sections``, and each gene's validation r recomputed WITH the chosen
+    smoothing (mean over the sections): both written into ``checkpoint`` in one atomic rewrite, so the
+    reliability the viewer shows beside a gene is that of the values it shows. Returns the setting."""
+    import torch
+
+    from napari_rapacl._atomic import write_atomic
+    from napari_rapacl.inference import postprocess_spots
+    from napari_rapacl.metrics import pearson_per_gene
+    from napari_rapacl.models.checkpoint import gene_reliability_entry, read_checkpoint
+
+    from .run import predict_checkpoint
+
+    predictions = predict_checkpoint(checkpoint, list(val_sections), data_dir=data_dir)
+    setting = fit_smoothing(checkpoint, val_sections, data_dir=data_dir, predictions=predictions, write=False)
+    per_section = []
+    for name in val_sections:
+        p = predictions[name]
+        xy = section_xy_um(name, p["x"], p["y"], data_dir)
+        per_section.append(pearson_per_gene(postprocess_spots(p["pred"], xy, setting), p["target"]))
+    with np.errstate(all="ignore"):
+        r = np.nanmean(np.stack(per_section), axis=0) if len(per_section) > 1 else per_section[0]
+    payload = read_checkpoint(checkpoint)
+    payload["postprocess"] = dict(setting)
+    payload["gene_reliability"] = gene_reliability_entry(r, list(payload["genes"]), list(val_sections))
+    write_atomic(Path(checkpoint), lambda tmp: torch.save(payload, tmp))
+    return setting

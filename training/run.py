@@ -777,18 +777,19 @@ class _Trainer:
 
     def _fit_postprocess(self) -> dict[str, Any] | None:
         """``run.spot_smoothing``: choose the test-time spot smoothing of best.pt on the validation
-        sections (:func:`training.postprocess.fit_smoothing`) and store it in best.pt, so prediction
-        from a slide (and an installed model) applies what the benchmark scores."""
+        sections and store it in best.pt with each gene's validation r of the smoothed values
+        (:func:`training.postprocess.fit_smoothing_and_reliability`), so prediction from a slide (and
+        an installed model) applies what the benchmark scores and shows the r of what it shows."""
         cfg = self.cfg
         if not cfg.run.spot_smoothing or self.select_on != "val_pcc" or not self.val_ds:
             return None
         if cfg.data.dataset != "her2st":
             log.info("spot smoothing is chosen on her2st sections only; %r: not chosen", cfg.data.dataset)
             return None
-        from .postprocess import fit_smoothing
+        from .postprocess import fit_smoothing_and_reliability
 
         sections = [ds.section_names[0] for ds in self.val_ds]
-        return fit_smoothing(self.out_dir / "best.pt", sections, data_dir=cfg.data.data_dir)
+        return fit_smoothing_and_reliability(self.out_dir / "best.pt", sections, data_dir=cfg.data.data_dir)
 
     def _install(self, metrics: dict[str, Any]) -> None:
         """``run.install_as``: best.pt into the user's model folder, with its validation scores."""
