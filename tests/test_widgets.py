@@ -746,7 +746,7 @@ def test_widget_messages_speak_to_people(her2st_viewer, qtbot, tmp_path):
 @pytest.mark.gui
 @pytest.mark.realdata
 def test_cells_widget_offers_and_builds_the_project_nucleus_model(
-    make_napari_viewer, qtbot, data_dir, tmp_path, monkeypatch
+    make_napari_viewer, qtbot, data_dir, tmp_path, monkeypatch, cellpose_models
 ):
     """Offline with no model built: the method list names the project's model as not built, Segment
     refuses it with the next step, 'Build the nucleus model' runs the real build job (a few steps on
@@ -760,12 +760,7 @@ def test_cells_widget_offers_and_builds_the_project_nucleus_model(
     tnbc = data_dir / "tnbc_nuclei"
     if not (tnbc / "Slide_01").is_dir():
         pytest.skip(f"TNBC nuclei data not found in {tnbc}")
-    models = tmp_path / "cellpose-models"
-    models.mkdir()
-    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(models))
-    monkeypatch.setenv("NAPARI_RAPACL_OFFLINE", "1")
-    monkeypatch.setattr(_cells, "_NAMES", None)
-    seg.clear_cellpose_cache()
+    monkeypatch.setattr(_cells, "_NAMES", None)  # the cellpose names listed once per process
 
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-rapacl", "her2st_c2")
