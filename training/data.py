@@ -39,6 +39,7 @@ import torch.utils.data
 from napari_rapacl._atomic import write_atomic
 from napari_rapacl._errors import RapaclInputError
 from napari_rapacl.datasets import HER2ST_MARKERS
+from napari_rapacl.datasets import with_markers as datasets_with_markers
 
 from .config import DataConfig, normalized_sections
 
@@ -264,17 +265,12 @@ def with_markers(
     base: Sequence[str], train_raw: Sequence[Any], markers: Sequence[str] = HER2ST_MARKERS
 ) -> list[str]:
     """``base`` plus the ``markers`` not in it that the counts of at least one TRAINING section hold
-    (in the order of ``markers``); markers absent from every training section are left out (a model
-    cannot learn them) with a log line naming them."""
-    present: set[str] = set()
-    for raw in train_raw:
-        present |= _count_genes(raw)
-    have = set(base)
-    added = [g for g in markers if g not in have and g in present]
-    absent = [g for g in markers if g not in have and g not in present]
+    (:func:`napari_rapacl.datasets.with_markers`); markers absent from every training section are left
+    out (a model cannot learn them) with a log line naming them."""
+    genes, absent = datasets_with_markers(base, [_count_genes(raw) for raw in train_raw], markers)
     if absent:
         log.info("marker gene(s) %s are in no training section's counts: not predicted", absent)
-    return [*base, *added]
+    return genes
 
 
 def resolve_gene_list(data: DataConfig, train_raw: Sequence[Any]) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_rapacl.inference import SMOOTH_GRID_UM, choose_sigma, mean_pcc
+from napari_rapacl.inference import SMOOTH_GRID_UM, choose_sigma, mean_pcc, smoothing_setting
 
 log = logging.getLogger("training")
 
@@ -83,13 +83,8 @@ def fit_smoothing(
         p = predictions[name]
         xy = section_xy_um(name, p["x"], p["y"], data_dir)
         preds.append((p["pred"][:, cols], p["target"][:, cols], xy))
-    sigma, scores = choose_sigma(preds, grid)
-    setting = {
-        "smooth_sigma_um": sigma,
-        "chosen_on": list(val_sections),
-        "val_pcc_by_sigma": {f"{s:g}": v for s, v in scores.items()},
-    }
-    log.info("spot smoothing chosen on %s: sigma %g um (%s)", list(val_sections), sigma, setting)
+    setting = smoothing_setting(preds, val_sections, grid)
+    log.info("spot smoothing chosen on %s: %s", list(val_sections), setting)
     if write:
         write_postprocess(checkpoint, setting)
     return setting

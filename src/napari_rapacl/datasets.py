@@ -20,6 +20,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -44,6 +45,7 @@ __all__ = [
     "her2st",
     "her2st_files",
     "her2st_genes",
+    "with_markers",
 ]
 
 HER2ST_SECTIONS = ("C2", "C3", "C4", "C5", "C6")
@@ -333,6 +335,21 @@ HER2ST_MARKERS = (
     "COL1A1",
     "ACTA2",
 )
+
+
+def with_markers(
+    base: Sequence[str], gene_sets: Iterable[Iterable[str]], markers: Sequence[str] = HER2ST_MARKERS
+) -> tuple[list[str], list[str]]:
+    """``base`` plus the ``markers`` not in it that at least one of ``gene_sets`` (the genes of each
+    training section's counts) holds, in the order of ``markers``; and the markers left out because no
+    training section measures them (a model cannot learn them)."""
+    present: set[str] = set()
+    for genes in gene_sets:
+        present |= {str(g) for g in genes}
+    have = set(base)
+    added = [g for g in markers if g not in have and g in present]
+    absent = [g for g in markers if g not in have and g not in present]
+    return [*base, *added], absent
 
 
 def her2st_genes(

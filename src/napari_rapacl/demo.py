@@ -82,15 +82,6 @@ def _section_data(sec, genes: list[str], cfg: DemoConfig):
     return sec, x, y
 
 
-def _panel(base: list[str], sections: list, markers: tuple[str, ...]) -> list[str]:
-    """The 785 benchmark genes plus the clinical ``markers`` that the training sections' counts hold."""
-    present: set[str] = set()
-    for sec in sections:
-        present |= {str(g) for g in sec.spots.counts.var_names}
-    have = set(base)
-    return [*base, *(g for g in markers if g not in have and g in present)]
-
-
 def _xy_um(section) -> np.ndarray:
     """``(n, 2)`` spot centres of a her2st section in um (what spot smoothing measures distances in)."""
     mpp = float(section.slide.require_mpp("spot smoothing"))
@@ -100,9 +91,9 @@ def _xy_um(section) -> np.ndarray:
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     import torch
 
-    from .datasets import HER2ST_MARKERS, her2st, her2st_genes
+    from .datasets import her2st, her2st_genes, with_markers
     from .export import checkpoint_sha256, to_anndata, write_h5ad
-    from .inference import choose_sigma, postprocess_spots, predict_spots, resolve_device
+    from .inference import postprocess_spots, predict_spots, resolve_device, smoothing_setting
     from .metrics import pearson_per_gene, summarize
     from .models import create_model
     from .models.checkpoint import gene_reliability_entry, save_checkpoint
@@ -116,7 +107,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     torch.manual_seed(cfg.seed)
     log.info("loading her2st sections and extracting %d px patches at %.2f um/px", cfg.patch_size, cfg.mpp)
     sections = {name: her2st(name) for name in (*cfg.train_sections, cfg.val_section)}
-    genes = _panel(her2st_genes(), [sections[s] for s in cfg.train_sections], HER2ST_MARKERS)
+    genes, _ = with_markers(her2st_genes(), [sections[s].spots.counts.var_names for s in cfg.train_sections])
     train = [_section_data(sections[s], genes, cfg) for s in cfg.train_sections]
     val_sec, val_x, val_y = _section_data(sections[cfg.val_section], genes, cfg)
     train_x = np.concatenate([t[1] for t in train])
@@ -148,19 +139,16 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     # each gene's Pearson r there with the selected weights and that smoothing: what the viewer shows
     val_pred = predict_patches(model, val_x, device=device)
     val_xy = _xy_um(val_sec)
-    sigma, by_sigma = choose_sigma([(val_pred, val_y, val_xy)])
-    postprocess = {
-        "smooth_sigma_um": sigma,
-        "chosen_on": [cfg.val_section],
-        "val_pcc_by_sigma": {f"{k:g}": v for k, v in by_sigma.items()},
-    }
+    postprocess = smoothing_setting([(val_pred, val_y, val_xy)], [cfg.val_section])
+    sigma = postprocess["smooth_sigma_um"]
+    val_pcc = postprocess["val_pcc_by_sigma"]  # by width, in um
     val_r = pearson_per_gene(postprocess_spots(val_pred, val_xy, postprocess), val_y)
     log.info(
         "spot smoothing chosen on %s: sigma %g um (validation mean PCC %.4f; %.4f without)",
         cfg.val_section,
         sigma,
-        by_sigma[sigma],
-        by_sigma[0.0],
+        val_pcc[f"{sigma:g}"],
+        val_pcc["0"],
     )
     training = {
         "dataset": "her2st",
@@ -195,7 +183,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
             training={k: v for k, v in training.items() if k != "history"},
             validation={
                 "section": cfg.val_section,
-                "pcc_m": by_sigma[sigma],
+                "pcc_m": val_pcc[f"{sigma:g}"],
                 "pcc_m_unsmoothed": fit.best_val_pcc,
                 "spot_smoothing_um": sigma,
                 "best_epoch": fit.best_epoch,

@@ -306,6 +306,21 @@ def choose_sigma(
     return best, scores
 
 
+def smoothing_setting(
+    preds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    chosen_on: Sequence[str],
+    grid: Sequence[float] = SMOOTH_GRID_UM,
+) -> dict[str, Any]:
+    """The checkpoint's ``postprocess`` value for spot smoothing chosen on the validation ``preds``
+    (:func:`choose_sigma`): ``{"smooth_sigma_um", "chosen_on", "val_pcc_by_sigma"}``."""
+    sigma, scores = choose_sigma(preds, grid)
+    return {
+        "smooth_sigma_um": sigma,
+        "chosen_on": [str(s) for s in chosen_on],
+        "val_pcc_by_sigma": {f"{k:g}": v for k, v in scores.items()},
+    }
+
+
 def postprocess_setting(payload: dict | None) -> dict[str, Any]:
     """The test-time post-processing a checkpoint records (``{}`` when none)."""
     if not payload:
