@@ -42,15 +42,21 @@ def section_xy_um(name: str, x: np.ndarray, y: np.ndarray, data_dir: str | None 
     return np.stack([np.asarray(x, np.float64), np.asarray(y, np.float64)], axis=1) * mpp
 
 
-def write_postprocess(checkpoint: str | Path, setting: dict[str, Any]) -> None:
-    """Store ``setting`` as the checkpoint's ``postprocess`` (atomic rewrite, weights untouched)."""
+def write_postprocess(
+    checkpoint: str | Path, setting: dict[str, Any], reliability: Any | None = None
+) -> None:
+    """Store ``setting`` as the checkpoint's ``postprocess`` and, when given, ``reliability`` (per-gene
+    validation r in gene order) as its ``gene_reliability`` (one atomic rewrite, weights untouched)."""
     import torch
 
     from napari_rapacl._atomic import write_atomic
-    from napari_rapacl.models.checkpoint import read_checkpoint
+    from napari_rapacl.models.checkpoint import gene_reliability_entry, read_checkpoint
 
     payload = read_checkpoint(checkpoint)
     payload["postprocess"] = dict(setting)
+    if reliability is not None:
+        sections = list(setting.get("chosen_on") or [])
+        payload["gene_reliability"] = gene_reliability_entry(reliability, list(payload["genes"]), sections)
     write_atomic(Path(checkpoint), lambda tmp: torch.save(payload, tmp))
 
 
@@ -117,22 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def fit_smoothing_and_reliability(
     checkpoint: str | Path, val_sections: Sequence[str], *, data_dir: str | None = None
 ) -> dict[str, Any]:
     """:func:`fit_smoothing` on ``val_sections``, and each gene's validation r recomputed WITH the chosen
     smoothing (mean over the sections): both written into ``checkpoint`` in one atomic rewrite, so the
     reliability the viewer shows beside a gene is that of the values it shows. Returns the setting."""
-    import torch
-
-    from napari_rapacl._atomic import write_atomic
     from napari_rapacl.inference import postprocess_spots
     from napari_rapacl.metrics import pearson_per_gene
-    from napari_rapacl.models.checkpoint import gene_reliability_entry, read_checkpoint
 
     from .run import predict_checkpoint
 
@@ -145,8 +143,9 @@ def fit_smoothing_and_reliability(
         per_section.append(pearson_per_gene(postprocess_spots(p["pred"], xy, setting), p["target"]))
     with np.errstate(all="ignore"):
         r = np.nanmean(np.stack(per_section), axis=0) if len(per_section) > 1 else per_section[0]
-    payload = read_checkpoint(checkpoint)
-    payload["postprocess"] = dict(setting)
-    payload["gene_reliability"] = gene_reliability_entry(r, list(payload["genes"]), list(val_sections))
-    write_atomic(Path(checkpoint), lambda tmp: torch.save(payload, tmp))
+    write_postprocess(checkpoint, setting, reliability=r)
     return setting
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
