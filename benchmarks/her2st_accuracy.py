@@ -190,7 +190,7 @@ def run_deep(
     model: str, fold_list, runs: Path, extra: list[str], radiomics_dir: Path | None, save=None, smooth=True
 ) -> dict:
     """Train and test ``model`` on every fold; ``save(results)`` is called after each fold."""
-    extra = overrides_for(model, extra)
+    extra_all, extra = extra, overrides_for(model, extra)
     base, _, tag = model.partition("@")
     suffix = f"_{tag}" if tag else ""
     results = {}
@@ -204,9 +204,15 @@ def run_deep(
             # stage1.KEY=VALUE / stage2.KEY=VALUE: for one stage only (e.g. rapacl:stage1.optim.epochs=6)
             one = {n: [e.split(".", 1)[1] for e in extra if e.startswith(f"stage{n}.")] for n in (1, 2)}
             both = [e for e in extra if not e.startswith(("stage1.", "stage2."))]
-            # a variant (ablation) starts Stage 2 from the main model's Stage 1 when that exists
+            # a variant (ablation) starts Stage 2 from the main model's Stage 1 when that exists, unless
+            # it has Stage 1 overrides of its own (rapacl@tag:stage1.KEY=VALUE): then it trains its own
+            own_stage1 = any(
+                i.split(":", 1)[0] == model and i.split(":", 1)[1].startswith("stage1.")
+                for i in extra_all
+                if ":" in i.split("=", 1)[0]
+            )
             stage1 = runs / f"rapacl_stage1_{test}"
-            if not (tag and (stage1 / "best.pt").is_file()):
+            if not (tag and not own_stage1 and (stage1 / "best.pt").is_file()):
                 stage1 = runs / f"rapacl_stage1{suffix}_{test}"
                 _train("rapacl_stage1_her2st.yaml", f, stage1, tables + both + one[1])
             result = _train(
