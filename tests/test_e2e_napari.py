@@ -17,32 +17,15 @@ pytest.importorskip("torch")
 pytest.importorskip("timm")  # imported here, before any GL context (see _napari._jobs.avoid_llvm_clash)
 pytest.importorskip("napari")
 
+from viewer_helpers import look_at, train_tiny_stnet  # noqa: E402
+
 pytestmark = [pytest.mark.gui, pytest.mark.realdata]
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, data_dir):
     """A tiny baseline trained briefly on her2st C3 (validated on C4): real weights, made here."""
-    from napari_rapacl.datasets import her2st, her2st_genes
-    from napari_rapacl.models import create_model
-    from napari_rapacl.models.checkpoint import save_checkpoint
-    from napari_rapacl.models.fit import fit_patch_regressor
-    from napari_rapacl.preprocess import extract_patches, normalize_log1p_cp10k
-
-    genes = her2st_genes()
-    model = create_model("stnet_tiny", n_genes=len(genes))
-    cfg = model.config
-    data = []
-    for name in ("C3", "C4"):
-        sec = her2st(name)
-        data.append(
-            (
-                extract_patches(sec.slide, sec.spots.x, sec.spots.y, size=cfg.patch_size, mpp=cfg.mpp),
-                normalize_log1p_cp10k(sec.spots.counts, genes, missing="zero"),
-            )
-        )
-    fit_patch_regressor(model, *data[0], *data[1], epochs=2, batch_size=32)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, genes=genes)
+    return train_tiny_stnet(tmp_path_factory.mktemp("ckpt") / "tiny.pt", epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +47,6 @@ def _run(qtbot, widget, timeout=300_000):
     assert widget.start() is not None, widget.status
     qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
     print(f"[e2e] {type(widget).__name__} took {time.perf_counter() - t:.1f} s", flush=True)
-
-
-def _show(viewer, qtbot, center_px, width_px, mpp):
-    """Centre the camera on ``center_px`` (level-0 (row, col)) with ``width_px`` level-0 px across."""
-    from napari_rapacl._napari._widgets import viewer_camera
-
-    cam = viewer_camera(viewer)
-    cam.center = (0, *(np.asarray(center_px, float) * mpp))
-    cam.zoom = viewer.canvas.size[1] / (width_px * mpp)
-    qtbot.wait(400)  # a few draws: napari updates the layers' corner_pixels and data_level
 
 
 def _shot(viewer, qtbot, artifacts_dir, name, dock=None):
@@ -122,7 +95,7 @@ def test_her2st_segment_predict_genes_export(
 
     # a view of ~900 level-0 px around the spot nearest the tissue's centre
     centre = points.data[np.argmin(np.linalg.norm(points.data - np.median(points.data, 0), axis=1))]
-    _show(viewer, qtbot, centre, 900, mpp)
+    look_at(viewer, qtbot, centre, 900, mpp)
     _shot(viewer, qtbot, artifacts_dir, "e2e_01_loaded.png", docks["Cells"])
 
     # ---- Cells: segment the visible region, radiomics per cell and per spot --------------------
@@ -154,11 +127,11 @@ def test_her2st_segment_predict_genes_export(
     assert np.all(np.isfinite(n_nuclei[inside])) and n_nuclei[inside].min() > 0
     assert np.isnan(np.delete(n_nuclei, inside)).all()
     assert "nuclei" in cells.status and "spot radiomics" in cells.status
-    _show(viewer, qtbot, ((y0 + y1) / 2, (x0 + x1) / 2), 300, mpp)
+    look_at(viewer, qtbot, ((y0 + y1) / 2, (x0 + x1) / 2), 300, mpp)
     _shot(viewer, qtbot, artifacts_dir, "e2e_02_nuclei.png", docks["Cells"])
 
     # ---- Predict the visible region --------------------------------------------------------------
-    _show(viewer, qtbot, centre, 900, mpp)
+    look_at(viewer, qtbot, centre, 900, mpp)
     predict._image.value, predict._spots.value = image, points
     predict._checkpoint.value = str(tiny_checkpoint)
     assert predict._model.value == "stnet_tiny" and not predict._model.enabled  # named by the checkpoint
@@ -181,7 +154,7 @@ def test_her2st_segment_predict_genes_export(
     assert points._face.color_properties.name == genes[0]
     assert len(np.unique(points.face_color[done].round(3), axis=0)) >= min(3, len(done))
     assert (points.face_color[np.delete(np.arange(len(values)), done), 3] == 0).all()
-    _show(viewer, qtbot, centre, 2500, mpp)
+    look_at(viewer, qtbot, centre, 2500, mpp)
     _shot(viewer, qtbot, artifacts_dir, "e2e_03_predicted.png", docks["Predict"])
 
     # the CLI gives the same numbers for the same region
@@ -233,10 +206,10 @@ def test_her2st_segment_predict_genes_export(
 
     # ---- pan away, predict, pan back: the second look at a region costs only cache lookups -------
     other = points.data[np.argmax(np.linalg.norm(points.data - centre, axis=1))]
-    _show(viewer, qtbot, other, 900, mpp)
+    look_at(viewer, qtbot, other, 900, mpp)
     _run(qtbot, predict)
     assert predict.last_result.tiles_computed >= 1
-    _show(viewer, qtbot, centre, 900, mpp)
+    look_at(viewer, qtbot, centre, 900, mpp)
     t0 = time.perf_counter()
     _run(qtbot, predict)
     assert predict.last_result.tiles_computed == 0 and predict.last_result.tiles_cached >= 1
@@ -259,7 +232,7 @@ def test_her2st_segment_predict_genes_export(
     lo, hi = genes_w.limits
     assert lo == pytest.approx(np.percentile(values[done, genes.index(gene)], 1), rel=1e-3, abs=1e-4)
     assert hi > lo
-    _show(viewer, qtbot, centre, 2500, mpp)
+    look_at(viewer, qtbot, centre, 2500, mpp)
     _shot(viewer, qtbot, artifacts_dir, "e2e_04_gene.png", docks["Genes"])
 
     # ---- Export (widget) and the napari writer -------------------------------------------------------
@@ -308,7 +281,7 @@ def test_pixnet_dense_map_on_the_slide(
     viewer.window.add_dock_widget(predict, name="Predict")
     viewer.window.add_dock_widget(genes_w, name="Genes", tabify=True)
     centre = points.data[np.argmin(np.linalg.norm(points.data - np.median(points.data, 0), axis=1))]
-    _show(viewer, qtbot, centre, 1200, mpp)
+    look_at(viewer, qtbot, centre, 1200, mpp)
     predict._image.value, predict._spots.value = image, points
     predict._checkpoint.value = str(pixnet_checkpoint)
     predict._device.value = "cpu"
@@ -355,12 +328,12 @@ def test_pixnet_dense_map_on_the_slide(
     assert np.isfinite(second_part).all() and not np.allclose(first_part, second_part)
     genes_w._gene.value = genes[0]
     assert dense.visible and not second.visible and "no dense map" not in genes_w._status.value
-    _show(viewer, qtbot, centre, 1400, mpp)
+    look_at(viewer, qtbot, centre, 1400, mpp)
     _shot(viewer, qtbot, artifacts_dir, "e2e_05_pixnet_dense.png")
 
     # another model: the earlier predictions are dropped, not mixed with the new ones
     other = points.data[np.argmax(np.linalg.norm(points.data - centre, axis=1))]
-    _show(viewer, qtbot, other, 900, mpp)
+    look_at(viewer, qtbot, other, 900, mpp)
     predict._checkpoint.value = str(tiny_checkpoint)
     _run(qtbot, predict)
     info = points.metadata["napari_rapacl"]

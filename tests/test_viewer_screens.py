@@ -22,6 +22,8 @@ pytest.importorskip("torch")
 pytest.importorskip("timm")  # before any GL context (see _napari._env.avoid_llvm_clash)
 pytest.importorskip("napari")
 
+from viewer_helpers import look_at, train_tiny_stnet  # noqa: E402
+
 pytestmark = [pytest.mark.gui, pytest.mark.realdata]
 
 SIZES = ((1920, 1080), (1366, 768))
@@ -31,41 +33,8 @@ SIZES = ((1920, 1080), (1366, 768))
 def reliable_checkpoint(tmp_path_factory, data_dir):
     """stnet_tiny over the her2st genes, one epoch on 120 C3 spots, validated on 120 C4 spots; the
     checkpoint stores each gene's validation r (``gene_reliability``)."""
-    import torch
-
-    from napari_rapacl.datasets import her2st, her2st_genes
-    from napari_rapacl.inference import images_to_tensor
-    from napari_rapacl.metrics import pearson_per_gene
-    from napari_rapacl.models import create_model
-    from napari_rapacl.models.checkpoint import gene_reliability_entry, save_checkpoint
-    from napari_rapacl.models.fit import fit_patch_regressor
-    from napari_rapacl.preprocess import extract_patches, normalize_log1p_cp10k
-
-    genes = her2st_genes()
-    model = create_model("stnet_tiny", n_genes=len(genes))
-    cfg = model.config
-    data = []
-    for name in ("C3", "C4"):
-        sec = her2st(name)
-        keep = np.arange(min(120, len(sec.spots)))
-        spots = sec.spots.subset(keep)
-        data.append(
-            (
-                extract_patches(sec.slide, spots.x, spots.y, size=cfg.patch_size, mpp=cfg.mpp),
-                normalize_log1p_cp10k(spots.counts, genes, missing="zero"),
-            )
-        )
-    fit_patch_regressor(model, *data[0], *data[1], epochs=1, batch_size=32)
-    model.eval()
-    with torch.no_grad():
-        pred = model.predict({"image": images_to_tensor(data[1][0])}).numpy()
-    r = pearson_per_gene(pred, data[1][1])
-    return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "tiny_r.pt",
-        model,
-        genes=genes,
-        gene_reliability=gene_reliability_entry(r, genes, ["C4"]),
-    )
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_r.pt"
+    return train_tiny_stnet(path, epochs=1, max_spots=120, reliability=True)
 
 
 def _wait(qtbot, widget, timeout=300_000):
@@ -78,15 +47,6 @@ def _wait(qtbot, widget, timeout=300_000):
 def _resize(viewer, qtbot, size):
     viewer.window._qt_window.resize(*size)
     qtbot.wait(300)
-
-
-def _look_at(viewer, qtbot, center_px, width_px, mpp):
-    from napari_rapacl._napari._widgets import viewer_camera
-
-    cam = viewer_camera(viewer)
-    cam.center = (0, *(np.asarray(center_px, float) * mpp))
-    cam.zoom = viewer.canvas.size[1] / (width_px * mpp)
-    qtbot.wait(500)
 
 
 def _shot(viewer, qtbot, artifacts_dir, name, size, dock=None):
@@ -164,7 +124,7 @@ def test_screens_prediction_measured_beside_and_nuclei(
     centre = np.median(xy, axis=0)
     for size in SIZES:
         _resize(viewer, qtbot, size)
-        _look_at(viewer, qtbot, centre, 3000, mpp)
+        look_at(viewer, qtbot, centre, 3000, mpp, wait_ms=500)
         _shot(viewer, qtbot, artifacts_dir, "screen_predicted", size, docks["Genes"])
 
     # measured beside predicted, with the section's r for that gene
@@ -216,7 +176,7 @@ def test_screens_prediction_measured_beside_and_nuclei(
     assert nuclei.colormap.color_dict[None].tolist() == pytest.approx([0.2, 1.0, 0.3, 1.0])
     for size in SIZES:
         _resize(viewer, qtbot, size)
-        _look_at(viewer, qtbot, (cy, cx), 2 * half + 100, mpp)
+        look_at(viewer, qtbot, (cy, cx), 2 * half + 100, mpp, wait_ms=500)
         _shot(viewer, qtbot, artifacts_dir, "screen_nuclei", size, docks["Cells"])
     # coloured by a per-cell feature: the largest nucleus yellow, the smallest red
     cells._colour.value = "area_um2"
