@@ -408,6 +408,45 @@ def test_dataset_augmentation_and_device_batches():
     assert len(spot_subset(10, 4, "C3")) == 4 and spot_subset(10, None, "C3").tolist() == list(range(10))
 
 
+def test_hed_stain_jitter(data_dir):
+    from skimage.color import hed2rgb, rgb2hed
+    from training.data import hed_jitter
+
+    from napari_rapacl.datasets import her2st
+    from napari_rapacl.preprocess import extract_patches
+
+    sec = her2st("C3")
+    patches = np.asarray(extract_patches(sec.slide, sec.spots.x[:8], sec.spots.y[:8], size=32, mpp=2.0))
+    # identity at scale 1, bias 0 (no clipping of negative stain amounts)
+    np.testing.assert_array_equal(hed_jitter(patches, np.ones(3), np.zeros(3)), patches)
+    # a pure haematoxylin scale acts on the haematoxylin amount as skimage's deconvolution sees it
+    more_h = hed_jitter(patches, np.array([1.3, 1.0, 1.0]), np.zeros(3))
+    h0, h1 = rgb2hed(patches)[..., 0], rgb2hed(more_h)[..., 0]
+    e0, e1 = rgb2hed(patches)[..., 1], rgb2hed(more_h)[..., 1]
+    assert h1.mean() > 1.2 * h0.mean() and abs(e1.mean() - e0.mean()) < 0.05 * abs(e0.mean()) + 1e-3
+    assert np.abs(hed2rgb(rgb2hed(patches)) * 255 - patches).mean() < 3  # same colour model as skimage
+
+    a = _section("A", 6, seed=1)
+    from training.config import DataConfig
+
+    ctx = InputContext(DataConfig(n_neighbors=2), ModelConfig(n_genes=4), ["g"] * 4, [a])
+    a.patches[:] = patches[:6, :8, :8]
+    geo = SpotDataset([a], ["image", "neighbors", "target"], ctx, augment=True, seed=3)
+    hed = SpotDataset([a], ["image", "neighbors", "target"], ctx, augment=True, seed=3, hed_sigma=0.05)
+    geo.set_epoch(1)
+    hed.set_epoch(1)
+    for j in range(6):
+        g, h = geo[j], hed[j]
+        assert not np.array_equal(g["image"], h["image"])  # the stain changed ...
+        assert np.abs(g["image"].astype(int) - h["image"]).mean() < 25  # ... by a light jitter
+        np.testing.assert_array_equal(h["image"], hed[j]["image"])  # a function of (seed, epoch, spot)
+    first = [hed[j]["image"] for j in range(6)]
+    hed.set_epoch(2)
+    assert any(not np.array_equal(first[j], hed[j]["image"]) for j in range(6))  # a new draw per epoch
+    with pytest.raises(RapaclInputError, match="data.hed_sigma"):
+        SpotDataset([a], ["image"], ctx, augment=True, hed_sigma=1.5)
+
+
 # ------------------------------------------------------------------------------------------------
 # single-process runs on real her2st sections
 # ------------------------------------------------------------------------------------------------

@@ -99,6 +99,12 @@ class DataConfig:
         Use at most this many spots per section (a fixed, seeded subset) - for quick tests.
     augment
         Random flips / 90-degree rotations of the training patches (never of val/test).
+    hed_sigma
+        HED stain jitter of the training patches (only with ``augment``; 0 = off): each patch's
+        haematoxylin, eosin and residual stain amounts (colour deconvolution of the optical density
+        with Ruifrok and Johnston's matrix) become ``s * a + b`` with ``a ~ U(1 - sigma, 1 + sigma)``
+        and ``b ~ U(-sigma, sigma)`` (optical-density units) per channel, one draw per (seed, epoch,
+        spot) (Tellez et al. 2018; 0.05 is the "HED-light" range of Tellez et al. 2019).
     drop_last
         Drop the final partial training batch. ``None``: only when a process would get a 1-sample
         batch (BatchNorm cannot train on one sample).
@@ -137,6 +143,7 @@ class DataConfig:
     cache_dir: str | None = None
     max_spots: int | None = None
     augment: bool = True
+    hed_sigma: float = 0.0
     drop_last: bool | None = None
     num_workers: int = 0
     n_neighbors: int | None = None

@@ -646,6 +646,27 @@ def dihedral(img: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+# Ruifrok & Johnston's haematoxylin / eosin / DAB optical-density vectors (the rows of
+# skimage.color.rgb_from_hed); the inverse maps optical density to the three stain amounts
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
+
+
+def hed_jitter(img: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """HED stain jitter (Tellez et al. 2018) of ``uint8 (..., H, W, 3)`` RGB images.
+
+    Colour deconvolution (Ruifrok & Johnston's matrix) of the optical density ``-ln(I / 255)``
+    (``I >= 1``) into haematoxylin, eosin and residual amounts ``s``; ``s * scale + bias`` per
+    channel (bias in optical-density units); back to RGB, rounded to uint8. ``scale = 1, bias = 0``
+    returns the image unchanged (no clipping of negative amounts, unlike ``skimage.color.rgb2hed``).
+    """
+    od = -np.log(np.maximum(img.astype(np.float32), 1.0) / 255.0)
+    stains = od @ HED_FROM_RGB
+    stains = stains * np.asarray(scale, np.float32) + np.asarray(bias, np.float32)
+    out = 255.0 * np.exp(-(stains @ RGB_FROM_HED))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 class SpotDataset(torch.utils.data.Dataset):
     """Spots of one or more sections as ``{key: array, "index": int}`` samples.
 
@@ -661,6 +682,10 @@ class SpotDataset(torch.utils.data.Dataset):
         Random symmetry per (seed, epoch, spot) of the spatial fields; call :meth:`set_epoch`.
     seed
         Augmentation seed.
+    hed_sigma
+        With ``augment``: HED stain jitter of the spatial fields (:func:`hed_jitter`), scale
+        ``U(1 - hed_sigma, 1 + hed_sigma)`` and bias ``U(-hed_sigma, hed_sigma)`` per stain channel,
+        one draw per (seed, epoch, spot) shared by all images of the sample; 0 = off.
     """
 
     def __init__(
@@ -671,7 +696,14 @@ class SpotDataset(torch.utils.data.Dataset):
         *,
         augment: bool = False,
         seed: int = 0,
+        hed_sigma: float = 0.0,
     ) -> None:
+        if not (isinstance(hed_sigma, (int, float)) and 0.0 <= hed_sigma < 1.0):
+            raise RapaclInputError(
+                f"data.hed_sigma must be a number in [0, 1) (0 = no stain jitter; Tellez et al.'s "
+                f"'HED-light' is 0.05), got {hed_sigma!r}"
+            )
+        self.hed_sigma = float(hed_sigma)
         self.keys = list(keys)
         self.fields = build_inputs(sections, self.keys, ctx)
         self.spatial = [k for k in self.keys if INPUT_BUILDERS[k].spatial]
@@ -697,6 +729,12 @@ class SpotDataset(torch.utils.data.Dataset):
             k = int(np.random.default_rng([self.seed, self.epoch, j]).integers(8))
             for key in self.spatial:
                 out[key] = dihedral(out[key], k)
+            if self.hed_sigma > 0:
+                rng = np.random.default_rng([self.seed, self.epoch, j, 1])
+                scale = rng.uniform(1.0 - self.hed_sigma, 1.0 + self.hed_sigma, 3)
+                bias = rng.uniform(-self.hed_sigma, self.hed_sigma, 3)
+                for key in self.spatial:
+                    out[key] = hed_jitter(out[key], scale, bias)
         out["index"] = j
         return out
 

@@ -575,7 +575,12 @@ class _Trainer:
         )
         self.ictx = InputContext(d, model.config, self.genes, self.splits["train"], stats=self.input_stats)
         self.train_ds = SpotDataset(
-            self.splits["train"], self.train_keys, self.ictx, augment=d.augment, seed=cfg.run.seed
+            self.splits["train"],
+            self.train_keys,
+            self.ictx,
+            augment=d.augment,
+            seed=cfg.run.seed,
+            hed_sigma=d.hed_sigma,
         )
         self.val_ds = [SpotDataset([s], eval_keys, self.ictx) for s in self.splits["val"]]
         self.test_ds = [SpotDataset([s], eval_keys, self.ictx) for s in self.splits["test"]]
