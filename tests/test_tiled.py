@@ -87,13 +87,23 @@ def _drain(gen):
             return stop.value, progress
 
 
+def _tile_sizes(x, y, box=None):
+    from napari_rapacl.tiled import spot_tiles
+
+    return [len(members) for _, members in spot_tiles(np.asarray(x), np.asarray(y), box, TILE)[1]]
+
+
 def test_equal_to_predict_spots_with_progress_per_tile(stnet, slide, spots, reference):
     result, progress = _drain(
         iter_predict_region(stnet, slide, *spots, tile_px=TILE, cache=TileCache(), device="cpu")
     )
     n_tiles = 3 * 4  # 768 x 1024 px in 256 px cells, every cell holds spots
     assert result.tiles_computed == n_tiles and result.tiles_cached == 0
-    assert progress == [Progress("predict", i, n_tiles) for i in range(n_tiles + 1)]
+    # progress counts spots: after every tile (each fits one batch of 64 here), 130 spots in all
+    sizes = _tile_sizes(*spots)
+    assert len(sizes) == n_tiles and sum(sizes) == len(spots[0]) == 130
+    done = [0, *np.cumsum(sizes).tolist()]
+    assert progress == [Progress("predict", d, 130) for d in done]
     np.testing.assert_array_equal(result.index, np.arange(len(spots[0])))
     assert result.values.dtype == np.float32 and result.values.shape == reference.shape
     np.testing.assert_allclose(result.values, reference, atol=1e-5, rtol=0)
@@ -154,9 +164,10 @@ def test_second_call_is_served_from_the_cache(stnet, slide, spots, reference, mo
 def test_closing_mid_way_keeps_whole_tiles_and_a_rerun_completes(stnet, slide, spots, reference):
     cache = TileCache()
     gen = iter_predict_region(stnet, slide, *spots, tile_px=TILE, cache=cache, device="cpu")
-    assert next(gen) == Progress("predict", 0, 12)
-    assert next(gen) == Progress("predict", 1, 12)
-    assert next(gen) == Progress("predict", 2, 12)
+    sizes = _tile_sizes(*spots)
+    assert next(gen) == Progress("predict", 0, 130)
+    assert next(gen) == Progress("predict", sizes[0], 130)
+    assert next(gen) == Progress("predict", sizes[0] + sizes[1], 130)
     gen.close()  # what a GUI's worker.quit() does between tiles
     assert len(cache) == 2
     with pytest.raises(StopIteration):
@@ -201,8 +212,13 @@ def test_view_first_hands_out_the_box_before_completing_the_tiles(
     stages = [(p.stage, p.done, p.total) for p in progress]
     # the view's 12 spots in 4 batches first, then the two tiles (their 16 other spots)
     assert len(inside) == 12
-    assert stages[:6] == [("predict", 0, 2)] + [("predict view", i, 4) for i in range(5)]
-    assert stages[6:] == [("predict", 1, 2), ("predict", 2, 2)]
+    # progress in spots: the two tiles hold 16 + 12 (their 16 other spots are one batch of 3 or more)
+    assert stages[:6] == [("predict", 0, 28)] + [("predict view", i, 4) for i in range(5)]
+    rest = [s for s in stages[6:] if s[0] == "predict"]
+    assert len(rest) == len(stages) - 6 and rest[-1] == ("predict", 28, 28)
+    assert [d for _, d, _ in rest] == sorted({d for _, d, _ in rest})  # rising, per batch and per tile
+    if scheduler is None:  # tile (1, 1): 2 batches of its 7 others, then whole (16); tile (1, 2) the same
+        assert [d for _, d, _ in rest] == [3, 6, 16, 19, 22, 28]
     partial = [p.result for p in progress if p.result is not None]
     assert len(partial) == 1 and progress[5].result is partial[0]
     np.testing.assert_array_equal(partial[0].index, inside)
@@ -222,6 +238,68 @@ def test_view_first_hands_out_the_box_before_completing_the_tiles(
     )
     assert {p.stage for p in progress} == {"predict"} and again.tiles_computed == 0
     np.testing.assert_array_equal(again.values, result.values)
+
+
+def _one_tile_of_many_spots():
+    """112 spots in one 256 px tile (a dense grid of small bins, like Visium HD's 8 µm)."""
+    yy, xx = np.mgrid[8:256:24, 8:256:24][:, :, :10]
+    x, y = xx.ravel()[:112].astype(np.float64), yy.ravel()[:112].astype(np.float64)
+    assert len(_tile_sizes(x, y)) == 1
+    return x, y
+
+
+@pytest.mark.parametrize("scheduler", [None, "threads"])
+def test_a_tile_of_many_spots_reports_every_batch_before_it_completes(stnet, slide, scheduler):
+    """#14 item 10: progress within a tile (before, a tile reported only when complete: 2 reports)."""
+    x, y = _one_tile_of_many_spots()
+    cache = TileCache()
+    progress, cached_while_running = [], []
+    gen = iter_predict_region(
+        stnet, slide, x, y, tile_px=TILE, cache=cache, device="cpu", batch_size=8, scheduler=scheduler
+    )
+    while True:
+        try:
+            progress.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+        cached_while_running.append(len(cache))
+    n = len(x)
+    assert [p.stage for p in progress] == ["predict"] * len(progress)
+    assert [p.done for p in progress] == list(range(0, n, 8)) + [n]  # 0, then every batch of 8 spots
+    assert {p.total for p in progress} == {n}
+    assert cached_while_running[:-1] == [0] * (len(progress) - 1) and len(cache) == 1  # the tile, once
+    np.testing.assert_allclose(result.values, predict_spots(stnet, slide, x, y, device="cpu"), atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", [None, "threads"])
+def test_a_cancel_within_a_tile_stops_it_after_the_batch_and_caches_nothing(
+    stnet, slide, scheduler, monkeypatch
+):
+    import napari_rapacl.inference as inference
+
+    x, y = _one_tile_of_many_spots()
+    batches = []
+    real = inference.images_to_tensor
+
+    def counting(patches, device="cpu"):
+        batches.append(len(patches))
+        return real(patches, device)
+
+    monkeypatch.setattr(inference, "images_to_tensor", counting)
+    cache = TileCache()
+    gen = iter_predict_region(
+        stnet, slide, x, y, tile_px=TILE, cache=cache, device="cpu", batch_size=8, scheduler=scheduler
+    )
+    seen = [next(gen), next(gen), next(gen)]
+    assert [p.done for p in seen] == [0, 8, 16]
+    gen.close()  # the viewer's cancel, in the middle of the tile
+    assert len(cache) == 0  # the tile was not completed: nothing cached
+    assert len(batches) <= 4, f"{len(batches)} batches ran: the tile went on after the close"
+    assert not [t for t in threading.enumerate() if t.name.startswith("napari-rapacl-tile")]
+    # a rerun predicts the whole tile
+    result = predict_region(stnet, slide, x, y, tile_px=TILE, cache=cache, device="cpu")
+    assert result.tiles_computed == 1 and len(cache) == 1
 
 
 def test_view_first_cancelled_after_the_view_caches_no_partial_tile(stnet, slide, spots, reference):
@@ -253,7 +331,7 @@ def test_local_schedulers_give_the_same_result(stnet, slide, spots, reference):
                 stnet, slide, *spots, tile_px=TILE, cache=TileCache(), device="cpu", scheduler=scheduler
             )
         )
-        assert progress[-1] == Progress("predict", 12, 12) and len(progress) == 13
+        assert progress[-1] == Progress("predict", 130, 130) and len(progress) == 13
         np.testing.assert_allclose(result.values, reference, atol=1e-5, rtol=0)
 
 

@@ -618,11 +618,14 @@ def _predict_tile(
     raw: np.ndarray | None = None,
     known: np.ndarray | None = None,
     radiomics_jobs: int = 1,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Predictions for one tile's spots (float32 ``(n, n_genes)``), the tile's pixels read at once, and
     the raw radiomics they used (None for an image-only model). ``raw``/``known``: the radiomics
-    already known (rows where ``known``); the others are computed here first."""
-    from .inference import predict_spots, radiomics_recipe
+    already known (rows where ``known``); the others are computed here first. ``on_batch(done)`` is
+    called after every batch with the tile's spots predicted so far (it may raise to stop the tile)."""
+    from .inference import iter_predict_spots, radiomics_recipe
+    from .progress import run_to_completion
 
     if isinstance(slide, _SlideRef):
         slide = slide.resolve()
@@ -631,9 +634,10 @@ def _predict_tile(
         raw = _tile_radiomics(model, slide, x, y, raw, known, radiomics_jobs)
         inputs = {"radiomics": radiomics_recipe(model).transform(raw)}
     source = _prefetch(slide, x, y, int(model.config.patch_size), float(model.config.mpp))
-    pred = predict_spots(
+    job = iter_predict_spots(
         model, source, x, y, radius=radius, batch_size=batch_size, device=device, inputs=inputs
     )
+    pred = run_to_completion(job, None if on_batch is None else (lambda p: on_batch(int(p.done))))
     return pred, raw
 
 
@@ -661,6 +665,60 @@ def _local_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """What a running tile task reports between its batches: ``done`` of its spots are predicted."""
+
+    done: int
+
+
+class _TileStopped(Exception):
+    """Raised in a tile task's batch callback once the job has been closed (cancelled): the task stops
+    after its current batch and its partial result is dropped."""
+
+
+def _batch_reporter(tag: Any, events: Any, stop: threading.Event) -> Callable[[int], None]:
+    def report(done: int) -> None:
+        if stop.is_set():
+            raise _TileStopped
+        events.put((tag, _Batch(int(done))))
+
+    return report
+
+
+def _task_in_thread(tag: Any, fn: Callable[[Callable[[int], None]], Any]) -> Generator[tuple, None, Any]:
+    """Run ``fn(report)`` in a helper thread and yield ``(tag, _Batch(done))`` for each ``report(done)``
+    it makes, as they come; return what ``fn`` returns (or raise what it raises). Closing stops ``fn`` at
+    its next report and waits for it (one batch at most)."""
+    import queue
+
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    report = _batch_reporter(tag, events, stop)
+
+    def work() -> None:
+        try:
+            events.put((None, ("done", fn(report))))
+        except BaseException as exc:  # handed to the job's thread
+            events.put((None, ("error", exc)))
+
+    thread = threading.Thread(target=work, name="napari-rapacl-tile", daemon=True)
+    thread.start()
+    try:
+        while True:
+            key, item = events.get()
+            if key is not None:
+                yield key, item
+                continue
+            kind, value = item
+            if kind == "error":
+                raise value
+            return value
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _run_tasks(
     model: Any,
     slide: Slide,
@@ -668,32 +726,39 @@ def _run_tasks(
     scheduler: Any,
 ) -> Generator[tuple[Any, np.ndarray], None, None]:
     """Run ``(tag, (x, y, radius, batch_size, device, raw, known, radiomics_jobs))`` tasks; yield
-    ``(tag, (predictions, raw radiomics or None))`` as they finish.
+    ``(tag, (predictions, raw radiomics or None))`` as they finish and, with ``scheduler`` None or
+    ``"threads"``, ``(tag, _Batch(done))`` after every batch of a running task (a tile of thousands of
+    spots reports while it runs; ``"synchronous"``, ``"processes"`` and dask report per task).
 
-    Closing this generator cancels the tasks that have not started and waits for the running ones.
+    Closing this generator cancels the tasks that have not started and stops the running ones after
+    their current batch (threads) or waits for them (processes, dask).
     """
     if not tasks:
         return
     if scheduler is None or scheduler == "synchronous":
-        yield from _run_sequential(model, slide, tasks, lookahead=scheduler is None and _overlap_pays(tasks))
+        yield from _run_sequential(
+            model,
+            slide,
+            tasks,
+            lookahead=scheduler is None and _overlap_pays(tasks),
+            batches=scheduler is None,
+        )
         return
-    if isinstance(scheduler, str) and scheduler in ("threads", "processes"):
+    if scheduler == "threads":
+        yield from _run_threads(model, slide, tasks)
+        return
+    if isinstance(scheduler, str) and scheduler == "processes":
         import concurrent.futures as cf
+        import multiprocessing
 
-        if scheduler == "threads":
-            pool: cf.Executor = cf.ThreadPoolExecutor(max_workers=_local_workers())
-            submit = functools.partial(pool.submit, _predict_tile, model, slide)
-        else:
-            import multiprocessing
-
-            n = min(_local_workers(), max(1, len(tasks)))
-            pool = cf.ProcessPoolExecutor(
-                max_workers=n,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_process_worker,
-                initargs=(pickle.dumps(model), max(1, (os.cpu_count() or 1) // n)),
-            )
-            submit = functools.partial(pool.submit, _predict_tile_in_process, _SlideRef.of(slide))
+        n = min(_local_workers(), max(1, len(tasks)))
+        pool = cf.ProcessPoolExecutor(
+            max_workers=n,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_process_worker,
+            initargs=(pickle.dumps(model), max(1, (os.cpu_count() or 1) // n)),
+        )
+        submit = functools.partial(pool.submit, _predict_tile_in_process, _SlideRef.of(slide))
         try:
             futures = {submit(*args): tag for tag, args in tasks}
             for fut in cf.as_completed(futures):
@@ -719,17 +784,55 @@ def _overlap_pays(tasks: list[tuple[Any, tuple]]) -> bool:
     return (os.cpu_count() or 1) >= int(jobs) + torch.get_num_threads() + 2
 
 
+def _run_threads(model: Any, slide: Slide, tasks: list[tuple[Any, tuple]]) -> Generator[tuple, None, None]:
+    """Tasks on a local pool of threads; every batch of a running task is reported (``_Batch``) as it
+    finishes, results as their task finishes. Closing cancels the tasks not started and stops the
+    running ones after their current batch."""
+    import concurrent.futures as cf
+    import queue
+
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    pool = cf.ThreadPoolExecutor(max_workers=_local_workers(), thread_name_prefix="napari-rapacl-tile")
+    futures: dict = {}
+    try:
+        for tag, args in tasks:
+            fut = pool.submit(_predict_tile, model, slide, *args, _batch_reporter(tag, events, stop))
+            futures[fut] = tag
+            fut.add_done_callback(lambda f: events.put((None, f)))
+        remaining = len(futures)
+        while remaining:
+            key, item = events.get()
+            if key is not None:  # a batch of a running task
+                yield key, item
+                continue
+            remaining -= 1
+            yield futures[item], item.result()
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_sequential(
-    model: Any, slide: Slide, tasks: list[tuple[Any, tuple]], lookahead: bool
+    model: Any, slide: Slide, tasks: list[tuple[Any, tuple]], lookahead: bool, batches: bool = False
 ) -> Generator[tuple[Any, tuple], None, None]:
-    """Tasks one after the other in this thread. For a model fed with radiomics and ``lookahead``
+    """Tasks one after the other. For a model fed with radiomics and ``lookahead``
     (:func:`_overlap_pays`), the radiomics of the next task are computed in a background thread (its
-    segmentation and pyradiomics run in the radiomics worker processes) while this thread predicts
-    the current one: CPU workers measure nuclei while the GPU predicts."""
+    segmentation and pyradiomics run in the radiomics worker processes) while the current one is
+    predicted: CPU workers measure nuclei while the GPU predicts. With ``batches`` each task runs in a
+    helper thread (:func:`_task_in_thread`) so that its batches are reported (``_Batch``) while it runs
+    and a close stops it after its current batch; without, in this thread."""
+
+    def run(tag: Any, args: tuple) -> Generator[tuple, None, Any]:
+        if not batches:
+            return _predict_tile(model, slide, *args)
+        return (yield from _task_in_thread(tag, lambda report: _predict_tile(model, slide, *args, report)))
+
     needs_radiomics = any(args[5] is not None for _, args in tasks)
     if not (lookahead and needs_radiomics and len(tasks) > 1):
         for tag, args in tasks:
-            yield tag, _predict_tile(model, slide, *args)
+            result = yield from run(tag, args)
+            yield tag, result
         return
     import concurrent.futures as cf
 
@@ -746,7 +849,8 @@ def _run_sequential(
                 ahead = pool.submit(radiomics_of, tasks[i + 1][1])
             x, y, r, b, d, _raw, known, jobs = args
             done = None if raw is None else np.ones(len(x), dtype=bool)
-            yield tag, _predict_tile(model, slide, x, y, r, b, d, raw, done, jobs)
+            result = yield from run(tag, (x, y, r, b, d, raw, done, jobs))
+            yield tag, result
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -958,6 +1062,7 @@ def iter_predict_region(
     scheduler: Any = None,
     view_first: bool = False,
     radiomics_jobs: int | None = None,
+    out: Callable[[int, int], Any] | None = None,
 ) -> Generator[Progress, None, RegionPrediction]:
     """Predict the spots inside ``box``, tile by tile, through a cache.
 
@@ -1001,11 +1106,21 @@ def iter_predict_region(
         (shared with the Cells widget), so panning back, another model with the same recipe or a
         region measured before costs nothing.
 
+    out
+        ``out(n_spots, n_genes)`` returns the array the box's predictions are written into as each tile
+        completes (an HDF5 dataset, say: the values then never sit in memory all at once; the CLI
+        spills them so when it writes a file); the result's ``values`` is that array. None (the
+        default): the values are gathered in memory. Not with ``view_first``.
+
     Yields
     ------
     Progress
-        ``("predict", tiles_done, tiles_total)``: once at the start, then after every tile (cached
-        tiles included); with ``view_first``, ``("predict view", batches_done, batches_total)`` too.
+        ``("predict", spots_done, spots_total)`` over the spots of every tile touched: once at the
+        start, after every tile (cached tiles included) and, with ``scheduler`` None or ``"threads"``,
+        after every batch of a running tile (a 2048 px tile of 8 µm bins holds ~16k spots: without it a
+        CPU would be silent for tens of minutes); with ``view_first``,
+        ``("predict view", batches_done, batches_total)`` too. ``"processes"``, ``"synchronous"`` and
+        dask report per tile.
 
     Returns
     -------
@@ -1041,7 +1156,21 @@ def iter_predict_region(
     n_genes = int(model.config.n_genes)
 
     index, tiles = spot_tiles(xs, ys, clipped, tile_px)
-    total = len(tiles)
+    total_tiles = len(tiles)
+    sink = None
+    if out is not None:
+        if view_first:
+            raise RapaclInputError(
+                "view_first hands the box's values out while the tiles complete, which needs them in "
+                "memory: use out=None with view_first"
+            )
+        sink = out(len(index), n_genes)
+        if tuple(sink.shape) != (len(index), n_genes):
+            raise RapaclInputError(
+                f"out gave an array of shape {tuple(sink.shape)}; expected ({len(index)}, {n_genes})"
+            )
+    # progress counts spots (those of every tile touched): a tile of thousands of spots reports per batch
+    total = int(sum(len(members) for _, members in tiles))
     yield Progress("predict", 0, total)
     mkey = model_key(model) if store is not None else None
     skey = slide_key(slide) if store is not None else None
@@ -1056,19 +1185,29 @@ def iter_predict_region(
     results: dict[tuple[int, int], np.ndarray] = {}
     keys: dict[tuple[int, int], tuple] = {}
     pending: dict[tuple[int, int], np.ndarray] = {}
-    done = 0
+    done = 0  # spots of finished tiles plus spots reported by running tiles
+    n_tiles_cached = 0
+
+    def keep(tile: tuple[int, int], members: np.ndarray, values: np.ndarray) -> None:
+        """A finished tile's rows: written to ``sink`` (the box's spots among them), else kept."""
+        if sink is None:
+            results[tile] = values
+        else:
+            _scatter(index, members, values, sink)
+
     for tile, members in tiles:
         if store is not None:
             r_t = () if rs is None else (np.ascontiguousarray(rs[members]),)
             keys[tile] = (mkey, skey, f"spots/{tile_px}/{_hash_arrays(xs[members], ys[members], *r_t)}", tile)
             hit = store.get(keys[tile])
             if hit is not None:
-                results[tile] = hit
-                done += 1
+                keep(tile, members, hit)
+                n_tiles_cached += 1
+                done += len(members)
                 yield Progress("predict", done, total)
                 continue
         pending[tile] = members
-    cached = done
+    cached = n_tiles_cached
 
     # the box's spots in tiles still to predict: first, when asked and when the tiles hold more
     view = np.zeros(0, dtype=np.int64)
@@ -1093,15 +1232,20 @@ def iter_predict_region(
         in_view = np.isin(members, view, assume_unique=True)
         values[in_view] = view_values[np.searchsorted(view, members[in_view])]
         if complete and not in_view.all():
-            values[~in_view] = rest_values[tile]
+            values[~in_view] = rest_values.pop(tile)
         return values
+
+    counted: dict[tuple[int, int], int] = {}  # spots of a running tile already counted in ``done``
+    finished: set[tuple[int, int]] = set()
 
     def finish(tile: tuple[int, int]) -> Progress:
         nonlocal done
-        results[tile] = values = assemble(tile)
+        values = assemble(tile)
+        keep(tile, pending[tile], values)
+        finished.add(tile)
         if store is not None:
             store.put(keys[tile], values)
-        done += 1
+        done += len(pending[tile]) - counted.pop(tile, 0)
         return Progress("predict", done, total)
 
     chunks_done = 0
@@ -1112,7 +1256,14 @@ def iter_predict_region(
     task_members.update({("tile", tile): r for tile, r in rest.items() if len(r)})
     runner = _run_tasks(model, slide, tasks, scheduler)
     try:
-        for tag, (values, raw) in runner:
+        for tag, item in runner:
+            if isinstance(item, _Batch):  # a running tile's spots so far: report them (not the view's)
+                if tag[0] == "tile" and item.done > counted.get(tag[1], 0) and item.done < len(rest[tag[1]]):
+                    done += item.done - counted.get(tag[1], 0)
+                    counted[tag[1]] = item.done
+                    yield Progress("predict", done, total)
+                continue
+            values, raw = item
             values = np.asarray(values, dtype=np.float32)
             if radiomics is not None and raw is not None and other_process:
                 members = task_members[tag]  # measured in a worker process: keep them here too
@@ -1131,24 +1282,44 @@ def iter_predict_region(
                 partial = RegionPrediction(
                     index,
                     _gather(index, tiles, rows, n_genes),
-                    total - cached,
+                    total_tiles - cached,
                     cached,
                     _box_radiomics(radiomics, xs, ys, index),
                 )
             yield Progress("predict view", chunks_done, len(chunks), result=partial)
             if view_ready:
                 for tile in pending:  # tiles all inside the box, and those whose rest came first
-                    if tile not in results and (len(rest[tile]) == 0 or tile in rest_values):
+                    if tile not in finished and (len(rest[tile]) == 0 or tile in rest_values):
                         yield finish(tile)
     finally:
         runner.close()
     return RegionPrediction(
         index,
-        _gather(index, tiles, results, n_genes),
-        total - cached,
+        _gather(index, tiles, results, n_genes) if sink is None else sink,
+        total_tiles - cached,
         cached,
         _box_radiomics(radiomics, xs, ys, index),
     )
+
+
+def _scatter(index: np.ndarray, members: np.ndarray, values: np.ndarray, out: Any) -> None:
+    """Write a tile's rows (``values``, one per ``members``) at the rows of ``out`` that hold the box's
+    spots (``index``, sorted): numpy arrays at once, other arrays (HDF5, zarr) one contiguous run of rows
+    at a time (a tile's spots are runs of consecutive spots in a grid's row order)."""
+    if not len(index) or not len(members):
+        return
+    pos = np.searchsorted(index, members)
+    pos_c = np.minimum(pos, len(index) - 1)
+    hit = index[pos_c] == members
+    rows, vals = pos_c[hit], np.asarray(values)[hit]
+    if not len(rows):
+        return
+    if isinstance(out, np.ndarray):
+        out[rows] = vals
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+        out[int(rows[a]) : int(rows[b - 1]) + 1] = vals[a:b]
 
 
 def _box_radiomics(radiomics: Any, xs: np.ndarray, ys: np.ndarray, index: np.ndarray) -> Any:
