@@ -289,7 +289,7 @@ def test_pixnet_dense_map_on_the_slide(
     res = predict.last_result
     genes = points.metadata["napari_rapacl"]["genes"]
     assert res.dense is not None and res.dense_gene == genes[0]
-    dense = viewer.layers[f"{genes[0]} (dense)"]
+    dense = viewer.layers[f"C2 {genes[0]} (dense)"]
     # placed on the slide: the map covers the predicted box (to within one map pixel), in um
     x0, y0, x1, y1 = res.box
     ext = np.asarray(dense.extent.world)  # [[ymin, xmin], [ymax, xmax]]
@@ -314,7 +314,7 @@ def test_pixnet_dense_map_on_the_slide(
     assert not dense.visible and f"no dense map of {genes[1]} yet" in genes_w._status.value
     _run(qtbot, predict)
     assert predict.last_result.tiles_computed == 0 and predict.last_result.dense_gene == genes[1]
-    second = viewer.layers[f"{genes[1]} (dense)"]
+    second = viewer.layers[f"C2 {genes[1]} (dense)"]
     assert second.visible and not dense.visible
     # another gene's map, on the same grid: compare where the two regions overlap
     assert tuple(second.scale) == tuple(dense.scale)
@@ -328,6 +328,7 @@ def test_pixnet_dense_map_on_the_slide(
     assert np.isfinite(second_part).all() and not np.allclose(first_part, second_part)
     genes_w._gene.value = genes[0]
     assert dense.visible and not second.visible and "no dense map" not in genes_w._status.value
+
     look_at(viewer, qtbot, centre, 1400, mpp)
     _shot(viewer, qtbot, artifacts_dir, "e2e_05_pixnet_dense.png")
 
@@ -343,3 +344,32 @@ def test_pixnet_dense_map_on_the_slide(
     done = np.flatnonzero(np.isfinite(values).all(axis=1))
     np.testing.assert_array_equal(done, np.sort(predict.last_result.index))
     assert not set(genes) - set(new_genes) & set(points.features.columns)
+
+    # a second slide opens beside the first: its map is its own layer, on its own tissue, and the
+    # first slide's maps stay as they are
+    from napari_rapacl._napari._common import dense_layers
+
+    c2_maps = {lyr.name: np.asarray(lyr.data).copy() for lyr in dense_layers(viewer, "her2st C2 spots")}
+    assert c2_maps
+    viewer.open_sample("napari-rapacl", "her2st_c3")
+    image3, points3 = viewer.layers["her2st C3"], viewer.layers["her2st C3 spots"]
+    mpp3 = image3.metadata["napari_rapacl"]["mpp"]
+    tr3 = np.asarray(image3.translate, float)[-2:]
+    assert tr3[1] > ext[1][1]  # right of C2
+    centre3 = points3.data[np.argmin(np.linalg.norm(points3.data - np.median(points3.data, 0), axis=1))]
+    look_at(viewer, qtbot, centre3 + tr3 / mpp3, 1200, mpp3)
+    predict._image.value, predict._spots.value = image3, points3
+    predict._checkpoint.value = str(pixnet_checkpoint)
+    _run(qtbot, predict)
+    res3 = predict.last_result
+    dense3 = viewer.layers[f"C3 {res3.dense_gene} (dense)"]
+    after = {lyr.name: np.asarray(lyr.data) for lyr in dense_layers(viewer, "her2st C2 spots")}
+    assert after.keys() == c2_maps.keys()
+    for name, values in c2_maps.items():
+        np.testing.assert_array_equal(after[name], values)
+    bx0, by0, bx1, by1 = res3.box
+    ext3 = np.asarray(dense3.extent.world)
+    s3 = res3.dense.px_size * mpp3
+    assert np.all(np.abs(ext3[0] - (tr3 + np.array([by0, bx0]) * mpp3)) <= 1.01 * s3)
+    assert np.all(np.abs(ext3[1] - (tr3 + np.array([by1, bx1]) * mpp3)) <= 1.01 * s3)
+    assert dense3.metadata["napari_rapacl"]["spots"] == "her2st C3 spots"

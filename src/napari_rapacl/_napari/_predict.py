@@ -24,7 +24,7 @@ from ._common import (
     colored_by,
     keep_units_consistent,
 )
-from ._genes import most_reliable, spots_base_name, style_spots, warm_canvas_title
+from ._genes import most_reliable, section_name, spots_base_name, style_spots, warm_canvas_title
 from .layers import (
     META_KEY,
     box_um,
@@ -48,7 +48,7 @@ class PredictWidget(_JobWidget):
     registry model runs with random initial weights (for trying the plugin out). Inference is tiled and
     cached per widget (panning back and predicting again costs only cache lookups); predictions are
     merged into the spots layer's ``features`` (NaN for spots not predicted yet). PixNet also adds a dense
-    map of the coloured gene as an Image layer ``"<gene> (dense)"`` placed on the slide.
+    map of the coloured gene as an Image layer ``"<section> <gene> (dense)"`` placed on the slide.
     """
 
     run_text = "Predict"
@@ -359,9 +359,10 @@ class PredictWidget(_JobWidget):
         data, kwargs, _ = dense_layer_data(
             dense.values[0], dense.translate_px, dense.px_size, mpp, gene=gene, metadata=meta
         )
-        # on the spots' slide, wherever it sits (a second slide opens beside the first)
+        # on the spots' slide, wherever it sits (a second slide opens beside the first), named by its
+        # section so that a map of the same gene on another slide is another layer
         kwargs["translate"] = tuple(np.asarray(kwargs["translate"]) + np.asarray(points.translate)[-2:])
-        name = kwargs["name"]
+        name = kwargs["name"] = f"{section_name(points)} {kwargs['name']}"
         if name in self._viewer.layers:
             layer = self._viewer.layers[name]
             layer.data = data
