@@ -175,41 +175,47 @@ def _predict(args: argparse.Namespace) -> int:
     loaded = load_model_choice(None, args.checkpoint)
     if args.model is not None and args.model != loaded.name:
         raise RapaclInputError(f"--model {args.model!r} but {args.checkpoint} holds a {loaded.name!r} model")
-    # one pass over the spots: no tile cache
-    result = run_to_completion(
-        iter_predict(
-            loaded,
-            slide,
-            spots,
-            args.roi,
-            cache=False,
-            device=args.device,
-            tile_px=args.tile_px,
-            batch_size=args.batch_size,
-            scheduler=args.scheduler,
-        ),
-        _progress_logger("predict"),
-    )
-    adata = result_adata(
-        result,
-        spots,
-        slide=slide,
-        library_id=args.library_id or opened.name,
-        provenance={
-            "roi": list(args.roi) if args.roi else "whole slide",
-            "tile_px": args.tile_px,
-            "scheduler": args.scheduler or "none",
-        },
-    )
-    if out_path.suffix.lower() == ".zarr":
-        from .export_spatialdata import iter_write_spatialdata
+    # one pass over the spots: no tile cache; the values go tile by tile into a temporary HDF5 file
+    # beside the output (removed at the end, also on failure), which the writers read a chunk at a time,
+    # so memory does not grow with spots x genes (1M x 785 float32 = 3.1 GB)
+    from .export import PredictionSpill
 
-        out = run_to_completion(
-            iter_write_spatialdata(adata, out_path, slide, overwrite=args.overwrite),
-            _progress_logger("SpatialData"),
+    with PredictionSpill(out_path) as spill:
+        result = run_to_completion(
+            iter_predict(
+                loaded,
+                slide,
+                spots,
+                args.roi,
+                cache=False,
+                device=args.device,
+                tile_px=args.tile_px,
+                batch_size=args.batch_size,
+                scheduler=args.scheduler,
+                out=spill.array,
+            ),
+            _progress_logger("predict"),
         )
-    else:
-        out = run_to_completion(iter_write_h5ad(adata, out_path), _progress_logger("export"))
+        adata = result_adata(
+            result,
+            spots,
+            slide=slide,
+            library_id=args.library_id or opened.name,
+            provenance={
+                "roi": list(args.roi) if args.roi else "whole slide",
+                "tile_px": args.tile_px,
+                "scheduler": args.scheduler or "none",
+            },
+        )
+        if out_path.suffix.lower() == ".zarr":
+            from .export_spatialdata import iter_write_spatialdata
+
+            out = run_to_completion(
+                iter_write_spatialdata(adata, out_path, slide, overwrite=args.overwrite),
+                _progress_logger("SpatialData"),
+            )
+        else:
+            out = run_to_completion(iter_write_h5ad(adata, out_path), _progress_logger("export"))
     extra = " with their spot radiomics" if result.radiomics is not None else ""
     print(
         f"predicted {len(result.genes)} genes at {len(result.index)} spots{extra} "

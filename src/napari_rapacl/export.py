@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "PROVENANCE_KEY",
+    "SPILL_SUFFIX",
+    "PredictionSpill",
     "checkpoint_sha256",
     "read_prediction_h5ad",
     "sanitize_uns",
@@ -463,6 +465,65 @@ def _write_chunked(
                 progress(i + 1, total)
     if progress is not None and len(edges) < 2:
         progress(1, 1)
+
+
+#: Ends the name of the temporary HDF5 file a prediction spills its values to beside its output.
+SPILL_SUFFIX = ".predictions.h5"
+#: Bytes of one HDF5 chunk of spilled predictions (whole rows) and of the file's chunk cache.
+SPILL_CHUNK_BYTES = 2**20
+SPILL_CACHE_BYTES = 32 * 2**20
+
+
+class PredictionSpill:
+    """Predictions kept out of core while a prediction that goes to a file runs (the CLI's ``predict
+    --out``): a temporary HDF5 file beside the output, ``.<output name>.<random>.predictions.h5``, whose
+    datasets the tiled job writes each finished tile into and the exporters read a row chunk at a time,
+    so the ``(spots, genes)`` values (3.1 GB for 1M spots x 785 genes) never sit in memory at once.
+
+    Use it as a context manager: the file is closed and removed at the end, also on failure. One left
+    by a killed process is found by its name; the next spill for the same output removes those not
+    written to for :data:`napari_rapacl._atomic.STALE_SECONDS` (as the atomic writes do).
+    It needs free disk space beside the output for the values (4 bytes per spot and gene).
+    """
+
+    def __init__(self, target: str | os.PathLike) -> None:
+        import tempfile
+
+        import h5py
+
+        from ._atomic import _remove_stale
+
+        target = Path(target)
+        _remove_stale(target, SPILL_SUFFIX)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=SPILL_SUFFIX)
+        os.close(fd)
+        self.path = Path(name)
+        try:
+            self._file = h5py.File(self.path, "w", rdcc_nbytes=SPILL_CACHE_BYTES, rdcc_nslots=10007)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+
+    def array(self, name: str, n_rows: int, n_cols: int) -> Any:
+        """A new float32 ``(n_rows, n_cols)`` dataset ``name`` in the file (chunks of whole rows)."""
+        rows = max(1, min(max(1, n_rows), SPILL_CHUNK_BYTES // max(1, 4 * n_cols)))
+        chunks = (rows, max(1, n_cols)) if n_rows and n_cols else None
+        return self._file.create_dataset(name, shape=(n_rows, n_cols), dtype=np.float32, chunks=chunks)
+
+    def close(self) -> None:
+        """Close and remove the file (idempotent)."""
+        file, self._file = getattr(self, "_file", None), None
+        if file is not None:
+            try:
+                file.close()
+            finally:
+                self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> PredictionSpill:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def checkpoint_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

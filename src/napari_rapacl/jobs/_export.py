@@ -87,8 +87,9 @@ def prediction_adata(
         slide = open_slide(slide, mpp=mpp) if Path(slide).exists() else None
     prov = dict(provenance or {})
     prov["genes"] = [str(g) for g in genes]
+    out_of_core = not isinstance(values, np.ndarray) and hasattr(values, "shape") and hasattr(values, "dtype")
     adata = to_anndata(
-        np.asarray(values, dtype=np.float32),
+        values if out_of_core else np.asarray(values, dtype=np.float32),  # HDF5: read chunk by chunk
         list(genes),
         spots,
         slide=slide,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,7 @@ def iter_predict(
     scheduler: Any = None,
     view_first: bool = False,
     radiomics_jobs: int | None = None,
+    out: Callable[[str, int, int], Any] | None = None,
 ) -> Generator[Progress, None, PredictResult]:
     """Predict the spots inside ``box`` (level-0 px; None = every spot) tile by tile.
 
@@ -96,6 +97,12 @@ def iter_predict(
     With ``view_first`` the spots of the box are predicted before the rest of their tiles, and yielded
     as soon as they are known: a ``Progress`` whose ``result`` is a ``PredictResult`` with
     ``partial=True`` (the box's spots, no dense map yet), which a viewer can show at once.
+
+    ``out(name, n_spots, n_genes)`` (e.g. :meth:`napari_rapacl.export.PredictionSpill.array`) returns
+    an out-of-core array (HDF5) the predictions are written into tile by tile, so they never sit in
+    memory at once (the CLI writing a file); the result's ``values`` is then that array. The
+    checkpoint's spot smoothing, if any, is then applied a row chunk at a time from a second array
+    (``"raw"`` -> ``"values"``, stage ``"smooth"``). Not with ``view_first``.
     """
     from ..tiled import iter_predict_dense, iter_predict_region
 
@@ -104,6 +111,11 @@ def iter_predict(
     t1 = time.perf_counter()
     # the checkpoint's test-time spot smoothing (chosen on its validation section), as benchmarked
     post = _spot_postprocess(loaded, slide, spots)
+    sigma = _smoothing_sigma(loaded, slide)
+    region_out = None
+    if out is not None:
+        spilled = "raw" if sigma else "values"
+        region_out = lambda n, g: out(spilled, n, g)  # noqa: E731
     height, width = slide.shape
     region_box = (0.0, 0.0, float(width), float(height)) if box is None else box
     spot_job = iter_predict_region(
@@ -120,6 +132,7 @@ def iter_predict(
         scheduler=scheduler,
         view_first=view_first,
         radiomics_jobs=radiomics_jobs,
+        out=region_out,
     )
     try:
         while True:
@@ -140,6 +153,9 @@ def iter_predict(
             yield progress
     finally:
         spot_job.close()  # a cancel (GeneratorExit here) stops the tiles too
+    if out is not None and sigma:  # smoothed a row chunk at a time into the "values" array
+        region = yield from _iter_smooth_out_of_core(region, out, spots, slide, sigma)
+        post = lambda region: region  # noqa: E731
     t2 = time.perf_counter()
     dense_map = None
     if dense and loaded.is_dense:
@@ -158,6 +174,53 @@ def iter_predict(
         dense_gene=dense_gene if dense_map is not None else None,
         seconds={"load": t1 - t0, "spots": t2 - t1, "dense": t3 - t2},
     )
+
+
+def _smoothing_sigma(loaded: LoadedModel, slide: Slide) -> float:
+    """The checkpoint's spot-smoothing width in um (0 when none or the pixel size is unknown)."""
+    from ..inference import model_postprocess
+
+    setting = model_postprocess(loaded.model, loaded.checkpoint)
+    if slide.mpp is None:
+        return 0.0
+    return float(setting.get("smooth_sigma_um") or 0.0)
+
+
+def _iter_smooth_out_of_core(
+    region: Any, out: Callable[[str, int, int], Any], spots: Spots, slide: Slide, sigma: float
+) -> Generator[Progress, None, Any]:
+    """:func:`napari_rapacl.inference.smooth_over_spots` of an out-of-core ``region.values`` into a new
+    array ``out("values", ...)``, a block of rows at a time: each block's weights (the smoothing
+    matrix's rows) are applied to the raw rows they reach, read a block of columns at a time, so memory
+    holds a few blocks, not the values."""
+    import dataclasses
+
+    from ..export import CHUNK_BYTES
+    from ..inference import spot_smoothing_matrix
+
+    raw = region.values
+    n, g = (int(v) for v in raw.shape)
+    index = np.asarray(region.index, dtype=np.int64)
+    xy_um = np.stack([spots.x[index], spots.y[index]], axis=1) * float(slide.mpp)
+    mat = spot_smoothing_matrix(xy_um, sigma).tocsr()
+    values = out("values", n, g)
+    rows = max(1, CHUNK_BYTES // max(1, 8 * g))
+    starts = range(0, n, rows)
+    yield Progress("smooth", 0, len(starts))
+    for k, a in enumerate(starts):
+        b = min(n, a + rows)
+        sub = mat[a:b].tocsc()
+        acc = np.zeros((b - a, g), dtype=np.float64)
+        reached = np.flatnonzero(np.diff(sub.indptr))  # columns (raw rows) these rows reach
+        if len(reached):
+            for c0 in range(int(reached[0]), int(reached[-1]) + 1, rows):
+                c1 = min(n, c0 + rows)
+                part = sub[:, c0:c1]
+                if part.nnz:
+                    acc += part @ np.asarray(raw[c0:c1], dtype=np.float64)
+        values[a:b] = acc.astype(np.float32)
+        yield Progress("smooth", k + 1, len(starts))
+    return dataclasses.replace(region, values=values)
 
 
 def _spot_postprocess(loaded: LoadedModel, slide: Slide, spots: Spots) -> Any:
@@ -186,9 +249,16 @@ def _predict_result(loaded: LoadedModel, box: Box, region: Any, **extra: Any) ->
         loaded=loaded,
         box=tuple(int(v) for v in box),
         index=np.asarray(region.index, dtype=np.int64),
-        values=np.asarray(region.values, dtype=np.float32),
+        values=_values(region.values),
         tiles_computed=int(region.tiles_computed),
         tiles_cached=int(region.tiles_cached),
         radiomics=region.radiomics,
         **extra,
     )
+
+
+def _values(values: Any) -> Any:
+    """Predictions as float32 numpy, or as they are when out of core (an HDF5 dataset, say)."""
+    if not isinstance(values, np.ndarray) and hasattr(values, "shape") and hasattr(values, "dtype"):
+        return values
+    return np.asarray(values, dtype=np.float32)
