@@ -6,6 +6,7 @@ Importing this package does not import torch; building a model does.
 from __future__ import annotations
 
 from .config import ModelConfig
+from .ensemble_config import EnsembleConfig
 from .nh2st_config import NH2STConfig
 from .pixnet_config import PixNetConfig
 from .probe_config import ProbeConfig
@@ -109,7 +110,16 @@ register_model(
     embedding_cache=None,
 )
 
+register_model(
+    "ensemble",
+    EnsembleConfig,
+    "napari_rapacl.models.ensemble:build",
+    "Ensemble saved as one checkpoint: the mean of trained members' predictions (built from finished "
+    "runs by `python -m training.ensemble`; not trained itself).",
+)
+
 __all__ = [
+    "EnsembleConfig",
     "ModelConfig",
     "ProbeConfig",
     "RaPaCLConfig",
