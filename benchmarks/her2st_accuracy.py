@@ -181,15 +181,60 @@ def collect(model: str, fold_list, runs: Path, smooth: bool = True) -> dict:
         if not (last / "metrics.json").exists():
             continue
         results[test] = _fold_result(last, f, smooth=smooth)
-        start = (first / "config.yaml").stat().st_mtime
-        results[test]["seconds"] = (last / "metrics.json").stat().st_mtime - start
+        if (first / "config.yaml").exists():
+            start = (first / "config.yaml").stat().st_mtime
+            results[test]["seconds"] = (last / "metrics.json").stat().st_mtime - start
+        else:  # an ensemble: its build time
+            results[test]["seconds"] = json.loads((last / "metrics.json").read_text()).get("seconds")
+    return results
+
+
+def run_dir_of(model: str, test: str, runs: Path) -> Path:
+    """The run folder of ``model`` (``name@tag``) on the fold testing ``test`` (RaPaCL: its Stage 2)."""
+    base, _, tag = model.partition("@")
+    suffix = f"_{tag}" if tag else ""
+    return runs / (f"rapacl_stage2{suffix}_{test}" if base == "rapacl" else f"{base}{suffix}_{test}")
+
+
+def run_ensemble(model: str, fold_list, runs: Path, members: list[str], save=None, smooth=True) -> dict:
+    """The ensemble of the fold's finished ``members`` runs (``training.ensemble``: equal weights, or
+    ``ensemble@auto``: weights chosen on the validation section), scored like any model."""
+    from training.ensemble import build_ensemble
+
+    tag = model.partition("@")[2]
+    results = {}
+    for f in fold_list:
+        test = f["test"][0]
+        paths = [run_dir_of(m, test, runs) / "best.pt" for m in members]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            log.warning("%s %s: skipped, member runs not finished: %s", model, test, missing)
+            continue
+        t0 = time.perf_counter()
+        out = run_dir_of(model, test, runs)
+        build_ensemble(paths, out, weights="auto" if tag == "auto" else "equal", val=f["val"], smooth=smooth)
+        results[test] = _fold_result(out, f, smooth=smooth)
+        results[test]["seconds"] = time.perf_counter() - t0
+        results[test]["members"] = list(members)
+        log.info("%s %s: pcc_m %.3f (unsmoothed %.3f)", model, test, results[test]["pcc_m"],
+                 results[test]["pcc_m_raw"])  # fmt: skip
+        if save is not None:
+            save(results)
     return results
 
 
 def run_deep(
-    model: str, fold_list, runs: Path, extra: list[str], radiomics_dir: Path | None, save=None, smooth=True
+    model: str,
+    fold_list,
+    runs: Path,
+    extra: list[str],
+    radiomics_dir: Path | None,
+    save=None,
+    smooth=True,
+    reuse=False,
 ) -> dict:
-    """Train and test ``model`` on every fold; ``save(results)`` is called after each fold."""
+    """Train and test ``model`` on every fold; ``save(results)`` is called after each fold. ``reuse``:
+    a fold whose run already finished under ``runs`` is scored without training it again."""
     extra_all, extra = extra, overrides_for(model, extra)
     base, _, tag = model.partition("@")
     suffix = f"_{tag}" if tag else ""
@@ -197,6 +242,13 @@ def run_deep(
     for f in fold_list:
         test = f["test"][0]
         t0 = time.perf_counter()
+        if reuse and (run_dir_of(model, test, runs) / "metrics.json").is_file():
+            # a finished run of this model and fold (e.g. a lever run earlier): scored, not retrained
+            results.update(collect(model, [f], runs, smooth=smooth))
+            log.info("%s %s: finished run reused: pcc_m %.3f", model, test, results[test]["pcc_m"])
+            if save is not None:
+                save(results)
+            continue
         if base == "rapacl":
             if radiomics_dir is None:
                 raise SystemExit("rapacl needs --radiomics-dir with her2st_<section>.parquet tables")
@@ -286,6 +338,15 @@ def main(argv: list[str] | None = None) -> None:
         "--collect", action="store_true", help="only read the finished runs under --runs into --out"
     )
     parser.add_argument(
+        "--reuse", action="store_true", help="score a fold's finished run instead of training it again"
+    )
+    parser.add_argument(
+        "--ensemble-members",
+        nargs="+",
+        default=["stnet", "pixnet", "rapacl@plain"],
+        help="the runs the `ensemble` row averages (model names as in --models; run before it)",
+    )
+    parser.add_argument(
         "--no-smooth",
         action="store_true",
         help="no test-time spot smoothing (chosen on validation otherwise)",
@@ -332,11 +393,16 @@ def main(argv: list[str] | None = None) -> None:
             per = {} if model == "ridge" else collect(model, fold_list, Path(args.runs), not args.no_smooth)
         elif model == "ridge":
             per = run_ridge(fold_list, genes)
+        elif model.partition("@")[0] == "ensemble":
+            per = run_ensemble(
+                model, fold_list, Path(args.runs), list(args.ensemble_members),
+                lambda r, m=model: save(m, r), smooth=not args.no_smooth,
+            )  # fmt: skip
         else:
             rad = Path(args.radiomics_dir) if args.radiomics_dir else None
             per = run_deep(
                 model, fold_list, Path(args.runs), list(args.overrides), rad,
-                lambda r, m=model: save(m, r), smooth=not args.no_smooth,
+                lambda r, m=model: save(m, r), smooth=not args.no_smooth, reuse=args.reuse,
             )  # fmt: skip
         save(model, per)
         log.info("%s done in %.0f s", model, time.perf_counter() - t0)

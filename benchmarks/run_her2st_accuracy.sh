@@ -2,23 +2,32 @@
 # The her2st benchmark with the settings recorded in benchmarks/README.md ("her2st accuracy").
 # Radiomics tables for RaPaCL-ST first (cached; segmentation v2), then the ridge floor, then every deep
 # model FOLD BY FOLD (all models of one held-out section before the next section), so an interrupted
-# run leaves every model scored on the same sections. Results are merged into the JSON after every fold.
+# run leaves every model scored on the same sections. Results are merged into the JSON after every fold
+# (under a lock: two processes may share it). The ensemble row is built from each fold's finished runs.
 #
-#   bash benchmarks/run_her2st_accuracy.sh                        # everything
-#   MODELS="rapacl rapacl@shuffle" SECTIONS="C3 C4" bash benchmarks/run_her2st_accuracy.sh
+#   bash benchmarks/run_her2st_accuracy.sh                        # the table (all models, five folds)
+#   JOBS=2 bash benchmarks/run_her2st_accuracy.sh                 # two folds at a time (2 processes)
+#   LEVERS=1 bash benchmarks/run_her2st_accuracy.sh               # + the levers/ablations on C3 and C4
+#   MODELS="stnet rapacl@fast" SECTIONS="C3 C4" bash benchmarks/run_her2st_accuracy.sh
 #   RIDGE=0 RADIOMICS=0 ...     # skip the ridge floor / the radiomics tables (when another process does them)
 #
-# Models: rapacl@plain (RaPaCL-ST's published Stage 2: fused head on [z_img; z_rad], MSE; the kept
-# RaPaCL-ST configuration, chosen on the validation section), rapacl@plainshuffle (its ablation: same
-# encoder, budget and Stage 1, radiomics rows shuffled within every batch; rapacl@plainzero: all
-# radiomics replaced by 0, the training mean, so the head sees z_img and a constant), rapacl (levers tried: the
-# z-scored radiomics also into the gene head + MSE + 0.5 (1 - PCC); not kept), rapacl@shuffle (its
-# ablation), stnet, pixnet, nh2st. Every model's test-time spot smoothing is chosen on the inner
-# validation section and stored in its best.pt. Variants reuse the main model's Stage 1 of the fold.
+# Models (session 6): stnet, pixnet, nh2st (image only); rapacl@fast = RaPaCL-ST, the kept
+# configuration: Stage 1 as published (encoder frozen), Stage 2 with stnet's optimiser settings for
+# the image path (lr 1e-3 with a cosine schedule, batch 32, the pathomics projection at the full lr
+# instead of 0.3x; chosen on the validation sections over rapacl@plain, the published Stage 2 at lr
+# 3e-4); rapacl@fastzero = its ablation (same Stage 1, encoder, budget; radiomics replaced by 0, the
+# training mean); ensemble = mean of stnet, pixnet and rapacl@fast of the fold (training.ensemble,
+# spot smoothing of the ensemble chosen on validation). Levers (LEVERS=1, C3 and C4 only): rapacl@plain,
+# rapacl@fastenc (Stage 1 also trains the image encoder contrastively), stnet@hed / rapacl@fasthed (HED
+# stain jitter, data.hed_sigma=0.05, Tellez et al.'s "HED-light" range), ensemble@auto (member weights
+# chosen on validation). Every model's test-time spot smoothing is chosen on the inner validation
+# section and stored in its best.pt. Variants reuse the main model's Stage 1 of the fold unless they
+# override Stage 1 (rapacl@tag:stage1.KEY=VALUE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export NAPARI_RAPACL_DATA_DIR=${NAPARI_RAPACL_DATA_DIR:-../shared/data}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 OUT=${OUT:-benchmarks/results/her2st_accuracy.json}
 RUNS=${RUNS:-outputs/benchmark_runs}
 start=$(date +%s)
@@ -28,24 +37,43 @@ fi
 if [ "${RIDGE:-1}" = 1 ]; then
     $PY benchmarks/her2st_accuracy.py --models ridge --out "$OUT"
 fi
+FAST=(stage2.optim.lr=1e-3 stage2.optim.scheduler=cosine stage2.optim.batch_size=32
+      stage2.model.config.path_proj_lr_scale=1.0)
 SETTINGS=(
     model.config.patch_size=64 model.config.mpp=2.0 optim.lr=1e-3 optim.epochs=12
     rapacl:model.config.backbone=resnet18 rapacl:optim.lr=3e-4
     rapacl:stage1.optim.epochs=6 rapacl:model.config.warmup_epochs=1 rapacl:model.config.ramp_epochs=3
-    rapacl:model.config.rad_skip=true rapacl:model.config.pcc_weight=0.5
-    rapacl@shuffle:model.config.radiomics_ablation=shuffle
-    rapacl@plain:model.config.rad_skip=false rapacl@plain:model.config.pcc_weight=0.0
-    rapacl@plainshuffle:model.config.rad_skip=false rapacl@plainshuffle:model.config.pcc_weight=0.0
-    rapacl@plainshuffle:model.config.radiomics_ablation=shuffle
-    rapacl@plainzero:model.config.rad_skip=false rapacl@plainzero:model.config.pcc_weight=0.0
-    rapacl@plainzero:model.config.radiomics_ablation=zero
+    rapacl:model.config.rad_skip=false rapacl:model.config.pcc_weight=0.0
+    "${FAST[@]/#/rapacl@fast:}" "${FAST[@]/#/rapacl@fastzero:}" "${FAST[@]/#/rapacl@fastenc:}"
+    "${FAST[@]/#/rapacl@fasthed:}"
+    rapacl@fastzero:model.config.radiomics_ablation=zero
+    rapacl@fastenc:stage1.model.config.freeze_encoder_stage1=false
+    rapacl@fasthed:stage2.data.hed_sigma=0.05 stnet@hed:data.hed_sigma=0.05
     pixnet:model.config.hidden=128 pixnet:optim.epochs=10
     nh2st:model.config.k_neighbors=4 nh2st:optim.epochs=8
 )
-for section in ${SECTIONS:-C3 C4 C5 C6 C2}; do
-    # shellcheck disable=SC2086
-    $PY benchmarks/her2st_accuracy.py --sections "$section" \
-        --models ${MODELS:-rapacl@plain rapacl@plainzero rapacl@plainshuffle stnet pixnet rapacl rapacl@shuffle nh2st} \
-        --radiomics-dir outputs/radiomics --runs "$RUNS" --out "$OUT" "${SETTINGS[@]}" "$@"
-done
+MAIN="stnet pixnet rapacl@fast rapacl@fastzero ensemble nh2st"
+run_sections() {
+    for section in $1; do
+        # shellcheck disable=SC2086
+        $PY benchmarks/her2st_accuracy.py --sections "$section" --models ${MODELS:-$MAIN} \
+            --ensemble-members stnet pixnet rapacl@fast --reuse \
+            --radiomics-dir outputs/radiomics --runs "$RUNS" --out "$OUT" "${SETTINGS[@]}" "${@:2}"
+    done
+}
+SECTIONS=${SECTIONS:-C3 C4 C5 C6 C2}
+if [ "${JOBS:-1}" = 2 ]; then
+    set -- $SECTIONS
+    odd=""; even=""; i=0
+    for s in "$@"; do if [ $((i % 2)) = 0 ]; then odd="$odd $s"; else even="$even $s"; fi; i=$((i + 1)); done
+    run_sections "$odd" & pid=$!
+    run_sections "$even"
+    wait $pid
+else
+    run_sections "$SECTIONS"
+fi
+if [ "${LEVERS:-0}" = 1 ]; then
+    MODELS="rapacl@plain rapacl@fastenc stnet@hed rapacl@fasthed ensemble@auto" SECTIONS="C3 C4" \
+        JOBS=1 run_sections "C3 C4"
+fi
 echo "total wall time: $(( $(date +%s) - start )) s"
