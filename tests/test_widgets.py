@@ -26,6 +26,8 @@ except ImportError:  # the tests that predict are skipped
     timm = None
 
 from napari_rapacl._napari.layers import (  # noqa: E402
+    NOT_PREDICTED_BORDER,
+    SPOT_BORDER,
     clip_box,
     dense_layer_data,
     merge_columns,
@@ -247,6 +249,11 @@ def test_gene_widget_search_colours_limits_and_colour_bar(make_napari_viewer, qt
     assert np.all(points.face_color[: n - 5, 3] == 0) and np.all(points.face_color[n - 5 :, 3] == 1)
     np.testing.assert_allclose(points.border_color[: n - 5, :3], 180 / 255, atol=0.01)
     np.testing.assert_allclose(points.border_color[n - 5 :], 1.0)
+    # the rings are thicker than the outlines of the filled discs (visible at whole-slide zoom)
+    assert points.border_width_is_relative
+    np.testing.assert_allclose(points.border_width[: n - 5], NOT_PREDICTED_BORDER)
+    np.testing.assert_allclose(points.border_width[n - 5 :], SPOT_BORDER)
+    assert NOT_PREDICTED_BORDER >= 2.5 * SPOT_BORDER
     assert points.name == "Points predicted: COL1A1, log1p(CP10k)"
     text = viewer.canvas.overlays.text
     assert text.visible and text.text == points.name

@@ -39,6 +39,7 @@ from .layers import (
     EDGE_COLOURS,
     EXPRESSION_UNIT,
     META_KEY,
+    NOT_PREDICTED_BORDER,
     NOT_PREDICTED_EDGE,
     SPOT_BORDER,
     SPOT_OPACITY,
@@ -202,7 +203,7 @@ def style_spots(
     done = np.isfinite(layer.features[gene].to_numpy(dtype=float))
     edge = np.where(done[:, None], _rgba(EDGE_COLOURS.get(colormap, "white")), _rgba(NOT_PREDICTED_EDGE))
     layer.border_width_is_relative = True
-    layer.border_width = SPOT_BORDER
+    layer.border_width = np.where(done, SPOT_BORDER, NOT_PREDICTED_BORDER)
     layer.border_color = edge
     info = spots_info(layer)
     if info and "base_name" not in info:

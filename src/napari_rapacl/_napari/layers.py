@@ -30,8 +30,11 @@ EXPRESSION_UNIT = "log1p(CP10k)"
 SPOT_OPACITY = 0.6
 #: outline width of spots, relative to their diameter (thin)
 SPOT_BORDER = 0.04
-#: outline of spots that have no value yet (hollow grey rings)
+#: outline of spots that have no value yet (hollow grey rings), and its width relative to the diameter:
+#: thicker than a coloured spot's, so that the rings stay visible at whole-slide zoom (a 100 um spot is
+#: ~10 screen px across there: 0.04 of it is under a pixel)
 NOT_PREDICTED_EDGE = "#b4b4b4"
+NOT_PREDICTED_BORDER = 0.12
 #: outline of coloured spots, chosen outside each colormap (viridis ends in yellow, magma in white)
 EDGE_COLOURS = {
     "viridis": "white",
@@ -170,6 +173,7 @@ def spots_layer_data(
     else:
         kwargs["face_color"] = "transparent"
         kwargs["border_color"] = NOT_PREDICTED_EDGE
+        kwargs["border_width"] = NOT_PREDICTED_BORDER
     data = np.column_stack([spots.y, spots.x]).astype(np.float64)
     return data, kwargs, "points"
 
