@@ -8,6 +8,7 @@
 #   bash benchmarks/run_her2st_accuracy.sh                        # the table (all models, five folds)
 #   JOBS=2 bash benchmarks/run_her2st_accuracy.sh                 # two folds at a time (2 processes)
 #   LEVERS=1 bash benchmarks/run_her2st_accuracy.sh               # + the levers/ablations on C3 and C4
+#   MAIN_TABLE=0 LEVERS=1 RIDGE=0 RADIOMICS=0 JOBS=2 bash ...     # the levers/ablations alone
 #   MODELS="stnet rapacl@fast" SECTIONS="C3 C4" bash benchmarks/run_her2st_accuracy.sh
 #   RIDGE=0 RADIOMICS=0 ...     # skip the ridge floor / the radiomics tables (when another process does them)
 #
@@ -15,9 +16,9 @@
 # configuration: Stage 1 as published (encoder frozen), Stage 2 with stnet's optimiser settings for
 # the image path (lr 1e-3 with a cosine schedule, batch 32, the pathomics projection at the full lr
 # instead of 0.3x; chosen on the validation sections over rapacl@plain, the published Stage 2 at lr
-# 3e-4); rapacl@fastzero = its ablation (same Stage 1, encoder, budget; radiomics replaced by 0, the
-# training mean); ensemble = mean of stnet, pixnet and rapacl@fast of the fold (training.ensemble,
-# spot smoothing of the ensemble chosen on validation). Levers (LEVERS=1, C3 and C4 only): rapacl@plain,
+# 3e-4); ensemble = mean of stnet, pixnet and rapacl@fast of the fold (training.ensemble, spot
+# smoothing of the ensemble chosen on validation). Ablation and levers (LEVERS=1, C3 and C4 only):
+# rapacl@fastzero (same Stage 1, encoder, budget; radiomics replaced by 0, the training mean), rapacl@plain,
 # rapacl@fastenc (Stage 1 also trains the image encoder contrastively), stnet@hed / rapacl@fasthed (HED
 # stain jitter, data.hed_sigma=0.05, Tellez et al.'s "HED-light" range), ensemble@auto (member weights
 # chosen on validation). Every model's test-time spot smoothing is chosen on the inner validation
@@ -52,7 +53,7 @@ SETTINGS=(
     pixnet:model.config.hidden=128 pixnet:optim.epochs=10
     nh2st:model.config.k_neighbors=4 nh2st:optim.epochs=8
 )
-MAIN="stnet pixnet rapacl@fast rapacl@fastzero ensemble nh2st"
+MAIN="stnet pixnet rapacl@fast ensemble nh2st"
 run_sections() {
     for section in $1; do
         # shellcheck disable=SC2086
@@ -61,19 +62,22 @@ run_sections() {
             --radiomics-dir outputs/radiomics --runs "$RUNS" --out "$OUT" "${SETTINGS[@]}" "${@:2}"
     done
 }
-SECTIONS=${SECTIONS:-C3 C4 C5 C6 C2}
-if [ "${JOBS:-1}" = 2 ]; then
-    set -- $SECTIONS
-    odd=""; even=""; i=0
-    for s in "$@"; do if [ $((i % 2)) = 0 ]; then odd="$odd $s"; else even="$even $s"; fi; i=$((i + 1)); done
-    run_sections "$odd" & pid=$!
-    run_sections "$even"
-    wait $pid
-else
-    run_sections "$SECTIONS"
+run_all() {  # $1: sections; JOBS=2: two processes, alternate sections
+    if [ "${JOBS:-1}" = 2 ]; then
+        local odd="" even="" i=0 s
+        for s in $1; do if [ $((i % 2)) = 0 ]; then odd="$odd $s"; else even="$even $s"; fi; i=$((i + 1)); done
+        run_sections "$odd" & local pid=$!
+        run_sections "$even"
+        wait $pid
+    else
+        run_sections "$1"
+    fi
+}
+if [ "${MAIN_TABLE:-1}" = 1 ]; then
+    run_all "${SECTIONS:-C3 C4 C5 C6 C2}"
 fi
 if [ "${LEVERS:-0}" = 1 ]; then
-    MODELS="rapacl@plain rapacl@fastenc stnet@hed rapacl@fasthed ensemble@auto" SECTIONS="C3 C4" \
-        JOBS=1 run_sections "C3 C4"
+    MODELS="rapacl@fastzero stnet@hed rapacl@fasthed ensemble@auto rapacl@plain rapacl@fastenc" \
+        run_all "C3 C4"
 fi
 echo "total wall time: $(( $(date +%s) - start )) s"
