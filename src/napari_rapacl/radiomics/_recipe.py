@@ -99,11 +99,14 @@ class NucleusSegmenter:
             object.__setattr__(self, "model", str(self.model))
         if self.version is None:
             object.__setattr__(self, "version", _segmentation_version())
+        else:
+            object.__setattr__(self, "version", str(self.version))
 
     def __call__(self, patch_rgb: Any, mpp: float) -> np.ndarray:
         from ..segmentation import segment_nuclei
 
-        kwargs: dict[str, Any] = {"diameter_um": self.diameter_um}
+        # the recorded version: a table or checkpoint made with version 2 is reproduced by version 2
+        kwargs: dict[str, Any] = {"diameter_um": self.diameter_um, "version": self.version}
         if self.method == "cellpose":
             kwargs["model"] = self.model
         return segment_nuclei(patch_rgb, mpp, method=self.method, **kwargs)
@@ -131,10 +134,35 @@ class NucleusSegmenter:
         return "nuclei:" + json.dumps(self.to_dict(), sort_keys=True)
 
     def describe(self) -> str:
-        what = f"{self.method} (diameter {self.diameter_um:g} um"
-        if self.model:
-            what += f", model {self.model}"
-        return what + f", segmentation v{self.version})"
+        """One line for people: the method, what sets its scale, and the version.
+
+        A cellpose model the project trained (one with a ``<model>.rapacl.json`` sidecar, such as
+        ``rapacl_nuclei_tnbc``) runs at its training pixel size with its own size filter, not at
+        :attr:`diameter_um`: the text says so, with the sidecar's numbers when the model is on this
+        machine.
+        """
+        version = f"segmentation v{self.version}"
+        if self.method != "cellpose":
+            return f"{self.method} (diameter {self.diameter_um:g} um, {version})"
+        from ..segmentation import PROJECT_NUCLEI_MODEL, cellpose_model_settings
+
+        try:
+            settings = cellpose_model_settings(self.model)
+        except (ImportError, RapaclInputError):  # cellpose missing, or a damaged sidecar
+            settings = None
+        name = self.model or "cellpose's default model"
+        if settings is not None:
+            model = self.model or PROJECT_NUCLEI_MODEL
+            scale = f"run at its training {float(settings['train_mpp']):g} um/px"
+            if settings.get("min_area_um2") is not None:
+                scale += f", nuclei >= {float(settings['min_area_um2']):g} um^2"
+            return f"cellpose (model {model}, {scale}, {version})"
+        if self.model == PROJECT_NUCLEI_MODEL:
+            return (
+                f"cellpose (model {self.model}, not built on this machine: it runs at the pixel size of its "
+                f"training, recorded beside it, {version})"
+            )
+        return f"cellpose (model {name}, diameter {self.diameter_um:g} um, {version})"
 
 
 def signed_log(values: np.ndarray, columns: Sequence[str], patterns: Sequence[str]) -> np.ndarray:
@@ -315,13 +343,17 @@ class RadiomicsRecipe:
         )
 
     def check_current(self, source: str) -> None:
-        """Refuse a recipe this code cannot reproduce (another segmentation or features version)."""
-        seg_now = _segmentation_version()
-        if self.segmenter.version != seg_now:
+        """Refuse a recipe this code cannot reproduce (a segmentation version it does not have, another
+        features version). Older segmentation versions that the code keeps (``SEGMENTATION_VERSIONS``)
+        are reproduced: the segmenter runs the version it records."""
+        from ..segmentation import SEGMENTATION_VERSIONS
+
+        if self.segmenter.version not in SEGMENTATION_VERSIONS:
             raise RapaclInputError(
                 f"{source}: its radiomics were computed on nuclei from segmentation version "
-                f"{self.segmenter.version}, but this napari-rapacl segments with version {seg_now}: the "
-                f"features would differ from those it was trained on; {RETRAIN_HINT}"
+                f"{self.segmenter.version}, but this napari-rapacl reproduces versions "
+                f"{', '.join(SEGMENTATION_VERSIONS)} only (the newest, {_segmentation_version()}, for new "
+                f"tables): the features would differ from those it was trained on; {RETRAIN_HINT}"
             )
         if self.config.version != FEATURES_VERSION:
             raise RapaclInputError(

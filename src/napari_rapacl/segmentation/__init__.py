@@ -11,7 +11,8 @@ The package's modules (import the public names from here):
 ``_api``
     :func:`segment_nuclei` and the input conventions.
 ``_common``
-    Shared constants (:data:`SEGMENTATION_VERSION`, :data:`METHODS`, the default nucleus diameter and
+    Shared constants (:data:`SEGMENTATION_VERSION`, the versions reproduced
+    :data:`SEGMENTATION_VERSIONS`, :data:`METHODS`, the default nucleus diameter and
     size filter) and small helpers.
 ``_stain``
     Haematoxylin optical density (:func:`haematoxylin`) and the tissue mask (:func:`tissue_mask`).
@@ -53,19 +54,21 @@ from ._cellpose_train import (
     project_nuclei_model_built,
     project_nuclei_model_path,
 )
-from ._classical import MIN_CONTRAST, MIN_THRESHOLD
+from ._classical import CLASSICAL_DEFAULTS, MIN_CONTRAST, MIN_THRESHOLD
 from ._common import (
     DEFAULT_DIAMETER_UM,
     DEFAULT_MAX_AREA_UM2,
     DEFAULT_MIN_AREA_UM2,
     METHODS,
     SEGMENTATION_VERSION,
+    SEGMENTATION_VERSIONS,
     Method,
 )
 from ._stain import TISSUE_OD, haematoxylin, tissue_mask
 from ._tiling import iter_segment_region, region_origin, segment_region
 
 __all__ = [
+    "CLASSICAL_DEFAULTS",
     "DEFAULT_DIAMETER_UM",
     "DEFAULT_MAX_AREA_UM2",
     "DEFAULT_MIN_AREA_UM2",
@@ -74,6 +77,7 @@ __all__ = [
     "MIN_THRESHOLD",
     "PROJECT_NUCLEI_MODEL",
     "SEGMENTATION_VERSION",
+    "SEGMENTATION_VERSIONS",
     "TISSUE_OD",
     "CellposeModelUnavailableError",
     "Method",

@@ -17,7 +17,7 @@ import numpy as np
 from .._errors import RapaclInputError
 from .._image import as_rgb_uint8
 from ._cellpose import _cellpose, cellpose_model_settings
-from ._classical import MIN_CONTRAST, MIN_THRESHOLD, _classical, _make_params
+from ._classical import CLASSICAL_DEFAULTS, MIN_CONTRAST, MIN_THRESHOLD, _classical, _make_params
 from ._common import (
     DEFAULT_DIAMETER_UM,
     DEFAULT_MAX_AREA_UM2,
@@ -25,6 +25,7 @@ from ._common import (
     METHODS,
     Method,
     _require_skimage,
+    check_version,
 )
 from ._stain import TISSUE_OD
 
@@ -49,9 +50,14 @@ def segment_nuclei(
     min_contrast: float = MIN_CONTRAST,
     local_um: float | None = None,
     floor_fraction: float = 0.8,
-    trim: float = 0.3,
+    trim: float | None = None,
     min_fill: float = 0.8,
     local_cap: float = 1.5,
+    ring_contrast: float = 0.3,
+    small_ring_contrast: float = 0.5,
+    small_fraction: float = 0.4,
+    ring_um: tuple[float, float] = (0.75, 1.75),
+    version: str | None = None,
     cellpose_input: Literal["auto", "haematoxylin", "rgb"] = "auto",
     cellpose_kwargs: dict[str, Any] | None = None,
 ) -> np.ndarray:
@@ -71,9 +77,9 @@ def segment_nuclei(
         (converted to pixels with ``mpp``).
     min_area_um2, max_area_um2
         Objects outside this area range (um^2) are removed (both methods). ``min_area_um2=None``: the
-        method's default, :data:`DEFAULT_MIN_AREA_UM2` (12 um^2), or the size filter a project-trained
-        cellpose model was made with (its sidecar's ``min_area_um2``; 4 um^2 for
-        ``rapacl_nuclei_tnbc``).
+        method's default: classical version 3 8 um^2 (:data:`CLASSICAL_DEFAULTS`), version 2 and cellpose
+        :data:`DEFAULT_MIN_AREA_UM2` (12 um^2), or the size filter a project-trained cellpose model was
+        made with (its sidecar's ``min_area_um2``; 4 um^2 for ``rapacl_nuclei_tnbc``).
     model, gpu
         cellpose only: a model file or name (default: the project's ``"rapacl_nuclei_tnbc"`` when it is
         built, else ``"nuclei"`` on cellpose 3.x; ``"cpsam"`` on 4.x) and whether to run on a GPU; see
@@ -93,8 +99,18 @@ def segment_nuclei(
         classical only: the sigma (um) of the local mean haematoxylin a nucleus pixel must exceed
         (``None``: 0.4 ``diameter_um``), and the cap of that mean as a multiple of ``T``; the fraction
         of ``T`` every nucleus pixel must exceed; the per-object level, as a fraction of the way from
-        that floor to the object's peak; the smallest ratio of an object's area to that of its moment
-        ellipse (0 keeps every shape).
+        that floor to the object's peak (``None``: the version's default, 0.5 in version 3, 0.3 in
+        version 2); the smallest ratio of an object's area to that of its moment ellipse (0 keeps every
+        shape).
+    ring_contrast, small_ring_contrast, small_fraction, ring_um
+        classical version 3 only: an object is kept when its mean haematoxylin exceeds that of its own
+        ring (the background ``ring_um[0]`` to ``ring_um[1]`` um around it) by at least
+        ``ring_contrast`` of its own mean, or ``small_ring_contrast`` when its area is below
+        ``small_fraction`` of a ``diameter_um`` disc (small objects must stand out more).
+    version
+        The classical segmenter's version (:data:`SEGMENTATION_VERSIONS`; ``None``: the newest,
+        :data:`SEGMENTATION_VERSION`). Radiomics tables and checkpoints record the version their nuclei
+        came from; prediction passes it here to segment as they did. cellpose accepts it and ignores it.
     cellpose_input
         cellpose only: ``"haematoxylin"`` (one channel, bright nuclei), ``"rgb"``, or ``"auto"``
         (haematoxylin on 3.x, RGB on 4.x).
@@ -118,8 +134,12 @@ def segment_nuclei(
     if method not in METHODS:
         raise RapaclInputError(f"method={method!r} is not one of {', '.join(METHODS)}")
     _require_skimage()
+    version = check_version(version)
+    defaults = CLASSICAL_DEFAULTS[version]
+    if trim is None:
+        trim = defaults["trim"]
     if min_area_um2 is None:
-        min_area_um2 = DEFAULT_MIN_AREA_UM2
+        min_area_um2 = defaults["min_area_um2"] if method == "classical" else DEFAULT_MIN_AREA_UM2
         if method == "cellpose":
             settings = cellpose_model_settings(model)
             if settings is not None:
@@ -141,6 +161,11 @@ def segment_nuclei(
         trim=trim,
         min_fill=min_fill,
         local_cap=local_cap,
+        version=version,
+        ring_contrast=ring_contrast,
+        small_ring_contrast=small_ring_contrast,
+        small_fraction=small_fraction,
+        ring_um=ring_um,
     )
     if threshold is not None:
         threshold = float(threshold)

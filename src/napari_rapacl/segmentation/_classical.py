@@ -54,7 +54,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .._errors import RapaclInputError
-from ._common import _positive, _relabel_by_size
+from ._common import _positive, _relabel_by_size, check_version
 from ._stain import TISSUE_OD, _haematoxylin, _optical_density
 
 #: The threshold never goes below this (``rgb2hed`` units). Not a stain constant: it only keeps tissue
@@ -65,6 +65,11 @@ MIN_THRESHOLD = 0.01
 #: (a ratio, independent of the stain's strength), else the region is flat: pink tissue with pixel
 #: noise differs by ~0.1, nuclei in tissue by 0.4-0.75.
 MIN_CONTRAST = 0.25
+#: The settings that differ between the classical versions (``segment_nuclei``'s defaults when not given).
+CLASSICAL_DEFAULTS: dict[str, dict[str, float]] = {
+    "2": {"trim": 0.3, "min_area_um2": 12.0},
+    "3": {"trim": 0.5, "min_area_um2": 8.0},
+}
 #: Histogram used for Otsu's threshold (shared by whole-region and tiled runs, so they agree).
 _HIST_BINS = 2048
 _HIST_MAX = 0.5
@@ -90,6 +95,11 @@ class _Params:
     trim: float
     min_fill: float
     local_cap: float
+    version: str = "2"
+    ring_contrast: float = 0.3
+    small_ring_contrast: float = 0.5
+    small_fraction: float = 0.4
+    ring_um: tuple[float, float] = (0.75, 1.75)
 
     @property
     def factor(self) -> int:
@@ -147,6 +157,11 @@ def _make_params(
     trim: Any = 0.3,
     min_fill: Any = 0.8,
     local_cap: Any = 1.5,
+    version: Any = "2",
+    ring_contrast: Any = 0.3,
+    small_ring_contrast: Any = 0.5,
+    small_fraction: Any = 0.4,
+    ring_um: Any = (0.75, 1.75),
 ) -> _Params:
     mpp = _positive(mpp, "mpp")
     diameter_um = _positive(diameter_um, "diameter_um")
@@ -164,6 +179,14 @@ def _make_params(
         raise RapaclInputError(f"smooth_um={smooth_um!r} must be a finite number >= 0")
     work = None if work_mpp is None else _positive(work_mpp, "work_mpp")
     local = 0.4 * diameter_um if local_um is None else _positive(local_um, "local_um")
+    try:
+        ring_in, ring_out = (float(v) for v in ring_um)
+    except (TypeError, ValueError):
+        raise RapaclInputError(
+            f"ring_um={ring_um!r} must be two numbers (um): the ring's inner and outer distance"
+        ) from None
+    if not (math.isfinite(ring_out) and 0.0 <= ring_in < ring_out):
+        raise RapaclInputError(f"ring_um={ring_um!r} must satisfy 0 <= inner < outer (um)")
     return _Params(
         mpp=mpp,
         diameter_um=diameter_um,
@@ -181,6 +204,11 @@ def _make_params(
         trim=_fraction(trim, "trim"),
         min_fill=_fraction(min_fill, "min_fill"),
         local_cap=_positive(local_cap, "local_cap"),
+        version=check_version(version),
+        ring_contrast=_fraction(ring_contrast, "ring_contrast"),
+        small_ring_contrast=_fraction(small_ring_contrast, "small_ring_contrast"),
+        small_fraction=_positive(small_fraction, "small_fraction"),
+        ring_um=(ring_in, ring_out),
     )
 
 
@@ -361,7 +389,68 @@ def _largest_piece(labels: np.ndarray) -> np.ndarray:
 
 
 def _watershed_labels(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray:
-    """Local foreground + marker watershed + per-object trim + size filter, at the working resolution.
+    """Version 2: local foreground + marker watershed + per-object trim + ellipse-fill shape filter + size
+    filter, at the working resolution (:func:`_split`)."""
+    split = _split(h, threshold, p)
+    if split is None:
+        return np.zeros(h.shape, dtype=np.int32)
+    labels, blob, n = split
+    if p.trim > 0:
+        labels = _trim(labels, h, blob, threshold, n, p)
+    if p.min_fill > 0:
+        labels = np.where((_ellipse_fill(labels, n) >= p.min_fill)[labels], labels, 0)
+    return _relabel_by_size(labels, p.min_px_w, p.max_px_w)
+
+
+def _watershed_labels_v3(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray:
+    """Version 3: version 2's objects (:func:`_split`, :func:`_trim`), accepted by their shape and by
+    their contrast against their own surrounding ring (:func:`_ring_contrast`), then the size filter."""
+    split = _split(h, threshold, p)
+    if split is None:
+        return np.zeros(h.shape, dtype=np.int32)
+    labels, blob, n = split
+    if p.trim > 0:
+        labels = _trim(labels, h, blob, threshold, n, p)
+    contrast, area = _ring_contrast(labels, h, n, p)
+    small = area * p.mpp_w**2 < p.small_fraction * math.pi * (0.5 * p.diameter_um) ** 2
+    keep = contrast >= np.where(small, p.small_ring_contrast, p.ring_contrast)
+    if p.min_fill > 0:
+        keep &= _ellipse_fill(labels, n) >= p.min_fill
+    keep[0] = False
+    return _relabel_by_size(np.where(keep[labels], labels, 0), p.min_px_w, p.max_px_w)
+
+
+def _ring_contrast(labels: np.ndarray, h: np.ndarray, n: int, p: _Params) -> tuple[np.ndarray, np.ndarray]:
+    """Per label (0..n): ``(mean h inside - mean h of its ring) / mean h inside``, and its area in px.
+
+    The ring of an object is the background between ``ring_um[0]`` and ``ring_um[1]`` from it, closer to
+    it than to any other object (Euclidean distance transform of the background: every background pixel
+    belongs to its nearest object; pixels nearer than ``ring_um[0]`` to any object, its blurred edge, are
+    left out). An object without any ring pixel (enclosed by others) has contrast 0.
+    """
+    background = labels == 0
+    inside = ~background
+    lab_in = labels[inside]
+    area = np.bincount(lab_in, minlength=n + 1)
+    s_in = np.bincount(lab_in, h[inside], minlength=n + 1)
+    if not background.any():
+        return np.zeros(n + 1), area
+    dist, (iy, ix) = ndi.distance_transform_edt(background, return_indices=True)
+    r0, r1 = (r / p.mpp_w for r in p.ring_um)
+    ring = (dist > r0) & (dist <= r1)
+    owner = labels[iy[ring], ix[ring]]
+    s_ring = np.bincount(owner, h[ring], minlength=n + 1)
+    c_ring = np.bincount(owner, minlength=n + 1)
+    m_in = s_in / np.maximum(area, 1)
+    m_ring = s_ring / np.maximum(c_ring, 1)
+    ok = (c_ring > 0) & (m_in > 0)
+    contrast = np.where(ok, (m_in - m_ring) / np.where(ok, m_in, 1.0), 0.0)
+    return contrast, area
+
+
+def _split(h: np.ndarray, threshold: float, p: _Params) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Local foreground + marker watershed, at the working resolution: (labels, blob, number of markers),
+    or None when there is no foreground or no marker.
 
     The watershed runs on a score that is high in the middle of a nucleus: the distance to the
     background (octagonal, the mean of the chessboard and city-block distances, capped at the nucleus
@@ -373,7 +462,7 @@ def _watershed_labels(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray
 
     fg = _foreground(h, threshold, p)
     if not fg.any():
-        return np.zeros(h.shape, dtype=np.int32)
+        return None
     radius = max(p.radius_w, 1.0)
     sigma = math.sqrt(max(0.0, (0.5 * radius) ** 2 - (p.smooth_um / p.mpp_w) ** 2))
     blob = _gaussian(h, sigma, truncate=2.5) if sigma > 0.3 else h
@@ -386,7 +475,7 @@ def _watershed_labels(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray
     peaks = (score == _max_filter(score, half)) & fg
     markers, n = ndi.label(peaks, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
-        return np.zeros(h.shape, dtype=np.int32)
+        return None
     # A 4-connected component with one marker is that marker's object as a whole (that is what the
     # watershed, which floods 4-connected, would make of it): only components holding two or more
     # markers are flooded, which skips the heap work for the many isolated nuclei.
@@ -404,11 +493,7 @@ def _watershed_labels(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray
         np.negative(score, out=score)
         flooded = watershed(score, np.where(shared, markers, 0), mask=shared)
         labels[shared] = flooded[shared]
-    if p.trim > 0:
-        labels = _trim(labels, h, blob, threshold, n, p)
-    if p.min_fill > 0:
-        labels = np.where((_ellipse_fill(labels, n) >= p.min_fill)[labels], labels, 0)
-    return _relabel_by_size(labels, p.min_px_w, p.max_px_w)
+    return labels, blob, n
 
 
 def _ellipse_fill(labels: np.ndarray, n: int) -> np.ndarray:
@@ -453,5 +538,5 @@ def _classical(rgb: np.ndarray, p: _Params, threshold: float | None) -> np.ndarr
             return np.zeros(rgb.shape[:2], dtype=np.int32)
     else:
         h = _smoothed_haematoxylin(rgb, p)
-    labels = _watershed_labels(h, threshold, p)
+    labels = (_watershed_labels_v3 if p.version == "3" else _watershed_labels)(h, threshold, p)
     return _upsample(labels, p.factor, rgb.shape[:2]).astype(np.int32, copy=False)

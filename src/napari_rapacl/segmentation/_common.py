@@ -10,14 +10,20 @@ import numpy as np
 from .._errors import RapaclInputError
 
 #: Bumped whenever a change to this package changes its segmentations (part of downstream cache keys).
-SEGMENTATION_VERSION = "2"
+#: The newest version, used when none is asked for.
+SEGMENTATION_VERSION = "3"
+#: The versions this code reproduces exactly (``segment_nuclei(..., version=...)``): radiomics tables and
+#: checkpoints record the version their nuclei came from, and prediction must segment as they did.
+#: For cellpose the version changes nothing (its path is the same in both).
+SEGMENTATION_VERSIONS = ("2", "3")
 
 Method = Literal["classical", "cellpose"]
 METHODS = ("classical", "cellpose")
 
 #: Default nucleus diameter (um): breast tissue nuclei are ~6 (lymphocytes) to ~12 um (tumour).
 DEFAULT_DIAMETER_UM = 8.0
-#: Default size filter (um^2): a 12 um^2 disc is ~3.9 um across, a 400 um^2 disc ~22.6 um.
+#: Default size filter (um^2): a 12 um^2 disc is ~3.9 um across, a 400 um^2 disc ~22.6 um. Classical
+#: version 3 keeps objects down to 8 um^2 (a 3.2 um disc) when they stand out from their surroundings.
 DEFAULT_MIN_AREA_UM2 = 12.0
 DEFAULT_MAX_AREA_UM2 = 400.0
 
@@ -53,3 +59,17 @@ def _relabel_by_size(labels: np.ndarray, min_px: float, max_px: float) -> np.nda
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[labels]
+
+
+def check_version(version: Any) -> str:
+    """``version`` as a string when this code reproduces it (None: the newest), else a clear error."""
+    if version is None:
+        return SEGMENTATION_VERSION
+    v = str(version)
+    if v not in SEGMENTATION_VERSIONS:
+        raise RapaclInputError(
+            f"segmentation version {version!r} is not available: this napari-rapacl reproduces versions "
+            f"{', '.join(SEGMENTATION_VERSIONS)} (the newest, {SEGMENTATION_VERSION}, is the default); "
+            "segment again with one of them"
+        )
+    return v
