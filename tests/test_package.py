@@ -39,7 +39,7 @@ def test_napari_lists_the_contributions():
     manifest = pm.get_manifest("napari-rapacl")
     contrib = manifest.contributions
     assert {w.display_name for w in contrib.widgets} >= {"Predict expression", "Gene colours"}
-    assert len(contrib.readers) == 2 and len(contrib.writers) == 1
+    assert len(contrib.readers) == 3 and len(contrib.writers) == 1  # slides, spots, our SpatialData .zarr
     assert {s.key for s in contrib.sample_data} >= {"her2st_c2"}
     # every command resolves to a real callable
     for cmd in contrib.commands:

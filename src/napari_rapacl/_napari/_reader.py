@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .layers import slide_layer_data, spots_layer_data
+from .layers import META_KEY, slide_layer_data, spots_layer_data
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +147,150 @@ def read_spots_layer(path: str | list[str]):
     path = _one_path(path)
     spots = read_spots(path)
     return [spots_layer_data(spots, name=f"{Path(path).stem} spots", slide_path=None)]
+
+
+# --------------------------------------------------------------------------------------------
+# SpatialData written by napari-rapacl (``predict --out x.zarr``)
+# --------------------------------------------------------------------------------------------
+def _zarr_attrs(group: Path) -> dict:
+    """A zarr group's attributes (zarr v3 ``zarr.json`` or v2 ``.zattrs``); {} when unreadable."""
+    import json
+
+    for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
+        file = group / name
+        if file.is_file():
+            try:
+                meta = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return {}
+            meta = meta.get(key, {}) if key else meta
+            return meta if isinstance(meta, dict) else {}
+    return {}
+
+
+def _is_group(path: Path) -> bool:
+    return (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
+
+
+def is_rapacl_spatialdata(path: str | Path) -> bool:
+    """Whether ``path`` is a SpatialData store written by napari-rapacl: a folder whose root zarr
+    attributes carry ``spatialdata_attrs`` and whose spot table (``tables/spots``) holds our provenance
+    (``uns/napari_rapacl``). Cheap: a few small JSON files, no array read, spatialdata not imported."""
+    from ..export import PROVENANCE_KEY
+    from ..export_spatialdata import SPOTS_TABLE
+
+    path = Path(path)
+    if not path.is_dir() or "spatialdata_attrs" not in _zarr_attrs(path):
+        return False
+    return _is_group(path / "tables" / SPOTS_TABLE / "uns" / PROVENANCE_KEY)
+
+
+def get_spatialdata_reader(path: str | list[str]):
+    """Return a reader for a napari-rapacl SpatialData ``.zarr`` folder; None for any other path (other
+    SpatialData or OME-Zarr stores are left to their own readers, e.g. napari-spatialdata, ome-zarr)."""
+    path = _one_path(path)
+    if path is None or not is_rapacl_spatialdata(str(path).rstrip("/")):
+        return None
+    return read_spatialdata
+
+
+def _image_levels(element: Path) -> list:
+    """The levels of a multiscale ``(c, y, x)`` image element as lazy ``(y, x, c)`` dask arrays,
+    largest first (the OME-NGFF ``multiscales`` datasets, else the ``s0``, ``s1``... arrays)."""
+    import dask.array as da
+
+    attrs = _zarr_attrs(element)
+    multiscales = (attrs.get("ome") or attrs).get("multiscales") or []
+    paths = [d["path"] for d in multiscales[0].get("datasets", [])] if multiscales else []
+    if not paths:
+        paths = sorted((p.name for p in element.iterdir() if p.name[1:].isdigit()), key=lambda n: int(n[1:]))
+    levels = [da.from_zarr(str(element / p)) for p in paths]
+    levels = [lvl.transpose(1, 2, 0) if lvl.ndim == 3 and lvl.shape[0] in (3, 4) else lvl for lvl in levels]
+    return sorted(levels, key=lambda lvl: -int(lvl.shape[1]))
+
+
+def read_spatialdata(path: str | list[str]):
+    """Our SpatialData store as the layers a fresh prediction gives: the slide (its multiscale image
+    in the store) as an RGB Image in µm, and the spots as a Points layer in µm with one feature column
+    per predicted gene, coloured by the most reliable gene (the checkpoint's validation r, else the
+    first gene), named and described (``metadata['napari_rapacl']``: genes, provenance, gene
+    reliability, library id) as the Predict widget names and describes its own, so that the Genes and
+    Export widgets work on it."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from ..export import PROVENANCE_KEY
+    from ..export_spatialdata import SPOTS_TABLE, _element_name, _library_id
+    from ..io.slide import Slide
+    from ..io.spots import Spots
+    from ..jobs._export import RADIOMICS_KEY, RELIABILITY_KEY
+    from .layers import EXPRESSION_UNIT, color_kwargs
+
+    path = Path(_one_path(path))
+    table = ad.read_zarr(path / "tables" / SPOTS_TABLE)
+    lib = _library_id(table)
+    prov = dict(table.uns.get(PROVENANCE_KEY) or {})
+    scalefactors = (table.uns.get("spatial") or {}).get(lib, {}).get("scalefactors", {})
+    mpp = prov.get("mpp", scalefactors.get("microns_per_pixel"))
+    mpp = float(mpp) if mpp is not None else None
+    layers = []
+
+    images = path / "images"
+    wsi = images / _element_name(lib, "wsi")
+    if not wsi.is_dir() and images.is_dir():  # a single image element under another name
+        found = [p for p in images.iterdir() if _is_group(p)]
+        wsi = found[0] if len(found) == 1 else wsi
+    if wsi.is_dir():
+        levels = _image_levels(wsi)
+        width0 = int(levels[0].shape[1])
+        slide = Slide(
+            tuple(levels),
+            tuple(width0 / int(lvl.shape[1]) for lvl in levels),
+            mpp=mpp,
+            mpp_source="file" if mpp else "unknown",
+        )
+        data, kwargs, kind = slide_layer_data(slide, name=lib)
+        kwargs["metadata"][META_KEY]["source"] = str(path)  # the store the pixels come from
+        layers.append((data, kwargs, kind))
+
+    genes = [str(g) for g in table.var_names]
+    xy = np.asarray(table.obsm["spatial"], dtype=np.float64)
+    spots = Spots(
+        barcode=np.asarray(table.obs_names, dtype=str),
+        x=xy[:, 0],
+        y=xy[:, 1],
+        radius=np.asarray(table.obs["radius"], dtype=np.float64),
+        mpp=mpp,
+        source=path,
+    )
+    values = np.asarray(table.X, dtype=np.float32)
+    reliability = None
+    if RELIABILITY_KEY in table.var:
+        r = table.var[RELIABILITY_KEY].to_numpy(dtype=np.float64)
+        reliability = {g: float(v) for g, v in zip(genes, r, strict=True) if np.isfinite(v)} or None
+    scored = [(v, g) for g, v in (reliability or {}).items()]
+    gene = max(scored)[1] if scored else genes[0]
+    source_image = (table.uns.get("spatial") or {}).get(lib, {}).get("metadata", {}).get("source_image_path")
+    base = f"{lib} spots"
+    data, kwargs, kind = spots_layer_data(
+        spots,
+        mpp=mpp,
+        name=f"{lib} predicted: {gene}, {EXPRESSION_UNIT}",
+        values=values,
+        genes=genes,
+        color_by=gene,
+        library_id=lib,
+        slide_path=source_image if source_image and Path(source_image).exists() else None,
+        provenance={k: v for k, v in prov.items() if k != "genes"},
+    )
+    info = kwargs["metadata"][META_KEY]
+    info.update(base_name=base, gene_reliability=reliability, source=str(path))
+    if RADIOMICS_KEY in table.obsm:  # the spot radiomics that fed a RaPaCL-ST prediction
+        frame = pd.DataFrame(table.obsm[RADIOMICS_KEY]).reset_index(drop=True)
+        frame.columns = [str(c) for c in frame.columns]
+        kwargs["features"] = pd.concat([kwargs["features"], frame.astype(np.float32)], axis=1)
+        info["radiomics_columns"] = list(frame.columns)
+        kwargs.update(color_kwargs(kwargs["features"], gene))
+    layers.append((data, kwargs, kind))
+    return layers
