@@ -678,18 +678,31 @@ class _TileStopped(Exception):
 
 
 def _batch_reporter(tag: Any, events: Any, stop: threading.Event) -> Callable[[int], None]:
+    """``report(done)`` for a task running in a helper thread: it hands ``(tag, _Batch(done), taken)``
+    to the job's thread and waits until the job has handed that report on and asked for more
+    (``taken`` set), so a task never runs ahead of a job that stopped asking (a viewer's cancel that
+    leaves the generator suspended): it waits there, and raises :class:`_TileStopped` once the job is
+    closed (``stop``)."""
+
     def report(done: int) -> None:
         if stop.is_set():
             raise _TileStopped
-        events.put((tag, _Batch(int(done))))
+        taken = threading.Event()
+        events.put((tag, _Batch(int(done)), taken))
+        while not taken.wait(0.25):
+            if stop.is_set():
+                raise _TileStopped
+        if stop.is_set():
+            raise _TileStopped
 
     return report
 
 
 def _task_in_thread(tag: Any, fn: Callable[[Callable[[int], None]], Any]) -> Generator[tuple, None, Any]:
     """Run ``fn(report)`` in a helper thread and yield ``(tag, _Batch(done))`` for each ``report(done)``
-    it makes, as they come; return what ``fn`` returns (or raise what it raises). Closing stops ``fn`` at
-    its next report and waits for it (one batch at most)."""
+    it makes, as they come; return what ``fn`` returns (or raise what it raises). ``fn`` goes on after a
+    report only when this generator is asked for its next item, so it never runs ahead of its consumer;
+    closing stops it at that report (it is waiting there)."""
     import queue
 
     events: queue.SimpleQueue = queue.SimpleQueue()
@@ -698,17 +711,18 @@ def _task_in_thread(tag: Any, fn: Callable[[Callable[[int], None]], Any]) -> Gen
 
     def work() -> None:
         try:
-            events.put((None, ("done", fn(report))))
+            events.put((None, ("done", fn(report)), None))
         except BaseException as exc:  # handed to the job's thread
-            events.put((None, ("error", exc)))
+            events.put((None, ("error", exc), None))
 
     thread = threading.Thread(target=work, name="napari-rapacl-tile", daemon=True)
     thread.start()
     try:
         while True:
-            key, item = events.get()
+            key, item, taken = events.get()
             if key is not None:
                 yield key, item
+                taken.set()  # asked for more: the task goes on with its next batch
                 continue
             kind, value = item
             if kind == "error":
@@ -786,8 +800,8 @@ def _overlap_pays(tasks: list[tuple[Any, tuple]]) -> bool:
 
 def _run_threads(model: Any, slide: Slide, tasks: list[tuple[Any, tuple]]) -> Generator[tuple, None, None]:
     """Tasks on a local pool of threads; every batch of a running task is reported (``_Batch``) as it
-    finishes, results as their task finishes. Closing cancels the tasks not started and stops the
-    running ones after their current batch."""
+    finishes (the task waits until the job asks for the next item), results as their task finishes.
+    Closing cancels the tasks not started and stops the running ones at their next report."""
     import concurrent.futures as cf
     import queue
 
@@ -799,12 +813,13 @@ def _run_threads(model: Any, slide: Slide, tasks: list[tuple[Any, tuple]]) -> Ge
         for tag, args in tasks:
             fut = pool.submit(_predict_tile, model, slide, *args, _batch_reporter(tag, events, stop))
             futures[fut] = tag
-            fut.add_done_callback(lambda f: events.put((None, f)))
+            fut.add_done_callback(lambda f: events.put((None, f, None)))
         remaining = len(futures)
         while remaining:
-            key, item = events.get()
-            if key is not None:  # a batch of a running task
+            key, item, taken = events.get()
+            if key is not None:  # a batch of a running task, which waits until the job asks for more
                 yield key, item
+                taken.set()
                 continue
             remaining -= 1
             yield futures[item], item.result()
