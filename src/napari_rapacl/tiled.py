@@ -1272,8 +1272,8 @@ def iter_predict_region(
     runner = _run_tasks(model, slide, tasks, scheduler)
     try:
         for tag, item in runner:
-            if isinstance(item, _Batch):  # a running tile's spots so far: report them (not the view's)
-                if tag[0] == "tile" and item.done > counted.get(tag[1], 0) and item.done < len(rest[tag[1]]):
+            if isinstance(item, _Batch):  # a running tile's spots so far: reported once the view is out
+                if view_ready and tag[0] == "tile" and counted.get(tag[1], 0) < item.done < len(rest[tag[1]]):
                     done += item.done - counted.get(tag[1], 0)
                     counted[tag[1]] = item.done
                     yield Progress("predict", done, total)
