@@ -160,6 +160,12 @@ def test_ensemble_refuses_members_it_cannot_feed(members, tmp_path):
 
     with pytest.raises(RapaclInputError, match="python -m training.ensemble"):
         create_model("ensemble")
+    from napari_rapacl.jobs import user_models
+    from napari_rapacl.models import list_models
+
+    # not offered as a model to build with random weights; still a registered (loadable) model
+    assert "ensemble" not in list_models() and "ensemble" in list_models(include_checkpoint_only=True)
+    assert "ensemble" not in user_models()
     with pytest.raises(RapaclInputError, match="at least two"):
         build_ensemble(members[:1], tmp_path / "one")
     # a member reading other patches (2 um/px instead of 4) is refused with both geometries named

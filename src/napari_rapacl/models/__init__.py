@@ -116,6 +116,7 @@ register_model(
     "napari_rapacl.models.ensemble:build",
     "Ensemble saved as one checkpoint: the mean of trained members' predictions (built from finished "
     "runs by `python -m training.ensemble`; not trained itself).",
+    checkpoint_only=True,
 )
 
 __all__ = [

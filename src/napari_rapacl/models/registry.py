@@ -25,30 +25,42 @@ class ModelEntry:
     builder: str  # "package.module:function", called as builder(config) -> nn.Module
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)  # overrides that define a variant (e.g. tiny)
+    checkpoint_only: bool = False  # built only from a checkpoint (e.g. an ensemble of trained members)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str, config_cls: type[ModelConfig], builder: str, description: str, **defaults: Any
+    name: str,
+    config_cls: type[ModelConfig],
+    builder: str,
+    description: str,
+    *,
+    checkpoint_only: bool = False,
+    **defaults: Any,
 ) -> None:
-    """Register a model (or a variant of one: same builder, different default config values)."""
+    """Register a model (or a variant of one: same builder, different default config values).
+    ``checkpoint_only``: the model has no default config to build from (an ensemble is made of trained
+    members), so it is left out of :func:`list_models` unless asked for; it still loads from a checkpoint."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = ModelEntry(name, config_cls, builder, description, dict(defaults))
+    _REGISTRY[name] = ModelEntry(name, config_cls, builder, description, dict(defaults), checkpoint_only)
 
 
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_REGISTRY)
+def list_models(include_checkpoint_only: bool = False) -> list[str]:
+    """Names of the registered models that can be built from their default config, sorted (with
+    ``include_checkpoint_only``: also those that only load from a checkpoint, e.g. ``ensemble``)."""
+    return sorted(n for n, e in _REGISTRY.items() if include_checkpoint_only or not e.checkpoint_only)
 
 
 def get_entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise RapaclInputError(f"unknown model {name!r}; registered models: {list_models()}") from None
+        raise RapaclInputError(
+            f"unknown model {name!r}; registered models: {list_models(include_checkpoint_only=True)}"
+        ) from None
 
 
 def make_config(name: str, **overrides: Any) -> ModelConfig:
