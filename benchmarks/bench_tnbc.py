@@ -11,18 +11,20 @@
    AJI too), and speed (best of ``--repeats`` runs per tile after a warm-up: Mpx/s and found nuclei/s).
    Methods: ``classical-v1``, the classical segmenter of git revision ``--reference-rev`` (the version
    before issue #11: her2st-tuned fixed thresholds), loaded from git into the package namespace;
-   ``classical`` (this checkout); ``cellpose`` only where a cellpose model is on this machine
-   (offline; otherwise skipped with a note): ``--cellpose-model`` (default: cellpose's default, the
-   project's ``rapacl_nuclei_tnbc`` when built by ``python -m training.cellpose_nuclei``, which was
-   trained on patients 01-08 only).
+   ``classical-v2`` (``segment_nuclei(..., version="2")``, the version RaPaCL-ST's tables of session 5
+   were made with); ``classical`` (this checkout's newest version, 3); ``cellpose`` only where a
+   cellpose model is on this machine (offline; otherwise skipped with a note): ``--cellpose-model``
+   (default: cellpose's default, the project's ``rapacl_nuclei_tnbc`` when built by ``python -m
+   training.cellpose_nuclei``, which was trained on patients 01-08 only).
 2. **her2st visual check**: a 512 x 512 level-0 crop of sections C2, C4 and C6 (centred on the spot
-   nearest the median spot position), nucleus outlines of ``classical-v1`` (left), ``classical``
-   (middle) and cellpose (right, when a model is there) drawn on the H&E, written as palette PNGs
-   to ``--overlays`` with the nucleus counts.
+   nearest the median spot position), nucleus outlines of ``classical-v2`` (left, yellow), ``classical``
+   (the newest version; middle, magenta) and cellpose (right, green, when a model is there) drawn on
+   the H&E, written as palette PNGs to ``--overlays`` with the nucleus counts (v1's count in the JSON).
 
     python benchmarks/bench_tnbc.py [--data-dir ../shared/data] [--reference-rev acde915] [--repeats 3]
         [--json benchmarks/results/segmentation_tnbc.json] [--overlays benchmarks/results]
-        [--cellpose-model rapacl_nuclei_tnbc] [--methods classical,cellpose] [--groups dev,held-out]
+        [--cellpose-model rapacl_nuclei_tnbc] [--methods classical-v2,classical,cellpose]
+        [--groups dev,held-out]
 
 ``NAPARI_RAPACL_DATA_DIR`` is used when ``--data-dir`` is not given (default ``../shared/data``).
 """
@@ -256,7 +258,7 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of classical-v1,classical,cellpose (default: all)",
+        help="comma-separated subset of classical-v1,classical-v2,classical,cellpose (default: all)",
     )
     parser.add_argument("--groups", default="dev,held-out", help="dev, held-out or both (default)")
     args = parser.parse_args()
@@ -277,12 +279,18 @@ def main() -> None:
         "tnbc_mpp": TNBC_MPP,
     }
     print(results["machine"], "load average", results["load_average_start"], flush=True)
-    wanted = set(args.methods.split(",")) if args.methods else {"classical-v1", "classical", "cellpose"}
+    wanted = (
+        set(args.methods.split(","))
+        if args.methods
+        else {"classical-v1", "classical-v2", "classical", "cellpose"}
+    )
     v1_name = f"classical-v1 ({args.reference_rev})"
     v1 = reference_segmenter(args.reference_rev)
     methods: dict[str, Segmenter] = {}
     if "classical-v1" in wanted:
         methods[v1_name] = v1
+    if "classical-v2" in wanted and seg.SEGMENTATION_VERSION != "2":
+        methods["classical (v2)"] = lambda rgb, mpp: seg.segment_nuclei(rgb, mpp, version="2")
     if "classical" in wanted:
         methods[f"classical (v{seg.SEGMENTATION_VERSION})"] = lambda rgb, mpp: seg.segment_nuclei(rgb, mpp)
     cellpose, note = cellpose_segmenter(args.cellpose_model)
@@ -323,12 +331,13 @@ def main() -> None:
         results["her2st_overlays"] = []
         for section in ("C2", "C4", "C6"):
             rgb, mpp, where = her2st_crop(section)
-            old, new = v1(rgb, mpp), seg.segment_nuclei(rgb, mpp)
+            v1_labels = v1(rgb, mpp)
+            old, new = seg.segment_nuclei(rgb, mpp, version="2"), seg.segment_nuclei(rgb, mpp)
             path = out_dir / f"segmentation_her2st_{section}.png"
             panels = [
-                (outline(rgb, old, (0, 255, 255)), f"{section} v1: {int(old.max())} nuclei"),
+                (outline(rgb, old, (255, 255, 0)), f"{section} v2: {int(old.max())} nuclei"),
                 (
-                    outline(rgb, new, (255, 255, 0)),
+                    outline(rgb, new, (255, 0, 255)),
                     f"{section} v{seg.SEGMENTATION_VERSION}: {int(new.max())} nuclei",
                 ),
             ]
@@ -343,12 +352,13 @@ def main() -> None:
                     "mpp": mpp,
                     "file": str(path),
                     "bytes": size,
-                    "v1_nuclei": int(old.max()),
-                    "v2_nuclei": int(new.max()),
+                    "v1_nuclei": int(v1_labels.max()),
+                    "v2_nuclei": int(old.max()),
+                    f"v{seg.SEGMENTATION_VERSION}_nuclei": int(new.max()),
                 }
             )
             print(
-                f"{path}: {section} spot {where['spot']}: v1 {int(old.max())} / "
+                f"{path}: {section} spot {where['spot']}: v1 {int(v1_labels.max())} / v2 {int(old.max())} / "
                 f"v{seg.SEGMENTATION_VERSION} {int(new.max())} nuclei, {size / 1e3:.0f} kB",
                 flush=True,
             )

@@ -150,7 +150,7 @@ class NucleusSegmenter:
             settings = cellpose_model_settings(self.model)
         except (ImportError, RapaclInputError):  # cellpose missing, or a damaged sidecar
             settings = None
-        name = self.model or "cellpose's default model"
+        name = f"model {self.model}" if self.model else "cellpose's default model"
         if settings is not None:
             model = self.model or PROJECT_NUCLEI_MODEL
             scale = f"run at its training {float(settings['train_mpp']):g} um/px"
@@ -162,7 +162,7 @@ class NucleusSegmenter:
                 f"cellpose (model {self.model}, not built on this machine: it runs at the pixel size of its "
                 f"training, recorded beside it, {version})"
             )
-        return f"cellpose (model {name}, diameter {self.diameter_um:g} um, {version})"
+        return f"cellpose ({name}, diameter {self.diameter_um:g} um, {version})"
 
 
 def signed_log(values: np.ndarray, columns: Sequence[str], patterns: Sequence[str]) -> np.ndarray:
