@@ -11,12 +11,21 @@ Three measurements, each in a fresh child process so that its peak RSS (``ru_max
   memory, ``jobs.iter_predict`` with ``cache=False`` as the CLI runs it, model ``stnet`` with random weights):
   time and peak RSS, per 100k spots from the difference of the two sizes, the longest gap between two
   progress reports, and the model's own forward rate on random batches in the same process (the
-  reference: pipeline time / forward time).
+  reference: pipeline time / forward time); the million-spot predict with ``stnet`` is projected from it;
+* ``cli`` (``--cli-spots N``, default the full ``--spots``): the whole ``napari-rapacl predict`` measured end
+  to end in a fresh process (``cli.main``: read the slide, a pyramidal zlib OME-TIFF of the section written
+  beforehand by another process, and a CSV of the N spots; predict every spot; write the ``.h5ad``) with
+  ``--cli-model`` (default ``stnet_tiny`` at 0.5 um/px: the registry's smallest image model, whose 32 px
+  patch is then 16 um, the 8 um bin and half a bin around it; ``stnet``'s ResNet-18 at 224 px would take
+  ~35 h on one CPU thread). Wall time, peak RSS (the values go to a temporary HDF5 file, never all in
+  memory), the number of progress reports of the predict stage and the longest gap between two reports
+  (the CLI prints at most every 5 s; the job reports per batch), and the reference in the same process:
+  the same predictor (frozen TorchScript) on as many random batches as the predict ran (pipeline time /
+  forward time).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py [--spots 1000000] [--genes 785]
-        [--ref-spots 200000] [--predict 64 256] [--threads 1] [--json benchmarks/results/bench_scale.json]
-
-The million-spot predict itself is projected from the per-100k numbers (a CPU predicts tens of spots/s).
+        [--ref-spots 200000] [--predict 256 2048] [--cli-spots N] [--threads 1]
+        [--json benchmarks/results/bench_scale.json]
 """
 
 from __future__ import annotations
@@ -38,6 +47,18 @@ BIN_UM, MPP = 8.0, 0.5  # Visium HD 8 um bins on a 0.5 um/px scan
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
 
 
 def hd_spots(n: int):
@@ -181,6 +202,128 @@ def child_predict(n_total: int, n_predict: int, model: str, threads: int) -> dic
     }
 
 
+def child_prepare(n: int, genes: int, tmp: Path, model: str) -> dict:
+    """The CLI run's inputs: the section as a pyramidal zlib OME-TIFF, its spots as CSV, a checkpoint of
+    ``model`` with random weights and ``genes`` outputs (stnet_tiny at the slide's 0.5 um/px)."""
+    import pandas as pd
+    import torch
+
+    from napari_rapacl.io.slide import write_ome_tiff
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import save_checkpoint
+
+    t = time.perf_counter()
+    spots, side, step = hd_spots(n)
+    slide = hd_slide(int(side * step + 128))
+    write_ome_tiff(tmp / "section.ome.tif", slide.levels[0], mpp=MPP, tile=512, compression="zlib")
+    pd.DataFrame({"barcode": spots.barcode, "x": spots.x, "y": spots.y, "radius": spots.radius}).to_csv(
+        tmp / "spots.csv", index=False
+    )
+    torch.manual_seed(0)
+    overrides = {"mpp": MPP} if model == "stnet_tiny" else {}
+    net = create_model(model, n_genes=genes, **overrides)
+    save_checkpoint(tmp / "model.pt", net, genes=[f"GENE{i:04d}" for i in range(genes)])
+    return {
+        "seconds": time.perf_counter() - t,
+        "slide_mb": (tmp / "section.ome.tif").stat().st_size / 2**20,
+        "slide_px": int(side * step + 128),
+        "spots_csv_mb": (tmp / "spots.csv").stat().st_size / 2**20,
+    }
+
+
+def child_cli(tmp: Path, threads: int, batch_size: int) -> dict:
+    """``napari-rapacl predict`` of every spot to an ``.h5ad``, in this fresh process (``cli.main``), with
+    every progress report of its jobs timed; then the reference: the predictor alone on as many random
+    batches."""
+    import torch
+
+    from napari_rapacl import cli
+
+    torch.set_num_threads(threads)
+    reports: list[tuple[float, str, str, int, int]] = []
+    marks: dict[str, float] = {}
+    real_logger = cli._progress_logger
+
+    def timed_logger(what: str):
+        log = real_logger(what)
+
+        def report(p) -> None:
+            reports.append((time.perf_counter(), what, p.stage, int(p.done), int(p.total)))
+            if what == "predict" and p.stage == "predict" and p.done == p.total:
+                marks["peak_rss_predict_mb"] = _peak_rss_mb()  # the peak up to the end of the predict
+                marks["rss_end_of_predict_mb"] = _rss_mb()
+            log(p)
+
+        return report
+
+    cli._progress_logger = timed_logger
+    out = tmp / "out.h5ad"
+    base = _peak_rss_mb()
+    t0 = time.perf_counter()
+    code = cli.main(
+        ["predict", "--slide", str(tmp / "section.ome.tif"), "--spots", str(tmp / "spots.csv"),
+         "--checkpoint", str(tmp / "model.pt"), "--out", str(out), "--device", "cpu",
+         "--batch-size", str(batch_size), "--overwrite"]
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    peak = _peak_rss_mb()
+    assert code == 0
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        n_obs, n_genes = f["X"].shape
+        sample = f["X"][:: max(1, n_obs // 1000)]
+    assert np.isfinite(sample).all() and float(sample.std()) > 0
+    size = out.stat().st_size
+    out.unlink()
+    left = sorted(p.name for p in tmp.iterdir() if p.name.startswith("."))
+    pred = [r for r in reports if r[1] == "predict" and r[2] == "predict"]
+    gaps = np.diff([r[0] for r in pred])  # between two reports of the predict stage (start-up apart)
+    first_predict = pred[0][0] if pred else t0
+    last_predict = pred[-1][0] if pred else t0
+    export = [r for r in reports if r[1] == "export"]
+    export_gaps = np.diff([last_predict] + [r[0] for r in export]) if export else np.zeros(0)
+    # reference: the same frozen predictor on as many random batches as the predict ran
+    from napari_rapacl.inference import frozen_image_predictor
+    from napari_rapacl.models.checkpoint import load_model
+
+    model, _ = load_model(tmp / "model.pt")
+    model.eval()
+    fast = frozen_image_predictor(model, "cpu")
+    size_px = int(model.config.patch_size)
+    n_batches = -(-n_obs // batch_size)
+    batch = torch.rand(batch_size, 3, size_px, size_px)
+    with torch.inference_mode():
+        (fast or (lambda x: model.predict({"image": x})))(batch)
+        t = time.perf_counter()
+        for _ in range(n_batches):
+            (fast or (lambda x: model.predict({"image": x})))(batch)
+        forward = time.perf_counter() - t
+    return {
+        "spots": int(n_obs),
+        "genes": int(n_genes),
+        "seconds": seconds,
+        "predict_seconds": last_predict - t0,
+        "before_predict_seconds": first_predict - t0,
+        "export_seconds": t0 + seconds - last_predict,
+        "peak_rss_mb": peak,
+        "rss_before_mb": base,
+        **marks,
+        "file_mb": size / 2**20,
+        "predict_progress_reports": len(pred),
+        "max_predict_progress_gap_s": float(gaps.max()) if len(gaps) else None,
+        "export_progress_reports": len(export),
+        "max_export_progress_gap_s": float(export_gaps.max()) if len(export_gaps) else None,
+        "forward_seconds_same_batches": forward,
+        "pipeline_over_forward": seconds / forward,
+        "predict_over_forward": (last_predict - t0) / forward,
+        "temporaries_left": left,
+        "batch_size": batch_size,
+        "patch_px": size_px,
+        "patch_mpp": float(model.config.mpp),
+    }
+
+
 def run_child(args: list[str], threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(
@@ -195,8 +338,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spots", type=int, default=1_000_000)
     p.add_argument("--genes", type=int, default=785)
-    p.add_argument("--predict", type=int, nargs=2, default=(64, 256), help="two predict sizes (spots)")
+    p.add_argument("--predict", type=int, nargs=2, default=(256, 2048), help="two predict sizes (spots)")
     p.add_argument("--model", default="stnet")
+    p.add_argument("--skip-predict", action="store_true", help="skip the two stnet predict sizes")
+    p.add_argument("--cli-spots", type=int, default=None, help="spots of the end-to-end CLI run (0: skip)")
+    p.add_argument("--cli-model", default="stnet_tiny")
+    p.add_argument("--batch-size", type=int, default=256, help="--batch-size of the CLI run")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--ref-spots", type=int, default=200_000, help="size of the new-vs-old export comparison (0: skip)"
@@ -210,6 +357,10 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "export":
             out = child_export(int(rest[0]), int(rest[1]), Path(rest[2]), rest[3] == "ref")
+        elif kind == "prepare":
+            out = child_prepare(int(rest[0]), int(rest[1]), Path(rest[2]), rest[3])
+        elif kind == "cli":
+            out = child_cli(Path(rest[0]), int(rest[1]), int(rest[2]))
         else:
             out = child_predict(int(rest[0]), int(rest[1]), rest[2], int(rest[3]))
         print(json.dumps(out))
@@ -235,6 +386,48 @@ def main() -> None:
                     f"{new['peak_rss_mb'] / ref['peak_rss_mb']:.2f}, "
                     f"time ratio {new['seconds'] / ref['seconds']:.2f}"
                 )
+    n_cli = args.spots if args.cli_spots is None else args.cli_spots
+    if n_cli > 0:
+        with tempfile.TemporaryDirectory(prefix="bench_scale_cli_", dir=os.environ.get("BENCH_TMP")) as tmp:
+            prep = run_child(["prepare", str(n_cli), str(args.genes), tmp, args.cli_model], args.threads)
+            print(
+                f"inputs: {prep['slide_px']}^2 px OME-TIFF ({prep['slide_mb']:.0f} MB), spots CSV "
+                f"({prep['spots_csv_mb']:.0f} MB), written in {prep['seconds']:.0f} s"
+            )
+            r = run_child(["cli", tmp, str(args.threads), str(args.batch_size)], args.threads)
+        r["model"], r["prepare"], r["load_after"] = args.cli_model, prep, os.getloadavg()
+        results["cli"] = r
+        predict_s = r["predict_seconds"] - r["before_predict_seconds"]
+        n_batches = -(-r["spots"] // r["batch_size"])
+        print(
+            f"napari-rapacl predict, {r['spots']:,} spots x {r['genes']} genes ({args.cli_model}, "
+            f"{r['patch_px']} px at {r['patch_mpp']} um/px, batch {r['batch_size']}, {args.threads} thread)"
+        )
+        print(
+            f"  end to end {r['seconds']:.0f} s (before predicting {r['before_predict_seconds']:.1f} s, "
+            f"predict {predict_s:.0f} s, export {r['export_seconds']:.0f} s), "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB (up to the end of the predict "
+            f"{r.get('peak_rss_predict_mb', float('nan')):.0f} MB; "
+            f"torch imported, before the command: {r['rss_before_mb']:.0f} MB)"
+        )
+        print(
+            f"  progress: {r['predict_progress_reports']} predict reports, longest gap "
+            f"{r['max_predict_progress_gap_s']:.2f} s; export {r['export_progress_reports']} reports, "
+            f"longest gap {r['max_export_progress_gap_s'] or 0:.2f} s"
+        )
+        print(
+            f"  reference, same process: the predictor on {n_batches} random batches "
+            f"{r['forward_seconds_same_batches']:.0f} s -> end to end / forward "
+            f"{r['pipeline_over_forward']:.2f}x; temporaries left: {r['temporaries_left']}"
+        )
+    if args.skip_predict:
+        results["load_after"] = os.getloadavg()
+        print(f"load average after: {os.getloadavg()}")
+        if args.json:
+            from napari_rapacl._atomic import write_text_atomic
+
+            write_text_atomic(args.json, json.dumps(results, indent=2))
+        return
     runs = [run_child(["predict", str(args.spots), str(n), args.model, str(args.threads)], args.threads)
             for n in args.predict]  # fmt: skip
     results["predict"] = runs
