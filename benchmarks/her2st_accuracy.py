@@ -169,7 +169,7 @@ def _fold_result(run_dir: Path, fold: dict, smooth: bool = True) -> dict:
 
 def collect(model: str, fold_list, runs: Path, smooth: bool = True) -> dict:
     """Results of the folds whose runs finished (e.g. after an interrupted benchmark), from their
-    ``metrics.json``; ``seconds`` is the wall time between the run's config and metrics files."""
+    ``metrics.json``; ``seconds`` is the runs' own recorded wall time (training + test)."""
     base, _, tag = model.partition("@")
     suffix = f"_{tag}" if tag else ""
     results = {}
@@ -181,11 +181,16 @@ def collect(model: str, fold_list, runs: Path, smooth: bool = True) -> dict:
         if not (last / "metrics.json").exists():
             continue
         results[test] = _fold_result(last, f, smooth=smooth)
-        if (first / "config.yaml").exists():
+        # the runs' own wall times (Stage 1 + Stage 2 for RaPaCL-ST; an ensemble's build time), which
+        # stay right when run folders are copied
+        secs = [
+            json.loads((d / "metrics.json").read_text()).get("seconds") for d in dict.fromkeys([first, last])
+        ]
+        if all(isinstance(v, (int, float)) for v in secs):
+            results[test]["seconds"] = float(sum(secs))
+        elif (first / "config.yaml").exists():
             start = (first / "config.yaml").stat().st_mtime
             results[test]["seconds"] = (last / "metrics.json").stat().st_mtime - start
-        else:  # an ensemble: its build time
-            results[test]["seconds"] = json.loads((last / "metrics.json").read_text()).get("seconds")
     return results
 
 
