@@ -5,7 +5,8 @@ Measured in one process, each against a reference run in the same process:
 1. **Classical segmenter** (``segment_nuclei(method="classical")``) on level-0 crops around her2st spots
    (C2, C3 by default; the crops nearest the tissue centre): Mpx/s, best of ``--repeats`` runs. The
    references, timed on the same crops: the classical segmenter of git revision ``--reference-rev``
-   (version 1, before issue #11; loaded from git by ``bench_tnbc.reference_segmenter``) and the
+   (version 1, before issue #11; loaded from git by ``bench_tnbc.reference_segmenter``), version 2
+   (``segment_nuclei(..., version="2")``, what RaPaCL-ST's session-5 tables were made with) and the
    textbook scikit-image pipeline (``rgb2hed`` -> Gaussian -> Otsu -> Euclidean distance transform ->
    ``peak_local_max(labels=...)`` -> ``watershed`` -> size filter with ``regionprops``). All three are
    also scored on synthetic H&E with known nuclei (object F1 at IoU 0.5). Accuracy on real annotations
@@ -106,6 +107,8 @@ def bench_classical(items: list[dict], mpp: float, repeats: int, v1: Any) -> lis
         mpx = rgb.shape[0] * rgb.shape[1] / 1e6
         t_ours, labels = best_time(lambda rgb=rgb: seg.segment_nuclei(rgb, mpp), repeats)
         t_v1, labels_v1 = best_time(lambda rgb=rgb: v1(rgb, mpp), repeats)
+        t_v2, labels_v2 = best_time(lambda rgb=rgb: seg.segment_nuclei(rgb, mpp, version="2"), repeats)
+        stats_v2 = nucleus_statistics(labels_v2, mpp, rgb)
         t_ref, _ = best_time(lambda rgb=rgb: skimage_reference(rgb, mpp), max(1, repeats // 2))
         stats = nucleus_statistics(labels, mpp, rgb)
         rows.append(
@@ -118,6 +121,9 @@ def bench_classical(items: list[dict], mpp: float, repeats: int, v1: Any) -> lis
                 "classical_mpx_per_s": mpx / t_ours,
                 "v1_mpx_per_s": mpx / t_v1,
                 "v1_n": int(labels_v1.max()),
+                "v2_mpx_per_s": mpx / t_v2,
+                "v2_n": int(labels_v2.max()),
+                "v2_median_area_um2": stats_v2["median_area_um2"],
                 "reference_mpx_per_s": mpx / t_ref,
                 "speedup": t_ref / t_ours,
                 **{
@@ -138,7 +144,8 @@ def bench_classical(items: list[dict], mpp: float, repeats: int, v1: Any) -> lis
         print(
             f"{r['section']} spot {r['spot']:>6} ({r['x']}, {r['y']}): "
             f"classical {r['classical_mpx_per_s']:5.2f} Mpx/s (v1 {r['v1_mpx_per_s']:5.2f}, "
-            f"{r['v1_n']} nuclei), skimage reference {r['reference_mpx_per_s']:5.2f} Mpx/s "
+            f"{r['v1_n']} nuclei; v2 {r['v2_mpx_per_s']:5.2f}, {r['v2_n']} nuclei, median "
+            f"{r['v2_median_area_um2']:.1f} um^2), skimage reference {r['reference_mpx_per_s']:5.2f} Mpx/s "
             f"(x{r['speedup']:.1f}); "
             f"{int(r['n'])} nuclei, {r['density_per_tissue_mm2']:.0f}/mm^2 tissue, median area "
             f"{r['median_area_um2']:.1f} um^2 (IQR {r['q25_area_um2']:.1f}-{r['q75_area_um2']:.1f})",
@@ -148,21 +155,23 @@ def bench_classical(items: list[dict], mpp: float, repeats: int, v1: Any) -> lis
 
 
 def bench_synthetic_quality(v1: Any) -> dict[str, float]:
-    f1_ours, f1_v1, f1_ref = [], [], []
+    f1_ours, f1_v1, f1_v2, f1_ref = [], [], [], []
     for mpp, s in ((0.5, 1), (0.5, 2), (0.69, 3), (0.69, 4)):
         rgb, truth = synthetic_he_nuclei((768, 768), mpp=mpp, n_nuclei=80, n_touching_pairs=15, seed=s)
         f1_ours.append(match_labels(truth, seg.segment_nuclei(rgb, mpp)).f1)
         f1_v1.append(match_labels(truth, v1(rgb, mpp)).f1)
+        f1_v2.append(match_labels(truth, seg.segment_nuclei(rgb, mpp, version="2")).f1)
         f1_ref.append(match_labels(truth, skimage_reference(rgb, mpp)).f1)
     out = {
         "classical_f1": float(np.mean(f1_ours)),
         "v1_f1": float(np.mean(f1_v1)),
+        "v2_f1": float(np.mean(f1_v2)),
         "reference_f1": float(np.mean(f1_ref)),
     }
     print(
         f"synthetic H&E (4 images, 110 nuclei each incl. 15 touching pairs), object F1 @ IoU 0.5: "
-        f"classical {out['classical_f1']:.3f}, v1 {out['v1_f1']:.3f}, skimage reference "
-        f"{out['reference_f1']:.3f}",
+        f"classical {out['classical_f1']:.3f}, v1 {out['v1_f1']:.3f}, v2 {out['v2_f1']:.3f}, "
+        f"skimage reference {out['reference_f1']:.3f}",
         flush=True,
     )
     return out
@@ -281,6 +290,7 @@ def main() -> None:
         "median_mpx_per_s": float(np.median([r["classical_mpx_per_s"] for r in rows])),
         "min_mpx_per_s": float(np.min([r["classical_mpx_per_s"] for r in rows])),
         "median_v1_mpx_per_s": float(np.median([r["v1_mpx_per_s"] for r in rows])),
+        "median_v2_mpx_per_s": float(np.median([r["v2_mpx_per_s"] for r in rows])),
         "median_reference_mpx_per_s": float(np.median([r["reference_mpx_per_s"] for r in rows])),
         "median_speedup": float(np.median([r["speedup"] for r in rows])),
         "median_density_per_tissue_mm2": float(np.median([r["density_per_tissue_mm2"] for r in rows])),
@@ -289,8 +299,8 @@ def main() -> None:
     s = results["classical_summary"]
     print(
         f"classical: median {s['median_mpx_per_s']:.2f} Mpx/s (min {s['min_mpx_per_s']:.2f}), "
-        f"v1 {s['median_v1_mpx_per_s']:.2f} Mpx/s, skimage reference "
-        f"{s['median_reference_mpx_per_s']:.2f} Mpx/s, speed-up x{s['median_speedup']:.1f}",
+        f"v1 {s['median_v1_mpx_per_s']:.2f} Mpx/s, v2 {s['median_v2_mpx_per_s']:.2f} Mpx/s, "
+        f"skimage reference {s['median_reference_mpx_per_s']:.2f} Mpx/s, speed-up x{s['median_speedup']:.1f}",
         flush=True,
     )
     results["synthetic_quality"] = bench_synthetic_quality(v1)
