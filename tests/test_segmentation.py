@@ -283,6 +283,23 @@ def test_tiled_path_runs_the_version_asked_for(border_image):
         assert match_labels(whole, tiled).tp == whole.max() == tiled.max()
 
 
+def test_cells_job_runs_the_segmenters_recorded_version(tnbc):
+    """The Cells job (widget, CLI, RaPaCL-ST's slide path) segments with the version its segmenter
+    records: a version-2 recipe gives version 2's labels (on a tile where the versions differ)."""
+    from napari_rapacl.jobs import iter_cells
+    from napari_rapacl.progress import run_to_completion
+    from napari_rapacl.radiomics import NucleusSegmenter
+
+    rgb, _ = tnbc[1][0]  # 01_1
+    slide = _slide(rgb, mpp=TNBC_MPP)
+    whole = {v: seg.segment_nuclei(rgb, TNBC_MPP, version=v) for v in ("2", "3")}
+    assert not np.array_equal(whole["2"] > 0, whole["3"] > 0)
+    for version, expected in whole.items():
+        segmenter = NucleusSegmenter(version=version)
+        res = run_to_completion(iter_cells(slide, segmenter=segmenter, features=False, tile=4096))
+        np.testing.assert_array_equal(np.asarray(res.labels) > 0, expected > 0)
+
+
 def test_unknown_version_is_named_with_those_available():
     img = np.full((32, 32, 3), 200, np.uint8)
     for method in ("classical", "cellpose"):

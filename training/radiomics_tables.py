@@ -31,6 +31,7 @@ def write_section_table(
     segment: str = "classical",
     n_jobs: int = 2,
     cache_dir: Path | None = None,
+    version: str | None = None,
 ) -> Path:
     """Compute and write ``her2st_<section>.parquet``; returns its path."""
     from napari_rapacl.datasets import her2st
@@ -43,7 +44,7 @@ def write_section_table(
         sec.spots,
         size=size,
         mpp=mpp,
-        segment=NucleusSegmenter(segment),
+        segment=NucleusSegmenter(segment, version=version),
         feature_set="rapacl72",
         cache_dir=cache_dir,
         n_jobs=n_jobs,
@@ -89,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="patch side in px")
     parser.add_argument("--mpp", type=float, default=0.5, help="um per patch pixel")
     parser.add_argument("--segment", default="classical", choices=["classical", "cellpose"])
+    parser.add_argument(
+        "--segmentation-version",
+        default=None,
+        help="classical segmentation version to reproduce (default: the newest; the her2st benchmark's "
+        "published table used 2)",
+    )
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--cache", default=None, help="radiomics cache folder (default: <out>/cache)")
     args = parser.parse_args(argv)
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             segment=args.segment,
             n_jobs=args.n_jobs,
             cache_dir=cache,
+            version=args.segmentation_version,
         )
     return 0
 
