@@ -236,7 +236,7 @@ def child_prepare(n: int, genes: int, tmp: Path, model: str) -> dict:
     }
 
 
-def child_cli(tmp: Path, threads: int, batch_size: int) -> dict:
+def child_cli(tmp: Path, threads: int, batch_size: int, suffix: str = ".h5ad") -> dict:
     """``napari-rapacl predict`` of every spot to an ``.h5ad``, in this fresh process (``cli.main``), with
     every progress report of its jobs timed; then the reference: the predictor alone on as many random
     batches."""
@@ -262,7 +262,7 @@ def child_cli(tmp: Path, threads: int, batch_size: int) -> dict:
         return report
 
     cli._progress_logger = timed_logger
-    out = tmp / "out.h5ad"
+    out = tmp / f"out{suffix}"
     base = _peak_rss_mb()
     t0 = time.perf_counter()
     code = cli.main(
@@ -273,20 +273,31 @@ def child_cli(tmp: Path, threads: int, batch_size: int) -> dict:
     seconds = time.perf_counter() - t0
     peak = _peak_rss_mb()
     assert code == 0
-    import h5py
+    if suffix == ".zarr":  # SpatialData: the table's X read back through zarr
+        import shutil
 
-    with h5py.File(out, "r") as f:
-        n_obs, n_genes = f["X"].shape
-        sample = f["X"][:: max(1, n_obs // 1000)]
+        import zarr
+
+        x = zarr.open_array(str(out / "tables" / "spots" / "X"), mode="r")
+        n_obs, n_genes = x.shape
+        sample = x[: min(n_obs, 1000)]
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        shutil.rmtree(out)
+    else:
+        import h5py
+
+        with h5py.File(out, "r") as f:
+            n_obs, n_genes = f["X"].shape
+            sample = f["X"][:: max(1, n_obs // 1000)]
+        size = out.stat().st_size
+        out.unlink()
     assert np.isfinite(sample).all() and float(sample.std()) > 0
-    size = out.stat().st_size
-    out.unlink()
     left = sorted(p.name for p in tmp.iterdir() if p.name.startswith("."))
     pred = [r for r in reports if r[1] == "predict" and r[2] == "predict"]
     gaps = np.diff([r[0] for r in pred])  # between two reports of the predict stage (start-up apart)
     first_predict = pred[0][0] if pred else t0
     last_predict = pred[-1][0] if pred else t0
-    export = [r for r in reports if r[1] == "export"]
+    export = [r for r in reports if r[1] in ("export", "SpatialData")]
     export_gaps = np.diff([last_predict] + [r[0] for r in export]) if export else np.zeros(0)
     # reference: the same frozen predictor on as many random batches as the predict ran
     from napari_rapacl.inference import frozen_image_predictor
@@ -349,6 +360,7 @@ def main() -> None:
     p.add_argument("--cli-spots", type=int, default=None, help="spots of the end-to-end CLI run (0: skip)")
     p.add_argument("--cli-model", default="stnet_tiny")
     p.add_argument("--batch-size", type=int, default=256, help="--batch-size of the CLI run")
+    p.add_argument("--cli-out", choices=(".h5ad", ".zarr"), default=".h5ad", help="the CLI run's output")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--ref-spots", type=int, default=200_000, help="size of the new-vs-old export comparison (0: skip)"
@@ -365,7 +377,7 @@ def main() -> None:
         elif kind == "prepare":
             out = child_prepare(int(rest[0]), int(rest[1]), Path(rest[2]), rest[3])
         elif kind == "cli":
-            out = child_cli(Path(rest[0]), int(rest[1]), int(rest[2]))
+            out = child_cli(Path(rest[0]), int(rest[1]), int(rest[2]), rest[3] if len(rest) > 3 else ".h5ad")
         else:
             out = child_predict(int(rest[0]), int(rest[1]), rest[2], int(rest[3]))
         print(json.dumps(out))
@@ -399,13 +411,19 @@ def main() -> None:
                 f"inputs: {prep['slide_px']}^2 px OME-TIFF ({prep['slide_mb']:.0f} MB), spots CSV "
                 f"({prep['spots_csv_mb']:.0f} MB), written in {prep['seconds']:.0f} s"
             )
-            r = run_child(["cli", tmp, str(args.threads), str(args.batch_size)], args.threads)
-        r["model"], r["prepare"], r["load_after"] = args.cli_model, prep, os.getloadavg()
+            r = run_child(["cli", tmp, str(args.threads), str(args.batch_size), args.cli_out], args.threads)
+        r["model"], r["prepare"], r["load_after"], r["out"] = (
+            args.cli_model,
+            prep,
+            os.getloadavg(),
+            args.cli_out,
+        )
         results["cli"] = r
         predict_s = r["predict_seconds"] - r["before_predict_seconds"]
         n_batches = -(-r["spots"] // r["batch_size"])
         print(
-            f"napari-rapacl predict, {r['spots']:,} spots x {r['genes']} genes ({args.cli_model}, "
+            f"napari-rapacl predict --out {args.cli_out}, {r['spots']:,} spots x {r['genes']} genes "
+            f"({args.cli_model}, "
             f"{r['patch_px']} px at {r['patch_mpp']} um/px, batch {r['batch_size']}, {args.threads} thread)"
         )
         print(
