@@ -26,11 +26,13 @@ ASK_ABOVE_S = 30.0
 #: measured throughputs (units per second) on the 2-core development machine, CPU only
 RATES: dict[str, float] = {
     # whole-slide Cells on her2st C2 (9,270 x 9,920 px = 92 Mpx level 0): 93 s for segmentation and
-    # cell radiomics together (issue #13's run), i.e. about 1.0 Mpx/s of slide area
-    "cells_px": 92.0e6 / 93.0,
-    # classical nuclei alone, tiled path with slide reads and zarr writes: 4.38 Mpx/s
-    # (benchmarks/README.md, Segmentation, "Tiled path")
-    "segment_px": 4.38e6,
+    # cell radiomics together with classical v2 (issue #13's run), ~21 s of it segmentation; v3 (the
+    # default since session 6) segments 1.55x slower than v2 on her2st (benchmarks/README.md,
+    # Segmentation: 1.85 vs 2.88 Mpx/s measured in the same process), so ~93 + 0.55 x 21 = 105 s
+    "cells_px": 92.0e6 / 105.0,
+    # classical nuclei alone, tiled path with slide reads and zarr writes: 4.38 Mpx/s with v2
+    # (benchmarks/README.md, Segmentation, "Tiled path"), / 1.55 for v3
+    "segment_px": 4.38e6 / 1.55,
     # spot radiomics of RaPaCL-ST (2 worker processes): 80 spots/s (benchmarks/README.md, Viewer)
     "radiomics_spots": 80.0,
     # image models' forward on 224 px patches, frozen CPU path: stnet ~29 spots/s eager, up to
