@@ -77,7 +77,7 @@ if [ "${MAIN_TABLE:-1}" = 1 ]; then
     run_all "${SECTIONS:-C3 C4 C5 C6 C2}"
 fi
 if [ "${LEVERS:-0}" = 1 ]; then
-    MODELS="rapacl@fastzero stnet@hed rapacl@fasthed ensemble@auto rapacl@plain rapacl@fastenc" \
-        run_all "C3 C4"
+    MODELS=${LEVER_MODELS:-rapacl@fastzero stnet@hed rapacl@fasthed ensemble@auto rapacl@plain rapacl@fastenc} \
+        run_all "${LEVER_SECTIONS:-C3 C4}"
 fi
 echo "total wall time: $(( $(date +%s) - start )) s"
