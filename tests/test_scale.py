@@ -187,6 +187,7 @@ def test_cli_predict_to_a_file_never_holds_the_values(dense_section, tmp_path, m
     n = len(read_spots(spots_path))
     values_bytes = n * N_PRED_GENES * 4
     assert n == 3350 and values_bytes > 75 * 2**20
+    print(f"h5ad: peak {peak / 2**20:.1f} MB for {values_bytes / 2**20:.1f} MB of values")
     assert peak < 0.3 * values_bytes, (
         f"peak {peak / 2**20:.0f} MB for {values_bytes / 2**20:.0f} MB of values"
     )
@@ -198,6 +199,52 @@ def test_cli_predict_to_a_file_never_holds_the_values(dense_section, tmp_path, m
     rows = np.arange(0, n, 7)  # a sample of the spots, against the library's own prediction
     expected = predict_spots(model, open_slide(slide_path), spots.x[rows], spots.y[rows], device="cpu")
     np.testing.assert_allclose(back.X[rows], expected, atol=1e-5, rtol=0)
+
+
+def test_cli_predict_to_spatialdata_never_holds_the_values(dense_section, tmp_path, monkeypatch):
+    """`predict --out x.zarr`: the same spill, and the table's X written a row chunk at a time (not by
+    spatialdata's threaded dask store, which held several chunks at once), with progress per chunk."""
+    import zarr
+
+    from napari_rapacl import cli
+    from napari_rapacl.inference import predict_spots
+    from napari_rapacl.io import open_slide, read_spots
+    from napari_rapacl.models.checkpoint import load_model
+
+    slide_path, spots_path, ckpt = dense_section
+    monkeypatch.setattr(export, "CHUNK_BYTES", 4 * 2**20)
+    stages = []
+    real_logger = cli._progress_logger
+
+    def logger(what):
+        log = real_logger(what)
+        return lambda p: (stages.append((p.stage, p.done, p.total)), log(p))
+
+    # a small run first: spatialdata, geopandas, xarray... are imported outside the measured run (their
+    # import alone allocates ~50 MB of Python objects)
+    (tmp_path / "warm").mkdir()
+    assert (
+        _cli_predict(slide_path, spots_path, ckpt, tmp_path / "warm" / "roi.zarr", "--roi", "0,0,60,60") == 0
+    )
+    monkeypatch.setattr(cli, "_progress_logger", logger)
+    out = tmp_path / "pred.zarr"
+    code, peak = _peak(lambda: _cli_predict(slide_path, spots_path, ckpt, out))
+    assert code == 0
+    values_bytes = 3350 * N_PRED_GENES * 4
+    print(f"zarr: peak {peak / 2**20:.1f} MB for {values_bytes / 2**20:.1f} MB of values")
+    assert peak < 0.3 * values_bytes, (
+        f"peak {peak / 2**20:.0f} MB for {values_bytes / 2**20:.0f} MB of values"
+    )
+    x_steps = [d for s, d, _ in stages if s == "spatialdata X"]
+    assert len(x_steps) >= 15 and x_steps == sorted(x_steps)  # 79 MB in chunks of 4 MB
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.zarr", "warm"]
+    x = zarr.open_array(str(out / "tables" / "spots" / "X"), mode="r")
+    assert x.shape == (3350, N_PRED_GENES) and x.attrs["encoding-type"] == "array"
+    spots = read_spots(spots_path)
+    rows = np.arange(0, 3350, 11)
+    model, _ = load_model(ckpt)
+    expected = predict_spots(model, open_slide(slide_path), spots.x[rows], spots.y[rows], device="cpu")
+    np.testing.assert_allclose(x.oindex[rows], expected, atol=1e-5, rtol=0)
 
 
 def test_cli_predict_failure_leaves_no_spill(dense_section, tmp_path, monkeypatch):

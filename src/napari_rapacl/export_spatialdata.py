@@ -87,13 +87,14 @@ def _scale_factors(height: int, width: int) -> list[int]:
     return factors
 
 
-def to_spatialdata(adata: AnnData, slide: Slide | None = None) -> SpatialData:
+def to_spatialdata(adata: AnnData, slide: Slide | None = None, *, with_x: bool = True) -> SpatialData:
     """A :class:`spatialdata.SpatialData` of a prediction AnnData (see the module doc for the layout).
 
     ``adata`` is a prediction AnnData (:func:`napari_rapacl.jobs.prediction_adata`: barcodes as
     ``obs_names``, ``obsm['spatial']`` in level-0 px, ``obs['radius']`` in level-0 px); ``slide`` adds the
-    image (lazy: nothing is read until the object is written). Raises :class:`RapaclInputError` for an
-    AnnData without spot centres or radii.
+    image (lazy: nothing is read until the object is written). ``with_x=False`` leaves the table's ``X``
+    out (:func:`iter_write_spatialdata` writes it itself, a row chunk at a time). Raises
+    :class:`RapaclInputError` for an AnnData without spot centres or radii.
     """
     import geopandas as gpd
     import pandas as pd
@@ -142,7 +143,7 @@ def to_spatialdata(adata: AnnData, slide: Slide | None = None) -> SpatialData:
 
     # a new AnnData over the same X (no copy of the predictions), its own obs with the link columns
     table = ad.AnnData(
-        X=adata.X,
+        X=adata.X if with_x else None,
         obs=adata.obs.copy(),
         var=adata.var.copy(),
         obsm=dict(adata.obsm.items()),
@@ -172,11 +173,21 @@ def iter_write_spatialdata(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder not found: {path.parent}")
     yield Progress("spatialdata", 0, 2)
-    sdata = to_spatialdata(adata, slide)
+    # everything but the predictions through spatialdata; X then a row chunk at a time (spatialdata hands
+    # a dask X to a threaded dask store, which held several of its 64 MB chunks at once: 1M x 785 spots
+    # peaked 600 MB above the .h5ad export), with progress after each chunk
+    import dask.array as da
+
+    X = adata.X
+    own_x = isinstance(X, (np.ndarray, da.Array)) and X.ndim == 2 and np.dtype(X.dtype).kind in "iuf"
+    sdata = to_spatialdata(adata, slide, with_x=not own_x)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        sdata.write(tmp, overwrite=False, consolidate_metadata=True)
+        sdata.write(tmp, overwrite=False, consolidate_metadata=False)
         yield Progress("spatialdata", 1, 2)
+        if own_x:
+            yield from _iter_write_x(X, tmp / "tables" / SPOTS_TABLE)
+        _consolidate(tmp)
         replace_dir(tmp, path)
         tmp = None
     finally:
@@ -184,6 +195,58 @@ def iter_write_spatialdata(
             shutil.rmtree(tmp, ignore_errors=True)
     yield Progress("spatialdata", 2, 2)
     return path
+
+
+#: Bytes of one zarr chunk of the table's ``X`` (whole rows).
+X_CHUNK_BYTES = 4 * 2**20
+
+
+def _iter_write_x(X: Any, table: Path) -> Generator[Progress, None, None]:
+    """Add ``X`` (numpy, or a dask array of an out-of-core prediction) to the AnnData group ``table`` of a
+    written store as anndata's dense-array encoding, one row chunk of about
+    :data:`napari_rapacl.export.CHUNK_BYTES` at a time (a dask ``X`` computed block by block in this
+    thread: its NaN check runs per block), yielding ``Progress("spatialdata X", chunks done, chunks)``."""
+    import dask.array as da
+    import zarr
+
+    from .export import _chunk_rows
+
+    n, g = (int(v) for v in X.shape)
+    dtype = np.dtype(X.dtype)
+    group = zarr.open_group(str(table), mode="r+", use_consolidated=False)
+    rows = max(1, min(max(1, n), X_CHUNK_BYTES // max(1, g * dtype.itemsize)))
+    arr = group.create_array("X", shape=(n, g), dtype=dtype, chunks=(rows, max(1, g)))
+    arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    if isinstance(X, da.Array):
+        blocks = X.rechunk((_chunk_rows(max(1, g)), g)) if X.numblocks[1] != 1 else X
+        edges = np.concatenate([[0], np.cumsum(blocks.chunks[0])]).astype(int)
+    else:
+        step = _chunk_rows(max(1, g), dtype.itemsize)
+        edges = np.unique(np.concatenate([np.arange(0, n, step), [n]])).astype(int)
+    total = max(1, len(edges) - 1)
+    yield Progress("spatialdata X", 0, total)
+    for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        if isinstance(X, da.Array):
+            block = np.asarray(blocks.blocks[i].compute(scheduler="sync"), dtype=dtype)
+        else:
+            block = X[a:b]
+        arr[a:b] = block
+        del block
+        yield Progress("spatialdata X", i + 1, total)
+
+
+def _consolidate(store: Path) -> None:
+    """The store's consolidated metadata (what ``sdata.write(consolidate_metadata=True)`` writes), now
+    that every element is in it."""
+    import warnings
+
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    with warnings.catch_warnings():  # .parquet files of the shapes are not zarr: zarr says so
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(group.store)
+    group.store.close()
 
 
 def write_spatialdata(
