@@ -40,6 +40,10 @@ if [ "${RIDGE:-1}" = 1 ]; then
 fi
 FAST=(stage2.optim.lr=1e-3 stage2.optim.scheduler=cosine stage2.optim.batch_size=32
       stage2.model.config.path_proj_lr_scale=1.0)
+# the encoder alone at lr 1e-3 (3e-4 x 3.33), the projection and gene head at 3e-4 (rapacl@fast's 1e-3 on
+# the MLP heads kills most of their ReLUs: 17 of 256 gene-head units alive on C3; 0 without radiomics)
+ENC=(stage2.optim.lr=3e-4 stage2.optim.scheduler=cosine stage2.optim.batch_size=32
+     stage2.model.config.encoder_lr_scale=3.3333 stage2.model.config.path_proj_lr_scale=1.0)
 SETTINGS=(
     model.config.patch_size=64 model.config.mpp=2.0 optim.lr=1e-3 optim.epochs=12
     rapacl:model.config.backbone=resnet18 rapacl:optim.lr=3e-4
@@ -47,7 +51,9 @@ SETTINGS=(
     rapacl:model.config.rad_skip=false rapacl:model.config.pcc_weight=0.0
     "${FAST[@]/#/rapacl@fast:}" "${FAST[@]/#/rapacl@fastzero:}" "${FAST[@]/#/rapacl@fastenc:}"
     "${FAST[@]/#/rapacl@fasthed:}"
-    rapacl@fastzero:model.config.radiomics_ablation=zero
+    "${ENC[@]/#/rapacl@encfast:}" "${ENC[@]/#/rapacl@encfastzero:}"
+    rapacl@fastzero:model.config.radiomics_ablation=zero rapacl@encfastzero:model.config.radiomics_ablation=zero
+    rapacl@plainzero:model.config.radiomics_ablation=zero
     rapacl@fastenc:stage1.model.config.freeze_encoder_stage1=false
     rapacl@fasthed:stage2.data.hed_sigma=0.05 stnet@hed:data.hed_sigma=0.05
     pixnet:model.config.hidden=128 pixnet:optim.epochs=10
