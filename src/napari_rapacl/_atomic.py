@@ -11,6 +11,7 @@ would make every output ``0600``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -31,15 +32,43 @@ def _umask() -> int:
     return mask
 
 
-def _remove_stale(path: Path, suffix: str) -> None:
-    """Remove temporary files of earlier writes to ``path`` not modified for :data:`STALE_SECONDS`."""
+def _newest_mtime(path: Path) -> float:
+    """Last modification of ``path``; for a folder (a zarr store being written), that of the folder or
+    of any folder inside it (a new chunk file changes its own folder's time, not the top one's)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, _dirs, _files in os.walk(path):
+            with contextlib.suppress(OSError):  # removed meanwhile
+                newest = max(newest, os.stat(root).st_mtime)
+    return newest
+
+
+def _remove_stale(path: Path, suffix: str, *, prefixes: tuple[str, ...] = (".",)) -> None:
+    """Remove temporary files or folders of earlier writes to ``path`` (``<prefix><name>.*<suffix>``)
+    not modified for :data:`STALE_SECONDS`."""
+    import shutil
+
     now = time.time()
-    for old in path.parent.glob(f".{path.name}.*{suffix}"):
-        try:
-            if now - old.stat().st_mtime > STALE_SECONDS:
-                old.unlink()
-        except OSError:  # gone already, or not ours to remove
-            pass
+    for prefix in prefixes:
+        for old in path.parent.glob(f"{prefix}{path.name}.*{suffix}"):
+            try:
+                if now - _newest_mtime(old) > STALE_SECONDS:
+                    if old.is_dir() and not old.is_symlink():
+                        shutil.rmtree(old)
+                    else:
+                        old.unlink()
+            except OSError:  # gone already, or not ours to remove
+                pass
+
+
+def remove_stale_dirs(target: str | os.PathLike) -> None:
+    """Remove what killed writes of the folder ``target`` (a zarr store) left beside it, once stale:
+    its temporary stores ``.<name>.<random>.tmp`` (and ``..<name>.<random>.tmp.<random>.tmp``, a
+    store written through a second temporary name) and old stores renamed aside ``.<name>.<random>.old``
+    by :func:`replace_dir`. One written to within :data:`STALE_SECONDS` (perhaps another writer's) is kept."""
+    target = Path(target)
+    for suffix in (".tmp", ".old"):
+        _remove_stale(target, suffix, prefixes=(".", ".."))
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, suffix: str = ".tmp") -> Path:
@@ -69,11 +98,14 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, su
 def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Put the finished folder ``tmp`` (e.g. a zarr store) at ``target``: an existing ``target`` is first
     renamed aside (``.<name>.<random>.old``), the new one renamed in, and only then the old one deleted,
-    so an interruption at any moment leaves the old folder or the new one, never neither."""
+    so an interruption at any moment leaves the old folder or the new one, never neither. Stale
+    temporary or set-aside folders of killed writes to ``target`` are removed first
+    (:func:`remove_stale_dirs`)."""
     import shutil
     import uuid
 
     tmp, target = Path(tmp), Path(target)
+    remove_stale_dirs(target)
     aside = None
     if target.exists():
         aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")

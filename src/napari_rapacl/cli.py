@@ -271,7 +271,7 @@ def _segment(args: argparse.Namespace) -> int:
     import shutil
     import uuid
 
-    from ._atomic import replace_dir
+    from ._atomic import remove_stale_dirs, replace_dir
     from .jobs import iter_cells, open_inputs, write_cells
     from .progress import run_to_completion
     from .radiomics import NucleusSegmenter
@@ -305,6 +305,7 @@ def _segment(args: argparse.Namespace) -> int:
     zarr_out = outs.get(".zarr")
     tmp = None
     if zarr_out is not None:
+        remove_stale_dirs(zarr_out)  # stores that killed runs left beside it free their space first
         tmp = zarr_out.parent / f".{zarr_out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         try:
