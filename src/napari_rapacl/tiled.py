@@ -42,9 +42,14 @@ a ``dask.distributed.Client`` (or the address of a scheduler) gets the model onc
 ``"threads"`` and ``"processes"`` use a local pool of threads or of spawned processes (each process
 receives the model once, through the pool's initializer), ``"synchronous"`` runs the same task
 function in the calling thread. Whatever the scheduler, results come back to the calling thread,
-which fills the cache and yields a :class:`~napari_rapacl.progress.Progress` per tile; closing the
-generator cancels the tasks not yet started and leaves the cache holding whole tiles only. A slide
-read from a file is reopened from that file on the workers; an in-memory slide is pickled.
+which fills the cache and yields a :class:`~napari_rapacl.progress.Progress` counting spots: per tile
+and, with ``None`` (each tile in a helper thread) and ``"threads"``, after every batch of a running
+tile (a 2048 px tile of 8 µm bins holds ~16k spots: minutes on a CPU); such a tile waits after each
+report until the generator is asked for more, so it never runs ahead of a consumer that stopped. Closing
+the generator cancels the tasks not yet started, stops running tiles at their next batch (threads) and
+leaves the cache holding whole tiles only. A slide read from a file is reopened from that file on the
+workers; an in-memory slide is pickled. With ``out`` the finished tiles' rows go into an out-of-core
+array (the CLI's temporary HDF5 file) instead of memory.
 
 Importing this module is cheap: torch, dask.distributed and the model code are imported only when
 they are used.
