@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from ._errors import RapaclInputError
@@ -495,6 +496,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr: ``warning: <message>`` (our warnings speak to people; the
+    category is named for others')."""
+    kind = "" if issubclass(category, UserWarning) else f" ({category.__name__})"
+    print(f"warning{kind}: {message}", file=sys.stderr if file is None else file)
+
+
+def _os_error_line(exc: OSError, out: object) -> str:
+    """One line for an operating-system error: a full disk names the output and what to do (HDF5
+    reports it as a multi-line text without an errno); others give the reason and the file."""
+    import errno
+
+    text = " ".join(str(exc).split())
+    if exc.errno == errno.ENOSPC or "No space left on device" in text:
+        outs = [str(o) for o in (out if isinstance(out, list) else [out]) if o is not None]
+        target = f" while writing {', '.join(outs)}" if outs else ""
+        return (
+            f"no space left on the disk{target} (no half-written file is left; an output that existed "
+            "is as it was). Free some space there or choose an output on another disk, then run again"
+        )
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return f"{' '.join((exc.strerror or text).split())}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -504,12 +529,13 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line, not Python's file:line + source
+            return args.func(args)
     except (RapaclInputError, FileNotFoundError, FileExistsError, ImportError) as exc:  # a message
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except OSError as exc:  # a full disk, a read-only folder, a permission: the file and the reason
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        parser.exit(2, f"{parser.prog}: error: {exc.strerror or exc}{where}\n")
+        parser.exit(2, f"{parser.prog}: error: {_os_error_line(exc, getattr(args, 'out', None))}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted (nothing half-written was left)\n")
     except Exception as exc:  # a bug of ours: one line, the traceback with -v

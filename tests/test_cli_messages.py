@@ -1,0 +1,51 @@
+"""CLI messages for people (#14 items 5 and 6): a warning is one line, not Python's ``file:line:
+UserWarning`` with a source line; a full disk is one line that names the output and what to do, also
+when HDF5 reports it as a multi-line text without an errno."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _main(capsys, *args):
+    from napari_rapacl.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_a_warning_is_one_line_for_people(tmp_path, capsys):
+    from PIL import Image
+
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((64, 80), 128, np.uint8)).save(grey)
+    code, _, err = _main(capsys, "convert", grey, tmp_path / "grey.ome.tif", "--mpp", "0.5")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "greyscale" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "grey.png is a greyscale image" in err
+    assert "UserWarning" not in err and ".py:" not in err and "open_slide(" not in err, err
+
+
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch):
+    import napari_rapacl.cli as cli
+
+    hdf5_text = (
+        "Can't close file (file write failed: time = Mon Dec  7 05:11:19 2026\n, filename = "
+        f"'{tmp_path}/.p.h5ad.klo5mho4.tmp.h5ad', file descriptor = 4, errno = 28, error message = "
+        "'No space left on device', buf = 0x7f8255171040, total write size = 2048)"
+    )  # what h5py raised when `predict --out` went to a full tmpfs (an OSError without errno)
+
+    for error in (OSError(hdf5_text), OSError(28, "No space left on device")):
+
+        def full(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "_convert", full)
+        code, _, err = _main(capsys, "convert", tmp_path / "in.png", tmp_path / "out.ome.tif")
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "no space left on the disk while writing" in err and "out.ome.tif" in err, err
+        assert "Free some space" in err and "file descriptor" not in err, err
