@@ -505,11 +505,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _os_error_line(exc: OSError, out: object) -> str:
     """One line for an operating-system error: a full disk names the output and what to do (HDF5
-    reports it as a multi-line text without an errno); others give the reason and the file."""
+    reports it as a multi-line text without an errno, numpy as a short write); others give the reason
+    and the file."""
     import errno
+    import re
 
     text = " ".join(str(exc).split())
-    if exc.errno == errno.ENOSPC or "No space left on device" in text:
+    short_write = re.search(r"\d+ requested and \d+ written", text)  # numpy's tofile on a full disk
+    if exc.errno == errno.ENOSPC or "No space left on device" in text or short_write:
         outs = [str(o) for o in (out if isinstance(out, list) else [out]) if o is not None]
         target = f" while writing {', '.join(outs)}" if outs else ""
         return (
