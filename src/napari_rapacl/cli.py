@@ -197,6 +197,9 @@ def _predict(args: argparse.Namespace) -> int:
             ),
             _progress_logger("predict"),
         )
+        from ._memory import release_freed_memory
+
+        release_freed_memory()  # the batches' memory back to the system before the writer's own
         adata = result_adata(
             result,
             spots,
