@@ -50,3 +50,29 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch
         assert code == 2 and len(err.splitlines()) == 1, err
         assert "no space left on the disk while writing" in err and "out.ome.tif" in err, err
         assert "Free some space" in err and "file descriptor" not in err, err
+
+
+def test_missing_sizes_name_the_command_line_option(tmp_path, capsys):
+    """A slide without a pixel size given to ``segment``, and a Space Ranger folder without
+    scalefactors_json.json given to ``predict``, name the option to pass (--mpp, --radius), not only
+    the Python argument (the messages said "pass mpp=... when opening the slide", "pass radius=")."""
+    from PIL import Image
+
+    slide = tmp_path / "scan.png"
+    Image.fromarray(np.full((64, 80, 3), 200, np.uint8)).save(slide)
+    code, _, err = _main(capsys, "segment", "--slide", slide, "--out", tmp_path / "cells.csv")
+    assert code == 2 and "pixel size (microns per pixel) is unknown" in err and "--mpp" in err, err
+    spatial = tmp_path / "sr" / "spatial"
+    spatial.mkdir(parents=True)
+    (spatial / "tissue_positions.csv").write_text(
+        "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\nAAAC-1,1,0,0,10,12\n"
+    )
+    from napari_rapacl._errors import RapaclInputError
+    from napari_rapacl.io import read_spots
+
+    try:
+        read_spots(tmp_path / "sr")
+    except RapaclInputError as exc:
+        assert "no scalefactors_json.json" in str(exc) and "--radius" in str(exc), exc
+    else:
+        raise AssertionError("a folder without spot size was read")

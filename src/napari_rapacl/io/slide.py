@@ -166,8 +166,8 @@ class Slide:
         if self.mpp is None:
             raise MissingPixelSizeError(
                 f"{self.path if self.path is not None else self.name}: the pixel size (microns per "
-                f"pixel) is unknown, but {purpose} needs it; pass mpp=... when opening the slide "
-                "(or estimate it from the spot grid)"
+                f"pixel) is unknown, but {purpose} needs it; give it: --mpp on the command line (e.g. "
+                "0.25 for a 40x scan, 0.5 for 20x), mpp= in Python (or estimate it from the spot grid)"
             )
         return self.mpp
 

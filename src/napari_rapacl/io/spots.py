@@ -299,7 +299,10 @@ def _require_file(path: Path) -> Path:
 
 def _radius_or_error(radius: float | None, name: str, why: str) -> float:
     if radius is None:
-        raise RapaclInputError(f"{name}: {why}; pass radius=<spot radius in level-0 pixels>")
+        raise RapaclInputError(
+            f"{name}: {why}; give the spot radius in level-0 pixels: --radius on the command line, "
+            "radius= in Python"
+        )
     radius = float(radius)
     if not (np.isfinite(radius) and radius > 0):
         raise RapaclInputError(f"radius must be a positive number of pixels, got {radius} (for {name})")
