@@ -76,3 +76,49 @@ def test_missing_sizes_name_the_command_line_option(tmp_path, capsys):
         assert "no scalefactors_json.json" in str(exc) and "--radius" in str(exc), exc
     else:
         raise AssertionError("a folder without spot size was read")
+
+
+def test_nan_weights_and_duplicate_genes_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A checkpoint with NaN weights predicted the same value at every spot and exited 0 (the frozen
+    CPU predictor); one listing a gene twice was refused only after inference, without the file's name.
+    Both are now refused when the checkpoint is loaded, naming the file (CLI: exit 2, before any tile)."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    import napari_rapacl.jobs as jobs
+    from napari_rapacl._errors import CorruptFileError
+    from napari_rapacl.jobs import load_model_choice
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("stnet_tiny", n_genes=3)
+    good = save_checkpoint(tmp_path / "good.pt", model, genes=["ERBB2", "GAPDH", "ACTB"])
+    dup = save_checkpoint(tmp_path / "dup.pt", model, genes=["ERBB2", "ERBB2", "ACTB"])
+    first = next(iter(model.parameters()))
+    with torch.no_grad():
+        first.view(-1)[:7] = float("nan")
+    nan = save_checkpoint(tmp_path / "nan.pt", model, genes=["ERBB2", "GAPDH", "ACTB"])
+    assert load_model_choice(None, good).genes == ["ERBB2", "GAPDH", "ACTB"]
+    with pytest.raises(CorruptFileError, match=r"nan\.pt: 7 of the .* weights of .* are NaN or infinite"):
+        load_model_choice(None, nan)
+    with pytest.raises(CorruptFileError, match=r"dup\.pt: lists the gene ERBB2 twice"):
+        load_model_choice(None, dup)
+
+    def no_work(*a, **k):
+        raise AssertionError("prediction started")
+
+    monkeypatch.setattr(jobs, "iter_predict", no_work)
+    from PIL import Image
+
+    slide = tmp_path / "s.png"
+    Image.fromarray(np.full((64, 80, 3), 150, np.uint8)).save(slide)
+    spots = tmp_path / "spots.csv"
+    spots.write_text("x,y,radius\n20,20,8\n40,30,8\n")
+    for ckpt, needle in ((nan, "are NaN or infinite"), (dup, "lists the gene ERBB2 twice")):
+        code, _, err = _main(
+            capsys, "predict", "--slide", slide, "--spots", spots, "--checkpoint", ckpt, "--mpp", "0.5",
+            "--out", tmp_path / "p.h5ad", "--device", "cpu",
+        )  # fmt: skip
+        assert code == 2 and needle in err and str(ckpt) in err and len(err.strip().splitlines()) <= 2, err
+    assert not (tmp_path / "p.h5ad").exists()
