@@ -122,3 +122,51 @@ def test_nan_weights_and_duplicate_genes_are_refused_before_any_work(tmp_path, c
         )  # fmt: skip
         assert code == 2 and needle in err and str(ckpt) in err and len(err.strip().splitlines()) <= 2, err
     assert not (tmp_path / "p.h5ad").exists()
+
+
+def test_checkpoint_misfits_fifos_and_a_missing_gpu_are_named_before_any_work(tmp_path, capsys, monkeypatch):
+    """Weights that do not fit the gene count name the tensor and both shapes (the message ended on
+    torch's header line); a FIFO given as the checkpoint is named as one (it said "not found"); and
+    ``--device cuda`` without a GPU is refused before the slide is read (it came after the job started)."""
+    import os
+
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    import napari_rapacl.jobs as jobs
+    from napari_rapacl._errors import CorruptFileError, UnsupportedFormatError
+    from napari_rapacl.models import create_model
+    from napari_rapacl.models.checkpoint import load_model, save_checkpoint
+
+    model = create_model("stnet_tiny", n_genes=3)
+    path = save_checkpoint(tmp_path / "genes.pt", model, genes=["ERBB2", "GAPDH", "ACTB"])
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["n_genes"] = 5
+    payload["genes"] = ["ERBB2", "GAPDH", "ACTB", "ESR1", "PGR"]
+    torch.save(payload, path)
+    with pytest.raises(CorruptFileError) as err:
+        load_model(path)
+    text = str(err.value)
+    assert "genes.pt: its weights do not fit the 'stnet_tiny' architecture" in text
+    assert "size mismatch for" in text and "torch.Size([3" in text and "torch.Size([5" in text, text
+    assert "\n" not in text
+
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsupportedFormatError, match=r"checkpoint .*pipe\.pt is a named pipe \(FIFO\)"):
+        load_model(fifo)
+    with pytest.raises(CorruptFileError, match=r"checkpoint .* is a folder: give the \.pt file"):
+        load_model(tmp_path)
+
+    if torch.cuda.is_available():
+        return
+
+    def no_open(*a, **k):
+        raise AssertionError("the inputs were opened")
+
+    monkeypatch.setattr(jobs, "open_inputs", no_open)
+    code, _, err = _main(
+        capsys, "predict", "--slide", tmp_path / "s.png", "--spots", tmp_path / "spots.csv",
+        "--checkpoint", path, "--out", tmp_path / "p.h5ad", "--device", "cuda",
+    )  # fmt: skip
+    assert code == 2 and "device 'cuda' requested but no CUDA GPU is available here" in err, err

@@ -165,6 +165,9 @@ def _predict(args: argparse.Namespace) -> int:
     )
     if args.library_id is not None and (not args.library_id.strip() or "/" in args.library_id):
         raise RapaclInputError(f"--library-id {args.library_id!r}: must be a non-empty name without '/'")
+    from .inference import resolve_device
+
+    resolve_device(args.device)  # --device cuda without a GPU: refused before reading anything
     opened = open_inputs(args.slide, args.spots, mpp=args.mpp, radius=args.radius)
     for message in opened.warnings:  # e.g. spots of another section (jobs._checks.spot_fit), before any work
         print(f"warning: {message}", file=sys.stderr)

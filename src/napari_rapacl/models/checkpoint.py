@@ -103,13 +103,23 @@ def save_checkpoint(
     return path
 
 
+def _state_dict_misfit(exc: Exception) -> str:
+    """torch's ``load_state_dict`` error in one line: its first details (the tensor and the shapes that
+    differ, or the missing / unexpected keys), not only its header "Error(s) in loading state_dict"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    details = lines[1:3] if len(lines) > 1 else lines[:1]
+    return "; ".join(details)[:400]
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
     """Load the checkpoint dict with ``weights_only=True`` (no pickled code is ever executed)."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    from ..io._paths import require_readable
+
+    path = require_readable(Path(path), "checkpoint")  # a FIFO or device is named as such, never read
+    if path.is_dir():
+        raise CorruptFileError(f"checkpoint {path} is a folder: give the .pt file (e.g. {path / 'best.pt'})")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for damaged files
@@ -168,7 +178,7 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[torc
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CorruptFileError(
             f"{path}: its weights do not fit the {payload['model']!r} architecture its config describes "
-            f"(e.g. a wrong gene count or a damaged file): {str(exc).splitlines()[0][:300]}"
+            f"(e.g. a wrong gene count or a damaged file): {_state_dict_misfit(exc)}"
         ) from None
     if len(payload["genes"]) != config.n_genes:
         raise CorruptFileError(
