@@ -104,6 +104,10 @@ def test_nan_weights_and_duplicate_genes_are_refused_before_any_work(tmp_path, c
         load_model_choice(None, nan)
     with pytest.raises(CorruptFileError, match=r"dup\.pt: lists the gene ERBB2 twice"):
         load_model_choice(None, dup)
+    from napari_rapacl.models.checkpoint import load_model
+
+    with pytest.raises(CorruptFileError, match=r"nan\.pt: 7 of the"):  # the Python API too
+        load_model(nan)
 
     def no_work(*a, **k):
         raise AssertionError("prediction started")

@@ -212,35 +212,6 @@ def default_genes(n_genes: int) -> list[str]:
     return [f"gene_{i}" for i in range(n_genes)]
 
 
-def _check_weights_and_genes(model: Any, genes: list[str], path: Path) -> None:
-    """Refuse, before any work, a checkpoint whose weights hold NaN or infinite values (a diverged or
-    damaged training: the frozen CPU predictor turned them into the same value at every spot, exit 0)
-    or whose gene list names a gene twice (refused before only by the export, after inference)."""
-    import torch
-
-    from .._errors import CorruptFileError
-
-    tensors = [(n, t, False) for n, t in model.named_parameters()]
-    tensors += [(n, t, True) for n, t in model.named_buffers()]  # masks may hold -inf, never NaN
-    for name, tensor, buffer in tensors:
-        if not torch.is_floating_point(tensor):
-            continue
-        bad = int(torch.isnan(tensor).sum()) if buffer else int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise CorruptFileError(
-                f"{path}: {bad:,} of the {tensor.numel():,} weights of {name} are NaN or infinite, so "
-                "every prediction would be meaningless (training diverged, or the file is damaged); "
-                "use another checkpoint, e.g. the run's best.pt from an earlier epoch"
-            )
-    seen: set[str] = set()
-    twice = sorted({g for g in genes if g in seen or seen.add(g)})
-    if twice:
-        raise CorruptFileError(
-            f"{path}: lists the gene{'s' if len(twice) > 1 else ''} {', '.join(twice[:5])} twice; a "
-            "checkpoint's genes must be unique (the file is damaged or was not written by napari-rapacl)"
-        )
-
-
 def load_model_choice(name: str | None, checkpoint: str | Path | None) -> LoadedModel:
     """A checkpoint defines the model (its registry name, config, weights, genes and, for RaPaCL-ST,
     the radiomics recipe); without one, the registry model ``name`` is built with its default config
@@ -260,7 +231,6 @@ def load_model_choice(name: str | None, checkpoint: str | Path | None) -> Loaded
         path = Path(checkpoint)
         sha = checkpoint_sha256(path)
         model, ckpt = load_model(path)
-        _check_weights_and_genes(model, [str(g) for g in ckpt["genes"]], path)
         return LoadedModel(
             model=model,
             genes=[str(g) for g in ckpt["genes"]],

@@ -111,6 +111,33 @@ def _state_dict_misfit(exc: Exception) -> str:
     return "; ".join(details)[:400]
 
 
+def check_weights_and_genes(model: Any, genes: list[str], path: Path) -> None:
+    """Refuse, before any work, a checkpoint whose weights hold NaN or infinite values (a diverged or
+    damaged training: the frozen CPU predictor turned them into the same value at every spot, exit 0)
+    or whose gene list names a gene twice (refused before only by the export, after inference)."""
+    import torch
+
+    tensors = [(n, t, False) for n, t in model.named_parameters()]
+    tensors += [(n, t, True) for n, t in model.named_buffers()]  # masks may hold -inf, never NaN
+    for name, tensor, buffer in tensors:
+        if not torch.is_floating_point(tensor):
+            continue
+        bad = int(torch.isnan(tensor).sum()) if buffer else int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CorruptFileError(
+                f"{path}: {bad:,} of the {tensor.numel():,} weights of {name} are NaN or infinite, so "
+                "every prediction would be meaningless (training diverged, or the file is damaged); "
+                "use another checkpoint, e.g. the run's best.pt from an earlier epoch"
+            )
+    seen: set[str] = set()
+    twice = sorted({g for g in genes if g in seen or seen.add(g)})
+    if twice:
+        raise CorruptFileError(
+            f"{path}: lists the gene{'s' if len(twice) > 1 else ''} {', '.join(twice[:5])} twice; a "
+            "checkpoint's genes must be unique (the file is damaged or was not written by napari-rapacl)"
+        )
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
     """Load the checkpoint dict with ``weights_only=True`` (no pickled code is ever executed)."""
     import torch
@@ -184,6 +211,7 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[torc
         raise CorruptFileError(
             f"{path}: lists {len(payload['genes'])} genes for a model with n_genes={config.n_genes}"
         )
+    check_weights_and_genes(model, [str(g) for g in payload["genes"]], path)
     model.eval()
     model.gene_reliability = gene_reliability(payload)
     if "radiomics" in getattr(model, "predict_inputs", ()):
