@@ -96,32 +96,42 @@ def to_spatialdata(adata: AnnData, slide: Slide | None = None, *, with_x: bool =
     out (:func:`iter_write_spatialdata` writes it itself, a row chunk at a time). Raises
     :class:`RapaclInputError` for an AnnData without spot centres or radii.
     """
-    import geopandas as gpd
-    import pandas as pd
-    from shapely import points
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity, Scale
 
+    return SpatialData(**{kind: dict([build()]) for kind, build in _elements(adata, slide, with_x)})
+
+
+def _elements(adata: AnnData, slide: Slide | None, with_x: bool) -> list[tuple[str, Any]]:
+    """``(kind, build)`` for each element of the store, in writing order (``images``, ``shapes``,
+    ``tables``); ``build()`` returns ``(name, element)``. The spots are checked here, before anything is
+    built or written; each element is built only when asked for, so that a writer can build, write and
+    drop them one at a time."""
     if "spatial" not in adata.obsm or np.asarray(adata.obsm["spatial"]).shape != (adata.n_obs, 2):
         raise RapaclInputError("the predictions have no obsm['spatial'] (x, y) spot centres to place")
     if "radius" not in adata.obs:
         raise RapaclInputError("the predictions have no obs['radius'] (spot radius, level-0 px)")
+    radius = np.asarray(adata.obs["radius"], dtype=np.float64)
+    if not np.all(np.isfinite(radius)) or (radius <= 0).any():
+        raise RapaclInputError("obs['radius'] must be finite and > 0 for every spot (level-0 px)")
     lib = _library_id(adata)
     mpp = _mpp(adata, slide)
+    spots_name = _element_name(lib, "spots")
 
     def transforms() -> dict[str, Any]:
+        from spatialdata.transformations import Identity, Scale
+
         out: dict[str, Any] = {"global": Identity()}
         if mpp is not None:
             out[UM_SYSTEM] = Scale([mpp, mpp], axes=("y", "x"))
         return out
 
-    images = {}
-    if slide is not None:
+    def image() -> tuple[str, Any]:
+        from spatialdata.models import Image2DModel
+
         level0 = slide.levels[0]  # (y, x, 3) dask uint8
         height, width = slide.shape
         cyx = level0.transpose(2, 0, 1).rechunk((3, IMAGE_CHUNK, IMAGE_CHUNK))
-        images[_element_name(lib, "wsi")] = Image2DModel.parse(
+        return _element_name(lib, "wsi"), Image2DModel.parse(
             cyx,
             dims=("c", "y", "x"),
             c_coords=["r", "g", "b"],
@@ -130,30 +140,39 @@ def to_spatialdata(adata: AnnData, slide: Slide | None = None, *, with_x: bool =
             transformations=transforms(),
         )
 
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    radius = np.asarray(adata.obs["radius"], dtype=np.float64)
-    if not np.all(np.isfinite(radius)) or (radius <= 0).any():
-        raise RapaclInputError("obs['radius'] must be finite and > 0 for every spot (level-0 px)")
-    n = adata.n_obs
-    circles = gpd.GeoDataFrame({"radius": radius}, geometry=points(xy), index=pd.RangeIndex(n, name=None))
-    spots_name = _element_name(lib, "spots")
-    shapes = {spots_name: ShapesModel.parse(circles, transformations=transforms())}
+    def circles() -> tuple[str, Any]:
+        import geopandas as gpd
+        import pandas as pd
+        from shapely import points
+        from spatialdata.models import ShapesModel
 
-    import anndata as ad
+        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        frame = gpd.GeoDataFrame({"radius": radius}, geometry=points(xy), index=pd.RangeIndex(adata.n_obs))
+        return spots_name, ShapesModel.parse(frame, transformations=transforms())
 
-    # a new AnnData over the same X (no copy of the predictions), its own obs with the link columns
-    table = ad.AnnData(
-        X=adata.X if with_x else None,
-        obs=adata.obs.copy(),
-        var=adata.var.copy(),
-        obsm=dict(adata.obsm.items()),
-        layers=dict(adata.layers.items()),
-        uns=dict(adata.uns.items()),
-    )
-    table.obs[REGION_KEY] = pd.Categorical([spots_name] * n)
-    table.obs[INSTANCE_KEY] = np.arange(n, dtype=np.int64)
-    table = TableModel.parse(table, region=spots_name, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    return SpatialData(images=images, shapes=shapes, tables={SPOTS_TABLE: table})
+    def table() -> tuple[str, Any]:
+        import anndata as ad
+        import pandas as pd
+        from spatialdata.models import TableModel
+
+        n = adata.n_obs
+        # a new AnnData over the same X (no copy of the predictions), its own obs with the link columns
+        tab = ad.AnnData(
+            X=adata.X if with_x else None,
+            obs=adata.obs.copy(),
+            var=adata.var.copy(),
+            obsm=dict(adata.obsm.items()),
+            layers=dict(adata.layers.items()),
+            uns=dict(adata.uns.items()),
+        )
+        tab.obs[REGION_KEY] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[spots_name])
+        tab.obs[INSTANCE_KEY] = np.arange(n, dtype=np.int64)
+        return SPOTS_TABLE, TableModel.parse(
+            tab, region=spots_name, region_key=REGION_KEY, instance_key=INSTANCE_KEY
+        )
+
+    kinds = [("images", image)] if slide is not None else []
+    return [*kinds, ("shapes", circles), ("tables", table)]
 
 
 def iter_write_spatialdata(
@@ -182,19 +201,23 @@ def iter_write_spatialdata(
 
     X = adata.X
     own_x = isinstance(X, (np.ndarray, da.Array)) and X.ndim == 2 and np.dtype(X.dtype).kind in "iuf"
-    sdata = to_spatialdata(adata, slide, with_x=not own_x)
-    names = [*sdata.images, *sdata.shapes, *sdata.tables]
-    total = len(names) + 1
+    elements = _elements(adata, slide, with_x=not own_x)
+    total = len(elements) + 1
     yield Progress("spatialdata", 0, total)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        # an empty store, then one element at a time (image, circles, table), the memory each write
-        # used handed back before the next: writing them together held all their buffers at once
-        # (1M spots: 560 MB above the predictions' high-water mark) and reported nothing for ~60 s
-        SpatialData().write(tmp, overwrite=False, consolidate_metadata=False)
-        sdata.path = tmp
-        for done, name in enumerate(names, start=1):
+        # an empty store, then one element at a time (image, circles, table): each is built, written and
+        # dropped, with the memory it used handed back, before the next is built. Built and written
+        # together they held everything at once (1M spots: ~540 MB above the predictions' own memory)
+        # and the write reported nothing for ~60 s
+        sdata = SpatialData()
+        sdata.write(tmp, overwrite=False, consolidate_metadata=False)
+        for done, (kind, build) in enumerate(elements, start=1):
+            name, element = build()
+            getattr(sdata, kind)[name] = element
+            del element
             sdata.write_element(name)
+            del getattr(sdata, kind)[name]
             release_freed_memory()
             yield Progress("spatialdata", done, total)
         if own_x:
@@ -203,7 +226,6 @@ def iter_write_spatialdata(
         replace_dir(tmp, path)
         tmp = None
     finally:
-        sdata.path = None
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     yield Progress("spatialdata", total, total)
