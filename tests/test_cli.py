@@ -439,7 +439,8 @@ def test_plausible_bad_input_is_one_line_never_a_traceback(synthetic, checkpoint
     factors = [
         ("a", "{not json", "1", "not valid JSON"),
         ("b", json.dumps({"tissue_hires_scalef": 0.1}), "1", "has no 'spot_diameter_fullres'"),
-        ("c", json.dumps({"spot_diameter_fullres": 0}), "1", "must be positive numbers"),
+        ("c", json.dumps({"spot_diameter_fullres": 0}), "1", "spot_diameter_fullres=0 must be a positive"),
+        ("e", json.dumps({"spot_diameter_fullres": 90, "microns_per_pixel": -1}), "1", "-1 must be positive"),
         ("d", json.dumps({"spot_diameter_fullres": 90}), "yes", "in_tissue must be 0 or 1"),
     ]
     cases = [((*pred, "--spots", spaceranger(n, f, t), *ck), needle) for n, f, t, needle in factors]

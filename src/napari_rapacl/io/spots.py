@@ -512,9 +512,12 @@ def _read_scalefactors(path: Path) -> tuple[float, float]:
     except (TypeError, ValueError, ZeroDivisionError):
         diameter, mpp = math.nan, math.nan
     if not (math.isfinite(diameter) and diameter > 0 and math.isfinite(mpp) and mpp > 0):
+        bad = [f"spot_diameter_fullres={factors.get('spot_diameter_fullres')!r}"]
+        if "microns_per_pixel" in factors:  # optional: named only when the file has it
+            bad.append(f"microns_per_pixel={factors.get('microns_per_pixel')!r}")
+        what = "positive numbers" if len(bad) > 1 else "a positive number"
         raise CorruptFileError(
-            f"{path}: spot_diameter_fullres={factors.get('spot_diameter_fullres')!r} and "
-            f"microns_per_pixel={factors.get('microns_per_pixel')!r} must be positive numbers"
+            f"{path}: {' and '.join(bad)} must be {what} (is the file complete, as Space Ranger wrote it?)"
         )
     return diameter, mpp
 
