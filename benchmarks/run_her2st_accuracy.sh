@@ -16,7 +16,8 @@
 # configuration: Stage 1 as published (encoder frozen), Stage 2 with stnet's optimiser settings for
 # the image path (lr 1e-3 with a cosine schedule, batch 32, the pathomics projection at the full lr
 # instead of 0.3x; chosen on the validation sections over rapacl@plain, the published Stage 2 at lr
-# 3e-4); ensemble = mean of stnet, pixnet and rapacl@fast of the fold (training.ensemble, spot
+# 3e-4; rapacl@encfast, found later, is preferred by validation on 4 of 5 folds and scored 0.1227 vs 0.1238:
+# LEVER_MODELS=rapacl@encfast LEVER_SECTIONS="C2 C3 C4 C5 C6"); ensemble = mean of stnet, pixnet and rapacl@fast of the fold (training.ensemble, spot
 # smoothing of the ensemble chosen on validation). Ablation and levers (LEVERS=1, C3 and C4 only):
 # rapacl@fastzero (same Stage 1, encoder, budget; radiomics replaced by 0, the training mean), rapacl@plain,
 # rapacl@fastenc (Stage 1 also trains the image encoder contrastively), stnet@hed / rapacl@fasthed (HED
