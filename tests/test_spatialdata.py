@@ -113,3 +113,32 @@ def test_spatialdata_write_is_atomic_and_refuses_bad_targets(prediction, tmp_pat
     (tmp_path / "junk.zarr" / "zarr.json").write_text("{not json")
     with pytest.raises((CorruptFileError, UnsupportedFormatError)):
         read_spatialdata_prediction(tmp_path / "junk.zarr")
+
+
+def test_the_slide_image_reports_progress_while_it_is_written(prediction, tmp_path, monkeypatch):
+    """The slide's pyramid is one spatialdata call: its chunks are counted (dask callbacks) and reported
+    while it runs; a failure inside it, or a cancel, leaves no temporary folder."""
+    import napari_rapacl.export_spatialdata as esd
+
+    adata, slide, _, _ = prediction
+    monkeypatch.setattr(esd, "IMAGE_PROGRESS_S", 0.005)
+    steps = list(esd.iter_write_spatialdata(adata, tmp_path / "p.zarr", slide))
+    image = [p for p in steps if p.stage == "spatialdata image"]
+    assert len(image) >= 2 and image[-1].done > image[0].done and image[-1].total > 1, image
+    assert all(p.done <= p.total for p in image)
+    assert sd.read_zarr(tmp_path / "p.zarr").images
+
+    def boom(self, name, *a, **k):
+        raise OSError(f"disk full while writing {name}")
+
+    monkeypatch.setattr(sd.SpatialData, "write_element", boom)
+    with pytest.raises(OSError, match="disk full while writing C2_wsi"):
+        list(esd.iter_write_spatialdata(adata, tmp_path / "q.zarr", slide))
+    monkeypatch.undo()
+    monkeypatch.setattr(esd, "IMAGE_PROGRESS_S", 0.005)
+    gen = esd.iter_write_spatialdata(adata, tmp_path / "r.zarr", slide)
+    for p in gen:
+        if p.stage == "spatialdata image":
+            gen.close()  # cancelled while the image is written
+            break
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]

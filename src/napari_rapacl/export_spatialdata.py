@@ -216,7 +216,10 @@ def iter_write_spatialdata(
             name, element = build()
             getattr(sdata, kind)[name] = element
             del element
-            sdata.write_element(name)
+            if kind == "images":  # the slide's pyramid, chunk by chunk: progress while it is written
+                yield from _iter_write_counting_chunks(sdata, name)
+            else:
+                sdata.write_element(name)
             del getattr(sdata, kind)[name]
             release_freed_memory()
             yield Progress("spatialdata", done, total)
@@ -230,6 +233,50 @@ def iter_write_spatialdata(
             shutil.rmtree(tmp, ignore_errors=True)
     yield Progress("spatialdata", total, total)
     return path
+
+
+#: Seconds between two progress reports while the slide's image is written.
+IMAGE_PROGRESS_S = 1.0
+
+
+def _iter_write_counting_chunks(sdata: SpatialData, name: str) -> Generator[Progress]:
+    """``sdata.write_element(name)`` in a helper thread, yielding ``Progress("spatialdata image", tasks
+    done, tasks known)`` about every :data:`IMAGE_PROGRESS_S` seconds from dask's task callbacks (a
+    16k^2 px slide's pyramid is one call of ~25 s on a CPU, otherwise silent). The total grows as
+    each level's graph is computed. With a dask.distributed client as the default scheduler the
+    callbacks do not fire: the stage then reports only its start and end. Errors of the write are
+    raised here; closing the generator (a cancel) waits for the write to end, so that the caller
+    removes a finished folder."""
+    import threading
+
+    from dask.callbacks import Callback
+
+    counts = {"done": 0, "total": 0}
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            sdata.write_element(name)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(exc)
+
+    def start_state(dsk, state) -> None:
+        counts["total"] += len(dsk)
+
+    def posttask(key, result, dsk, state, worker_id) -> None:
+        counts["done"] += 1
+
+    worker = threading.Thread(target=write, name="napari-rapacl-spatialdata-image", daemon=True)
+    with Callback(start_state=start_state, posttask=posttask):
+        worker.start()
+        try:
+            while worker.is_alive():
+                yield Progress("spatialdata image", counts["done"], max(counts["total"], counts["done"], 1))
+                worker.join(IMAGE_PROGRESS_S)
+        finally:
+            worker.join()
+    if failure:
+        raise failure[0]
 
 
 #: Bytes of one zarr chunk of the table's ``X`` (whole rows).
