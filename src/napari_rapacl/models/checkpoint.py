@@ -106,7 +106,7 @@ def save_checkpoint(
 def _state_dict_misfit(exc: Exception) -> str:
     """torch's ``load_state_dict`` error in one line: its first details (the tensor and the shapes that
     differ, or the missing / unexpected keys), not only its header "Error(s) in loading state_dict"."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line.strip().rstrip(".") for line in str(exc).splitlines() if line.strip()]
     details = lines[1:3] if len(lines) > 1 else lines[:1]
     return "; ".join(details)[:400]
 
