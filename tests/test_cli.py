@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import run_cli
+
 torch = pytest.importorskip("torch")
 
 
@@ -81,16 +83,7 @@ def test_predict_bad_input_is_a_message(data_dir, checkpoint, tmp_path):
 # ---- synthetic slides: tiled predict and segment ------------------------------------------------
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
-    from napari_rapacl.cli import main
-
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_main = run_cli
 
 
 @pytest.fixture(scope="module")

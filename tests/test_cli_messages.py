@@ -6,16 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from helpers import run_cli
 
-def _main(capsys, *args):
-    from napari_rapacl.cli import main
-
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_main = run_cli
 
 
 def test_a_warning_is_one_line_for_people(tmp_path, capsys):

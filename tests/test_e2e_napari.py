@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 pytest.importorskip("timm")  # imported here, before any GL context (see _napari._jobs.avoid_llvm_clash)
 pytest.importorskip("napari")
 
-from viewer_helpers import look_at, train_tiny_stnet  # noqa: E402
+from helpers import look_at, train_tiny_stnet  # noqa: E402
 
 pytestmark = [pytest.mark.gui, pytest.mark.realdata]
 

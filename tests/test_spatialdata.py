@@ -7,31 +7,13 @@ import numpy as np
 import pytest
 
 sd = pytest.importorskip("spatialdata")
+from helpers import small_prediction  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def prediction(tmp_path_factory):
-    from napari_rapacl.io.slide import open_slide, write_ome_tiff
-    from napari_rapacl.io.spots import Spots
-    from napari_rapacl.jobs import prediction_adata
-
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (2300, 2600, 3), dtype=np.uint8)  # > 2 x 1024: two image levels
-    slide = open_slide(write_ome_tiff(tmp_path_factory.mktemp("slide") / "s.ome.tif", img, mpp=0.5, tile=256))
-    n = 40
-    spots = Spots(
-        barcode=[f"AC{i:03d}-1" for i in range(n)],
-        x=rng.uniform(60, 2500, n),
-        y=rng.uniform(60, 2200, n),
-        radius=np.full(n, 55.0),
-        mpp=0.5,
-    )
-    genes = ["ERBB2", "GATA3", "KRT5"]
-    values = rng.normal(size=(n, 3)).astype(np.float32)
-    adata = prediction_adata(
-        values, genes, spots, slide=slide, library_id="C2", gene_reliability={"ERBB2": 0.4, "GATA3": 0.2}
-    )
-    return adata, slide, spots, values
+    folder = tmp_path_factory.mktemp("slide")
+    return small_prediction(folder, ["ERBB2", "GATA3", "KRT5"], {"ERBB2": 0.4, "GATA3": 0.2})[:4]
 
 
 def test_spatialdata_round_trip(prediction, tmp_path):

@@ -15,6 +15,8 @@ sd = pytest.importorskip("spatialdata")
 with contextlib.suppress(ImportError):  # torch's stack before any viewer's GL context (_env.avoid_llvm_clash)
     import timm  # noqa: F401
 
+from helpers import small_prediction  # noqa: E402
+
 GENES = ["ERBB2", "GATA3", "KRT5"]
 
 
@@ -23,32 +25,10 @@ def written(tmp_path_factory):
     """A prediction written by the real exporter (``write_spatialdata``, what ``predict --out x.zarr``
     runs): a 2300 x 2600 px slide at 0.5 µm/px, 40 spots, 3 genes, GATA3 the most reliable."""
     from napari_rapacl.export_spatialdata import write_spatialdata
-    from napari_rapacl.io.slide import open_slide, write_ome_tiff
-    from napari_rapacl.io.spots import Spots
-    from napari_rapacl.jobs import prediction_adata
 
     folder = tmp_path_factory.mktemp("sdata")
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (2300, 2600, 3), dtype=np.uint8)  # > 2 x 1024: two image levels
-    slide = open_slide(write_ome_tiff(folder / "s.ome.tif", img, mpp=0.5, tile=256))
-    n = 40
-    spots = Spots(
-        barcode=[f"AC{i:03d}-1" for i in range(n)],
-        x=rng.uniform(60, 2500, n),
-        y=rng.uniform(60, 2200, n),
-        radius=np.full(n, 55.0),
-        mpp=0.5,
-    )
-    values = rng.normal(size=(n, 3)).astype(np.float32)
-    adata = prediction_adata(
-        values,
-        GENES,
-        spots,
-        slide=slide,
-        library_id="C2",
-        gene_reliability={"ERBB2": 0.2, "GATA3": 0.45, "KRT5": 0.1},
-        provenance={"model": "stnet_tiny"},
-    )
+    reliability = {"ERBB2": 0.2, "GATA3": 0.45, "KRT5": 0.1}
+    adata, slide, spots, values, img = small_prediction(folder, GENES, reliability, {"model": "stnet_tiny"})
     store = write_spatialdata(adata, folder / "pred.zarr", slide)
     return store, slide, spots, values, img
 

@@ -22,7 +22,7 @@ pytest.importorskip("torch")
 pytest.importorskip("timm")  # before any GL context (see _napari._env.avoid_llvm_clash)
 pytest.importorskip("napari")
 
-from viewer_helpers import look_at, train_tiny_stnet  # noqa: E402
+from helpers import look_at, train_tiny_stnet  # noqa: E402
 
 pytestmark = [pytest.mark.gui, pytest.mark.realdata]
 

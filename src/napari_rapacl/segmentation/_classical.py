@@ -407,15 +407,25 @@ def _largest_piece(labels: np.ndarray) -> np.ndarray:
     return np.where(keep[pieces], labels, 0)
 
 
-def _watershed_labels(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray:
-    """Version 2: local foreground + marker watershed + per-object trim + ellipse-fill shape filter + size
-    filter, at the working resolution (:func:`_split`)."""
+def _trimmed_objects(h: np.ndarray, threshold: float, p: _Params) -> tuple[np.ndarray, int] | None:
+    """The split objects (:func:`_split`), each trimmed at its own level (:func:`_trim`), and their
+    number; None when the region has no foreground. Shared by versions 2 and 3."""
     split = _split(h, threshold, p)
     if split is None:
-        return np.zeros(h.shape, dtype=np.int32)
+        return None
     labels, blob, n = split
     if p.trim > 0:
         labels = _trim(labels, h, blob, threshold, n, p)
+    return labels, n
+
+
+def _watershed_labels(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray:
+    """Version 2: local foreground + marker watershed + per-object trim + ellipse-fill shape filter + size
+    filter, at the working resolution (:func:`_split`)."""
+    trimmed = _trimmed_objects(h, threshold, p)
+    if trimmed is None:
+        return np.zeros(h.shape, dtype=np.int32)
+    labels, n = trimmed
     if p.min_fill > 0:
         labels = np.where((_ellipse_fill(labels, n) >= p.min_fill)[labels], labels, 0)
     return _relabel_by_size(labels, p.min_px_w, p.max_px_w)
@@ -424,12 +434,10 @@ def _watershed_labels(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray
 def _watershed_labels_v3(h: np.ndarray, threshold: float, p: _Params) -> np.ndarray:
     """Version 3: version 2's objects (:func:`_split`, :func:`_trim`), accepted by their shape and by
     their contrast against their own surrounding ring (:func:`_ring_contrast`), then the size filter."""
-    split = _split(h, threshold, p)
-    if split is None:
+    trimmed = _trimmed_objects(h, threshold, p)
+    if trimmed is None:
         return np.zeros(h.shape, dtype=np.int32)
-    labels, blob, n = split
-    if p.trim > 0:
-        labels = _trim(labels, h, blob, threshold, n, p)
+    labels, n = trimmed
     contrast, area = _ring_contrast(labels, h, n, p)
     small = area * p.mpp_w**2 < p.small_fraction * math.pi * (0.5 * p.diameter_um) ** 2
     keep = contrast >= np.where(small, p.small_ring_contrast, p.ring_contrast)

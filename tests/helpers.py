@@ -1,5 +1,8 @@
-"""Helpers shared by the GUI tests (imported by them; pytest does not collect this file).
+"""Helpers shared by several test files (imported by them; pytest does not collect this file).
 
+* :func:`run_cli`: the CLI in this process, returning its exit code, stdout and stderr;
+* :func:`small_prediction`: a prediction AnnData over a small synthetic OME-TIFF slide (the SpatialData
+  export and reader tests);
 * :func:`train_tiny_stnet`: a tiny baseline trained here on real her2st patches (C3, validated on C4),
   with real weights, optionally storing each gene's validation r the way training stores it;
 * :func:`look_at`: put napari's camera on a level-0 point with a given field of view.
@@ -10,6 +13,49 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``napari-rapacl`` with ``args`` in this process; returns (exit code, stdout, stderr)."""
+    from napari_rapacl.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def small_prediction(folder: Path, genes, reliability: dict[str, float], provenance: dict | None = None):
+    """``(adata, slide, spots, values, rgb)``: 40 spots with random values for ``genes`` on a 2300 x 2600 px
+    random slide at 0.5 um/px (two image levels), written as an OME-TIFF in ``folder``."""
+    from napari_rapacl.io.slide import open_slide, write_ome_tiff
+    from napari_rapacl.io.spots import Spots
+    from napari_rapacl.jobs import prediction_adata
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (2300, 2600, 3), dtype=np.uint8)  # > 2 x 1024: two image levels
+    slide = open_slide(write_ome_tiff(folder / "s.ome.tif", img, mpp=0.5, tile=256))
+    n = 40
+    spots = Spots(
+        barcode=[f"AC{i:03d}-1" for i in range(n)],
+        x=rng.uniform(60, 2500, n),
+        y=rng.uniform(60, 2200, n),
+        radius=np.full(n, 55.0),
+        mpp=0.5,
+    )
+    values = rng.normal(size=(n, len(genes))).astype(np.float32)
+    adata = prediction_adata(
+        values,
+        list(genes),
+        spots,
+        slide=slide,
+        library_id="C2",
+        gene_reliability=reliability,
+        provenance=provenance,
+    )
+    return adata, slide, spots, values, img
 
 
 def train_tiny_stnet(
