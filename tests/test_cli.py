@@ -454,6 +454,12 @@ def test_plausible_bad_input_is_one_line_never_a_traceback(synthetic, checkpoint
     config.write_bytes(bytes(range(256)) * 4)
     assert train_main(["--config", str(config)]) == 2
     assert "not a text file" in capsys.readouterr().err
+    import os
+
+    fifo = tmp_path / "config_pipe.yaml"
+    os.mkfifo(fifo)
+    assert train_main(["--config", str(fifo)]) == 2
+    assert "training config" in (err := capsys.readouterr().err) and "is a named pipe (FIFO)" in err, err
     # an internal error (a bug): one line and exit 1; the traceback with -v
     import napari_rapacl.jobs as jobs
 

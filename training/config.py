@@ -492,9 +492,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     values: dict[str, Any] = {}
     source = "config"
     if path is not None:
-        path = Path(path)
+        from napari_rapacl.io._paths import require_readable
+
+        path = require_readable(Path(path), "training config")  # a FIFO or device is named, never read
         if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
+            raise RapaclInputError(f"training config {path} is a folder: give the YAML file")
         source = str(path)
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
