@@ -467,6 +467,15 @@ def _write_chunked(
         progress(1, 1)
 
 
+def prediction_values(values: Any) -> Any:
+    """Predictions as float32 numpy, or unchanged when held out of core (an HDF5 dataset of a
+    :class:`PredictionSpill`: anything array-like with ``shape`` and ``dtype`` that is not numpy),
+    which the writers then read a chunk of rows at a time."""
+    if not isinstance(values, np.ndarray) and hasattr(values, "shape") and hasattr(values, "dtype"):
+        return values
+    return np.asarray(values, dtype=np.float32)
+
+
 #: Ends the name of the temporary HDF5 file a prediction spills its values to beside its output.
 SPILL_SUFFIX = ".predictions.h5"
 #: Bytes of one HDF5 chunk of spilled predictions (whole rows) and of the file's chunk cache.

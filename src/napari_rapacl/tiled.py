@@ -703,6 +703,18 @@ def _batch_reporter(tag: Any, events: Any, stop: threading.Event) -> Callable[[i
     return report
 
 
+def _relay_batches(events: Any) -> Generator[tuple, None, Any]:
+    """Hand on the batch reports ``(tag, _Batch, taken)`` that running tasks put on ``events`` (each
+    report's task goes on only once the consumer has asked for the next item: ``taken``) until a task
+    finishes, an item ``(None, what, None)``; return ``what``."""
+    while True:
+        key, item, taken = events.get()
+        if key is None:
+            return item
+        yield key, item
+        taken.set()  # asked for more: the task goes on with its next batch
+
+
 def _task_in_thread(tag: Any, fn: Callable[[Callable[[int], None]], Any]) -> Generator[tuple, None, Any]:
     """Run ``fn(report)`` in a helper thread and yield ``(tag, _Batch(done))`` for each ``report(done)``
     it makes, as they come; return what ``fn`` returns (or raise what it raises). ``fn`` goes on after a
@@ -723,16 +735,10 @@ def _task_in_thread(tag: Any, fn: Callable[[Callable[[int], None]], Any]) -> Gen
     thread = threading.Thread(target=work, name="napari-rapacl-tile", daemon=True)
     thread.start()
     try:
-        while True:
-            key, item, taken = events.get()
-            if key is not None:
-                yield key, item
-                taken.set()  # asked for more: the task goes on with its next batch
-                continue
-            kind, value = item
-            if kind == "error":
-                raise value
-            return value
+        kind, value = yield from _relay_batches(events)
+        if kind == "error":
+            raise value
+        return value
     finally:
         stop.set()
         thread.join()
@@ -819,15 +825,9 @@ def _run_threads(model: Any, slide: Slide, tasks: list[tuple[Any, tuple]]) -> Ge
             fut = pool.submit(_predict_tile, model, slide, *args, _batch_reporter(tag, events, stop))
             futures[fut] = tag
             fut.add_done_callback(lambda f: events.put((None, f, None)))
-        remaining = len(futures)
-        while remaining:
-            key, item, taken = events.get()
-            if key is not None:  # a batch of a running task, which waits until the job asks for more
-                yield key, item
-                taken.set()
-                continue
-            remaining -= 1
-            yield futures[item], item.result()
+        for _ in range(len(futures)):
+            fut = yield from _relay_batches(events)
+            yield futures[fut], fut.result()
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)

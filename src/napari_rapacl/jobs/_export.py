@@ -79,7 +79,7 @@ def prediction_adata(
     ``slide`` may be a path (opened here with ``mpp``, for its thumbnails); a path that no longer
     exists gives an AnnData without images.
     """
-    from ..export import PROVENANCE_KEY, to_anndata
+    from ..export import PROVENANCE_KEY, prediction_values, to_anndata
 
     if isinstance(slide, (str, Path)):
         from ..io.slide import open_slide
@@ -87,9 +87,8 @@ def prediction_adata(
         slide = open_slide(slide, mpp=mpp) if Path(slide).exists() else None
     prov = dict(provenance or {})
     prov["genes"] = [str(g) for g in genes]
-    out_of_core = not isinstance(values, np.ndarray) and hasattr(values, "shape") and hasattr(values, "dtype")
     adata = to_anndata(
-        values if out_of_core else np.asarray(values, dtype=np.float32),  # HDF5: read chunk by chunk
+        prediction_values(values),  # an HDF5 dataset stays out of core: read chunk by chunk
         list(genes),
         spots,
         slide=slide,

@@ -110,8 +110,8 @@ def iter_predict(
     loaded = yield from _resolve_model(model_choice)
     t1 = time.perf_counter()
     # the checkpoint's test-time spot smoothing (chosen on its validation section), as benchmarked
-    post = _spot_postprocess(loaded, slide, spots)
     sigma = _smoothing_sigma(loaded, slide)
+    post = _spot_postprocess(sigma, slide, spots)
     region_out = None
     if out is not None:
         spilled = "raw" if sigma else "values"
@@ -200,9 +200,7 @@ def _iter_smooth_out_of_core(
 
     raw = region.values
     n, g = (int(v) for v in raw.shape)
-    index = np.asarray(region.index, dtype=np.int64)
-    xy_um = np.stack([spots.x[index], spots.y[index]], axis=1) * float(slide.mpp)
-    mat = spot_smoothing_matrix(xy_um, sigma).tocsr()
+    mat = spot_smoothing_matrix(_spots_um(spots, region.index, slide), sigma).tocsr()
     values = out("values", n, g)
     rows = max(1, CHUNK_BYTES // max(1, 8 * g))
     starts = range(0, n, rows)
@@ -223,21 +221,26 @@ def _iter_smooth_out_of_core(
     return dataclasses.replace(region, values=values)
 
 
-def _spot_postprocess(loaded: LoadedModel, slide: Slide, spots: Spots) -> Any:
-    """``region -> region`` with the checkpoint's spot smoothing applied over the region's spots
-    (:func:`napari_rapacl.inference.postprocess_spots`; identity when the checkpoint sets none)."""
+def _spots_um(spots: Spots, index: Any, slide: Slide) -> np.ndarray:
+    """``(n, 2)`` x, y of the spots ``index`` in um (the frame spot smoothing works in)."""
+    index = np.asarray(index, dtype=np.int64)
+    return np.stack([spots.x[index], spots.y[index]], axis=1) * float(slide.mpp)
+
+
+def _spot_postprocess(sigma: float, slide: Slide, spots: Spots) -> Any:
+    """``region -> region`` with the checkpoint's spot smoothing of width ``sigma`` um
+    (:func:`_smoothing_sigma`) applied over the region's spots
+    (:func:`napari_rapacl.inference.postprocess_spots`; identity when ``sigma`` is 0)."""
     import dataclasses
 
-    from ..inference import model_postprocess, postprocess_spots
+    from ..inference import postprocess_spots
 
-    setting = model_postprocess(loaded.model, loaded.checkpoint)
-    if not setting.get("smooth_sigma_um") or slide.mpp is None:
+    if not sigma:
         return lambda region: region
+    setting = {"smooth_sigma_um": sigma}
 
     def apply(region: Any) -> Any:
-        index = np.asarray(region.index, dtype=np.int64)
-        xy_um = np.stack([spots.x[index], spots.y[index]], axis=1) * float(slide.mpp)
-        values = postprocess_spots(np.asarray(region.values), xy_um, setting)
+        values = postprocess_spots(np.asarray(region.values), _spots_um(spots, region.index, slide), setting)
         return dataclasses.replace(region, values=values)
 
     return apply
@@ -245,20 +248,15 @@ def _spot_postprocess(loaded: LoadedModel, slide: Slide, spots: Spots) -> Any:
 
 def _predict_result(loaded: LoadedModel, box: Box, region: Any, **extra: Any) -> PredictResult:
     """A :class:`PredictResult` from a :class:`~napari_rapacl.tiled.RegionPrediction` of ``box``."""
+    from ..export import prediction_values
+
     return PredictResult(
         loaded=loaded,
         box=tuple(int(v) for v in box),
         index=np.asarray(region.index, dtype=np.int64),
-        values=_values(region.values),
+        values=prediction_values(region.values),
         tiles_computed=int(region.tiles_computed),
         tiles_cached=int(region.tiles_cached),
         radiomics=region.radiomics,
         **extra,
     )
-
-
-def _values(values: Any) -> Any:
-    """Predictions as float32 numpy, or as they are when out of core (an HDF5 dataset, say)."""
-    if not isinstance(values, np.ndarray) and hasattr(values, "shape") and hasattr(values, "dtype"):
-        return values
-    return np.asarray(values, dtype=np.float32)
