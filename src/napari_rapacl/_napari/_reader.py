@@ -225,6 +225,7 @@ def read_spatialdata(path: str | list[str]):
     from ..io.slide import Slide
     from ..io.spots import Spots
     from ..jobs._export import RADIOMICS_KEY, RELIABILITY_KEY
+    from ._genes import most_reliable
     from .layers import EXPRESSION_UNIT, color_kwargs
 
     path = Path(_one_path(path))
@@ -269,8 +270,7 @@ def read_spatialdata(path: str | list[str]):
     if RELIABILITY_KEY in table.var:
         r = table.var[RELIABILITY_KEY].to_numpy(dtype=np.float64)
         reliability = {g: float(v) for g, v in zip(genes, r, strict=True) if np.isfinite(v)} or None
-    scored = [(v, g) for g, v in (reliability or {}).items()]
-    gene = max(scored)[1] if scored else genes[0]
+    gene = most_reliable(genes, reliability) or genes[0]  # as the Predict widget opens a prediction
     source_image = (table.uns.get("spatial") or {}).get(lib, {}).get("metadata", {}).get("source_image_path")
     base = f"{lib} spots"
     data, kwargs, kind = spots_layer_data(
