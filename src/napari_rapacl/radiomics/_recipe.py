@@ -105,11 +105,17 @@ class NucleusSegmenter:
     def __call__(self, patch_rgb: Any, mpp: float) -> np.ndarray:
         from ..segmentation import segment_nuclei
 
-        # the recorded version: a table or checkpoint made with version 2 is reproduced by version 2
-        kwargs: dict[str, Any] = {"diameter_um": self.diameter_um, "version": self.version}
+        return segment_nuclei(patch_rgb, mpp, **self.segment_kwargs())
+
+    def segment_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~napari_rapacl.segmentation.segment_nuclei` (and of the tiled
+        ``segment_region``) that segment as this segmenter: method, diameter, the cellpose model and the
+        recorded version (a table or checkpoint made with version 2 is reproduced by version 2)."""
+        kwargs: dict[str, Any] = {"method": self.method, "diameter_um": self.diameter_um}
+        kwargs["version"] = self.version
         if self.method == "cellpose":
             kwargs["model"] = self.model
-        return segment_nuclei(patch_rgb, mpp, method=self.method, **kwargs)
+        return kwargs
 
     def to_dict(self) -> dict[str, Any]:
         return {
