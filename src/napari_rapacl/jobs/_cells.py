@@ -252,16 +252,13 @@ def iter_cells(
     seg = segmenter if segmenter is not None else NucleusSegmenter()
     height, width = slide.shape
     box = (0.0, 0.0, float(width), float(height)) if box is None else tuple(float(v) for v in box)
-    seg_kwargs: dict[str, Any] = {"diameter_um": seg.diameter_um}
-    if seg.method == "classical":
-        seg_kwargs["version"] = seg.version  # the version the segmenter records (v2 checkpoints run v2)
+    seg_kwargs = seg.segment_kwargs()  # its recorded version too: v2 checkpoints segment with v2
     if seg.method == "cellpose":
-        seg_kwargs.update(model=seg.model, gpu=bool(gpu))
+        seg_kwargs["gpu"] = bool(gpu)
     labels = yield from iter_segment_region(
         slide,
         *box,
         level=level,
-        method=seg.method,
         tile=tile,
         clip=True,
         out=out,
