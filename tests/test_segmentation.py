@@ -298,6 +298,7 @@ def test_cells_job_runs_the_segmenters_recorded_version(tnbc):
         segmenter = NucleusSegmenter(version=version)
         res = run_to_completion(iter_cells(slide, segmenter=segmenter, features=False, tile=4096))
         np.testing.assert_array_equal(np.asarray(res.labels) > 0, expected > 0)
+        assert res.provenance["segmentation_version"] == version == res.provenance["segmenter"]["version"]
 
 
 def test_unknown_version_is_named_with_those_available():

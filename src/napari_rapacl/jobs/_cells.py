@@ -247,7 +247,7 @@ def iter_cells(
     depend on it); ``n_jobs`` worker processes measure the spots.
     """
     from ..radiomics import NucleusSegmenter
-    from ..segmentation import SEGMENTATION_VERSION, iter_segment_region, region_origin
+    from ..segmentation import iter_segment_region, region_origin
 
     seg = segmenter if segmenter is not None else NucleusSegmenter()
     height, width = slide.shape
@@ -287,7 +287,7 @@ def iter_cells(
         "level": int(level),
         "mpp_level": float(mpp_level),
         "segmenter": seg.to_dict(),
-        "segmentation_version": SEGMENTATION_VERSION,
+        "segmentation_version": seg.version,  # the version that made these labels
         "n_cells": len(cells),
         "centroids": "mean of the nucleus's pixels, continuous level-0 px (pixel p covers [p, p + 1))",
     }
